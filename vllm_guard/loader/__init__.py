@@ -1,0 +1,5 @@
+"""vLLM model loader for SecNeuron-locked checkpoints (``--load-format secneuron``)."""
+
+
+def register_loader() -> None:
+    """Make ``--load-format secneuron`` available (imports vLLM lazily)."""

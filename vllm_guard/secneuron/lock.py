@@ -1,0 +1,369 @@
+"""Locking (policy tree + in-place encryption), opening, unlocking and key rotation.
+
+Data path: selection -> policy tree -> per-group data key -> chunked AES-256-GCM of each
+group's gate/up rows and down columns -> manifest (signed) + wrapped data keys.
+The loader uses :func:`open_data_keys` and :func:`decrypt_in_place` from here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from tqdm import tqdm
+
+from vllm_guard.errors import DecryptionError, KeyFileError, ManifestError
+from vllm_guard.secneuron.checkpoint import (
+    atomic_output_dir,
+    copy_side_files,
+    ffn_layout,
+    gather_bytes,
+    load_checkpoint,
+    save_checkpoint,
+    slice_tensors,
+)
+from vllm_guard.secneuron.crypto import (
+    DEFAULT_CHUNK_BYTES,
+    chunk_aad,
+    decrypt_chunk_in_place,
+    encrypt_in_place,
+    new_data_key,
+    unwrap_data_key,
+    wrap_data_key,
+)
+from vllm_guard.secneuron.keys import TaskKey
+from vllm_guard.secneuron.manifest import (
+    Group,
+    Manifest,
+    Slice,
+    read_manifest,
+    write_manifest,
+)
+
+ALL_BITS = -1  # int64 with every bit set: public neurons serve every grant
+
+
+@dataclass
+class Selection:
+    """Per-layer neuron sets per task, as written by ``extract``."""
+
+    tasks: list[str]
+    neurons: dict[int, dict[str, list[int]]]  # layer -> task -> neuron indices
+    info: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"tasks": self.tasks, "info": self.info,
+                "layers": {str(k): v for k, v in sorted(self.neurons.items())}}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Selection:
+        try:
+            doc = json.loads(Path(path).read_text())
+            return cls(list(doc["tasks"]),
+                       {int(k): {t: sorted(int(i) for i in v) for t, v in per.items()}
+                        for k, per in doc["layers"].items()},
+                       doc.get("info", {}))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ManifestError(f"cannot read neuron selection {path}: {e}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+
+def policy_tree(selection: Selection) -> list[Group]:
+    """Group neurons by the exact set of tasks that selected them; each set is an OR policy."""
+    by_policy: dict[tuple[str, ...], dict[int, list[int]]] = {}
+    for layer, per_task in sorted(selection.neurons.items()):
+        owners: dict[int, list[str]] = {}
+        for task in selection.tasks:
+            for n in per_task.get(task, []):
+                owners.setdefault(n, []).append(task)
+        for n, tasks in sorted(owners.items()):
+            by_policy.setdefault(tuple(sorted(tasks)), {}).setdefault(layer, []).append(n)
+    ordered = sorted(by_policy.items(), key=lambda kv: (len(kv[0]), kv[0]))
+    return [Group(f"g{i}", list(policy), neurons) for i, (policy, neurons) in enumerate(ordered)]
+
+
+def index_digest(indices: list[int]) -> str:
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:32]
+
+
+def wrap_binding(checkpoint_id: str, group: str, task: str, key_id: str) -> dict:
+    return {"ckpt": checkpoint_id, "group": group, "task": task, "key_id": key_id}
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def lock_checkpoint(
+    model_dir: str | os.PathLike[str],
+    selection: Selection,
+    keys: dict[str, TaskKey],
+    out_dir: str | os.PathLike[str],
+    signing_key: Ed25519PrivateKey | None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool = True,
+) -> Manifest:
+    """Encrypt every task group of ``selection`` in place and write a locked model directory."""
+    if read_manifest(model_dir) is not None:
+        raise ManifestError(f"{model_dir} is already locked (it has a manifest)")
+    missing = [t for t in selection.tasks if t not in keys]
+    if missing:
+        raise KeyFileError(f"no key given for task(s) {missing} named in the selection")
+    unknown = sorted(set(keys) - set(selection.tasks))
+    if unknown:
+        raise KeyFileError(f"key(s) given for task(s) {unknown} not in the selection "
+                           f"(tasks: {selection.tasks})")
+    if len(selection.tasks) > 62:
+        raise ManifestError("at most 62 tasks fit the int64 neuron bit table")
+
+    ckpt = load_checkpoint(model_dir)
+    layers = ffn_layout(ckpt)
+    for layer, per_task in selection.neurons.items():
+        if layer not in layers:
+            raise ManifestError(f"selection names layer {layer}, the model has {len(layers)}")
+        size = layers[layer].intermediate_size
+        for task, idx in per_task.items():
+            if idx and (idx[0] < 0 or idx[-1] >= size):
+                raise ManifestError(f"selection for task {task!r}, layer {layer} has neuron "
+                                    f"indices outside [0, {size})")
+
+    ckpt_id = secrets.token_hex(16)
+    groups = policy_tree(selection)
+    manifest = Manifest(ckpt_id, {t: i for i, t in enumerate(selection.tasks)}, layers, groups,
+                        key_ids={t: keys[t].key_id for t in selection.tasks})
+    for group in tqdm(groups, desc="encrypting groups", disable=not progress):
+        data_key = new_data_key()
+        manifest.wraps[group.id] = {
+            t: wrap_data_key(keys[t].key, data_key,
+                             wrap_binding(ckpt_id, group.id, t, keys[t].key_id))
+            for t in group.policy
+        }
+        for layer, idx in sorted(group.neurons.items()):
+            idx_t = torch.tensor(idx, dtype=torch.long)
+            for name, axis in slice_tensors(layers[layer]):
+                t = ckpt.tensors[name]
+                sel, flat = gather_bytes(t, axis, idx_t)
+                sl = Slice(name, ckpt.files[name], layer, axis, _dtype_name(t), list(t.shape), [])
+                binding = sl.binding(ckpt_id, group.id, index_digest(idx))
+                sl.chunks = encrypt_in_place(data_key, flat, binding, chunk_bytes)
+                t.index_copy_(axis, idx_t, sel)
+                group.slices.append(sl)
+        del data_key
+    if signing_key is not None:
+        manifest.sign(signing_key)
+    with atomic_output_dir(out_dir) as tmp:
+        save_checkpoint(ckpt, tmp)
+        copy_side_files(ckpt.root, tmp, skip_manifest=True)
+        write_manifest(manifest, tmp)
+    return manifest
+
+
+def check_keys(manifest: Manifest, keys: dict[str, TaskKey]) -> None:
+    """Every key must be for a task of this checkpoint, with the key id the manifest expects."""
+    for task, key in keys.items():
+        if task not in manifest.tasks:
+            raise KeyFileError(f"key for unknown task {task!r}: checkpoint "
+                               f"{manifest.checkpoint_id[:8]} has tasks {sorted(manifest.tasks)}")
+        expected = manifest.key_ids.get(task)
+        if key.key_id != expected:
+            raise KeyFileError(
+                f"key for task {task!r} has key id {key.key_id}, checkpoint "
+                f"{manifest.checkpoint_id[:8]} expects {expected} (wrong key, rotated key, or a "
+                "key for a different checkpoint)")
+
+
+def open_data_keys(manifest: Manifest, keys: dict[str, TaskKey]) -> dict[str, bytes]:
+    """Unwrap the data key of every group whose OR policy names a task we hold a key for."""
+    check_keys(manifest, keys)
+    opened: dict[str, bytes] = {}
+    for group in manifest.groups:
+        holder = next((t for t in group.policy if t in keys), None)
+        if holder is None:
+            continue
+        wrapped = manifest.wraps.get(group.id, {}).get(holder)
+        if wrapped is None:
+            raise ManifestError(f"group {group.id} has no wrapped data key for task {holder!r}")
+        key = keys[holder]
+        try:
+            opened[group.id] = unwrap_data_key(
+                key.key, wrapped, wrap_binding(manifest.checkpoint_id, group.id, holder, key.key_id))
+        except (InvalidTag, ValueError):
+            raise DecryptionError(f"task key {holder!r} (key id {key.key_id}) does not open "
+                                  f"group {group.id}: wrong key or tampered keyring") from None
+    return opened
+
+
+@dataclass
+class OpenReport:
+    """What opening a locked checkpoint did."""
+
+    tasks: list[str]
+    opened_groups: list[str]
+    locked_groups: list[str]
+    bytes_decrypted: int
+    seconds: float
+    per_layer: dict[int, dict[str, int]]  # layer -> {"public", "open", "locked"}
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_decrypted / self.seconds / 1e9 if self.seconds else 0.0
+
+
+def _check_slice(t: torch.Tensor, sl: Slice, group: str) -> None:
+    if list(t.shape) != sl.shape or _dtype_name(t) != sl.dtype:
+        raise ManifestError(
+            f"tensor {sl.tensor} is {_dtype_name(t)}{list(t.shape)} but the manifest (group "
+            f"{group}) says {sl.dtype}{sl.shape}: manifest and weights do not belong together")
+
+
+def _decrypt_slice(t: torch.Tensor, sl: Slice, group: Group, idx: list[int], data_key: bytes,
+                   ckpt_id: str) -> int:
+    idx_t = torch.tensor(idx, dtype=torch.long)
+    sel, flat = gather_bytes(t, sl.axis, idx_t)
+    binding = sl.binding(ckpt_id, group.id, index_digest(idx))
+    view = memoryview(flat).cast("B")
+    if sum(c.length for c in sl.chunks) != len(view):
+        raise ManifestError(f"tensor {sl.tensor}, group {group.id}: chunk lengths do not cover "
+                            "the slice")
+    aead, offset = AESGCM(data_key), 0
+    for i, chunk in enumerate(sl.chunks):
+        part = view[offset:offset + chunk.length]
+        decrypt_chunk_in_place(aead, part, chunk, chunk_aad(binding, i, len(sl.chunks)),
+                               f"tensor {sl.tensor}, group {group.id}, chunk {i}")
+        offset += chunk.length
+    t.index_copy_(sl.axis, idx_t, sel)
+    return len(view)
+
+
+def decrypt_in_place(
+    tensors: dict[str, torch.Tensor],
+    manifest: Manifest,
+    data_keys: dict[str, bytes],
+    workers: int | None = None,
+) -> OpenReport:
+    """Decrypt opened groups and zero every locked slice we could not open, in ``tensors``.
+
+    Fails (DecryptionError) on any bad tag; the caller must then discard ``tensors``.
+    """
+    start = time.perf_counter()
+    jobs, zero = [], []
+    for group in manifest.groups:
+        for sl in group.slices:
+            if sl.tensor not in tensors:
+                raise ManifestError(f"manifest names tensor {sl.tensor} (group {group.id}), "
+                                    "which the checkpoint does not have")
+            t = tensors[sl.tensor]
+            _check_slice(t, sl, group.id)
+            idx = group.neurons[sl.layer]
+            if group.id in data_keys:
+                jobs.append((t, sl, group, idx, data_keys[group.id]))
+            else:
+                zero.append((t, sl.axis, idx))
+    workers = workers or min(len(jobs), os.cpu_count() or 1) or 1
+    with ThreadPoolExecutor(workers) as pool:
+        done = list(pool.map(lambda j: _decrypt_slice(*j, manifest.checkpoint_id), jobs))
+    for t, axis, idx in zero:
+        t.index_fill_(axis, torch.tensor(idx, dtype=torch.long), 0)
+
+    per_layer: dict[int, dict[str, int]] = {
+        layer: {"public": info.intermediate_size, "open": 0, "locked": 0}
+        for layer, info in manifest.layers.items()
+    }
+    for group in manifest.groups:
+        state = "open" if group.id in data_keys else "locked"
+        for layer, idx in group.neurons.items():
+            per_layer[layer][state] += len(idx)
+            per_layer[layer]["public"] -= len(idx)
+    opened_tasks = sorted({t for g in manifest.groups if g.id in data_keys for t in g.policy})
+    return OpenReport(
+        tasks=opened_tasks,
+        opened_groups=[g.id for g in manifest.groups if g.id in data_keys],
+        locked_groups=[g.id for g in manifest.groups if g.id not in data_keys],
+        bytes_decrypted=sum(done),
+        seconds=time.perf_counter() - start,
+        per_layer=per_layer,
+    )
+
+
+def neuron_bits(manifest: Manifest) -> dict[int, torch.Tensor]:
+    """Per layer, int64 per neuron: bit t set if task t may use it; all bits for public ones."""
+    bits = {layer: torch.full((info.intermediate_size,), ALL_BITS, dtype=torch.int64)
+            for layer, info in manifest.layers.items()}
+    for group in manifest.groups:
+        mask = manifest.task_bits(group.policy)
+        for layer, idx in group.neurons.items():
+            bits[layer][torch.tensor(idx, dtype=torch.long)] = mask
+    return bits
+
+
+def verify_for_offline_use(manifest: Manifest, publisher: Ed25519PublicKey | None,
+                           allow_unsigned: bool) -> str:
+    """Offline tools accept an embedded-key signature when no publisher key is given."""
+    status = manifest.signature_status(publisher)
+    if status == "valid (embedded key)":
+        return status
+    manifest.verify(publisher, allow_unsigned)
+    return status
+
+
+def unlock_checkpoint(
+    model_dir: str | os.PathLike[str],
+    keys: dict[str, TaskKey],
+    out_dir: str | os.PathLike[str],
+    publisher: Ed25519PublicKey | None = None,
+    allow_unsigned: bool = False,
+) -> OpenReport:
+    """Write a plaintext checkpoint: opened groups decrypted, all other locked slices zeroed."""
+    manifest = read_manifest(model_dir)
+    if manifest is None:
+        raise ManifestError(f"{model_dir} has no guard_manifest.json: not a locked checkpoint")
+    verify_for_offline_use(manifest, publisher, allow_unsigned)
+    data_keys = open_data_keys(manifest, keys)
+    ckpt = load_checkpoint(model_dir)
+    report = decrypt_in_place(ckpt.tensors, manifest, data_keys)
+    with atomic_output_dir(out_dir) as tmp:
+        save_checkpoint(ckpt, tmp)
+        copy_side_files(ckpt.root, tmp, skip_manifest=True)
+    return report
+
+
+def rotate_task_key(model_dir: str | os.PathLike[str], old: TaskKey, new: TaskKey) -> int:
+    """Re-wrap the task's data keys under ``new``. Only the manifest's keyring changes."""
+    manifest = read_manifest(model_dir)
+    if manifest is None:
+        raise ManifestError(f"{model_dir} has no guard_manifest.json: not a locked checkpoint")
+    if new.task != old.task:
+        raise KeyFileError(f"new key is for task {new.task!r}, old key for {old.task!r}")
+    if new.key_id == old.key_id:
+        raise KeyFileError(f"new key for task {new.task!r} has the same key id as the old one")
+    check_keys(manifest, {old.task: old})
+    rewrapped = 0
+    for group in manifest.groups:
+        if old.task not in group.policy:
+            continue
+        try:
+            data_key = unwrap_data_key(
+                old.key, manifest.wraps[group.id][old.task],
+                wrap_binding(manifest.checkpoint_id, group.id, old.task, old.key_id))
+        except (InvalidTag, KeyError, ValueError):
+            raise DecryptionError(f"old key for task {old.task!r} does not open group "
+                                  f"{group.id}") from None
+        manifest.wraps[group.id][old.task] = wrap_data_key(
+            new.key, data_key, wrap_binding(manifest.checkpoint_id, group.id, new.task, new.key_id))
+        rewrapped += 1
+    manifest.key_ids[old.task] = new.key_id
+    write_manifest(manifest, model_dir)
+    return rewrapped

@@ -1,0 +1,101 @@
+"""Start and stop a real vLLM OpenAI server on loopback (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_guard.cli import guard_env
+
+# Small CPU footprint so several test servers fit: KV cache share of the node's memory.
+DEFAULT_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
+                "--max-num-seqs", "16"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class VllmServer:
+    """``vllm-guard serve`` (or plain vLLM with ``guard=False``) as a subprocess."""
+
+    model: str
+    args: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    guard: bool = True
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        common = ["--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
+                  "--served-model-name", "test", *DEFAULT_ARGS, *self.args]
+        if self.guard:
+            return [sys.executable, "-m", "vllm_guard.cli", "serve", *common]
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common]
+
+    def start(self) -> VllmServer:
+        env = guard_env() if self.guard else dict(os.environ)
+        env.update(self.env)
+        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 600) -> VllmServer:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}; "
+                                   f"log: {self.log_path}\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"vLLM server not ready after {timeout}s; log: {self.log_path}")
+
+    def wait_exit(self, timeout: float = 300) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def __enter__(self) -> VllmServer:
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
