@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from vllm_guard.errors import ManifestError
 from vllm_guard.secneuron.manifest import MANIFEST_NAME, LayerInfo
 
-_FFN = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.mlp)\.(?P<proj>gate|up|down)_proj\.weight$")
+_FFN = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.mlp\.(?P<proj>gate|up|down)_proj\.weight$")
 
 
 @dataclass

@@ -49,7 +49,7 @@ class Chunk:
 
 
 def chunk_aad(binding: dict, index: int, count: int) -> bytes:
-    """AAD of one chunk: its slice binding (checkpoint, tensor, dtype, shape, group...) + position."""
+    """AAD of one chunk: its slice binding (checkpoint, tensor, dtype, shape, group) + index."""
     return canonical({**binding, "chunk": index, "chunks": count})
 
 

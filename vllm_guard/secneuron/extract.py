@@ -44,7 +44,8 @@ def read_calibration(path: str | os.PathLike[str]) -> list[dict[str, str]]:
             if not isinstance(prompt, str):
                 raise ValueError
         except (ValueError, AttributeError):
-            raise GuardError(f"{path}:{i}: expected a JSON object with 'prompt' or 'text'") from None
+            raise GuardError(f"{path}:{i}: expected a JSON object with 'prompt' or 'text'"
+                             ) from None
         rows.append({"prompt": prompt, "answer": doc.get("answer") or ""})
     if not rows:
         raise GuardError(f"calibration file {path} has no examples")

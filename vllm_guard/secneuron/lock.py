@@ -198,8 +198,8 @@ def open_data_keys(manifest: Manifest, keys: dict[str, TaskKey]) -> dict[str, by
             raise ManifestError(f"group {group.id} has no wrapped data key for task {holder!r}")
         key = keys[holder]
         try:
-            opened[group.id] = unwrap_data_key(
-                key.key, wrapped, wrap_binding(manifest.checkpoint_id, group.id, holder, key.key_id))
+            binding = wrap_binding(manifest.checkpoint_id, group.id, holder, key.key_id)
+            opened[group.id] = unwrap_data_key(key.key, wrapped, binding)
         except (InvalidTag, ValueError):
             raise DecryptionError(f"task key {holder!r} (key id {key.key_id}) does not open "
                                   f"group {group.id}: wrong key or tampered keyring") from None
