@@ -253,10 +253,12 @@ def decrypt_in_place(
     manifest: Manifest,
     data_keys: dict[str, bytes],
     workers: int | None = None,
+    zero_locked: bool = True,
 ) -> OpenReport:
     """Decrypt opened groups and zero every locked slice we could not open, in ``tensors``.
 
     Fails (DecryptionError) on any bad tag; the caller must then discard ``tensors``.
+    ``zero_locked=False`` leaves ciphertext in place (only for testing the detector).
     """
     start = time.perf_counter()
     jobs, zero = [], []
@@ -270,7 +272,7 @@ def decrypt_in_place(
             idx = group.neurons[sl.layer]
             if group.id in data_keys:
                 jobs.append((t, sl, group, idx, data_keys[group.id]))
-            else:
+            elif zero_locked:
                 zero.append((t, sl.axis, idx))
     workers = workers or min(len(jobs), os.cpu_count() or 1) or 1
     with ThreadPoolExecutor(workers) as pool:
