@@ -254,11 +254,13 @@ def decrypt_in_place(
     data_keys: dict[str, bytes],
     workers: int | None = None,
     zero_locked: bool = True,
+    tasks: list[str] | tuple = (),
 ) -> OpenReport:
     """Decrypt opened groups and zero every locked slice we could not open, in ``tensors``.
 
     Fails (DecryptionError) on any bad tag; the caller must then discard ``tensors``.
     ``zero_locked=False`` leaves ciphertext in place (only for testing the detector).
+    ``tasks`` (the key holders' tasks) is only reported.
     """
     start = time.perf_counter()
     jobs, zero = [], []
@@ -289,9 +291,8 @@ def decrypt_in_place(
         for layer, idx in group.neurons.items():
             per_layer[layer][state] += len(idx)
             per_layer[layer]["public"] -= len(idx)
-    opened_tasks = sorted({t for g in manifest.groups if g.id in data_keys for t in g.policy})
     return OpenReport(
-        tasks=opened_tasks,
+        tasks=sorted(tasks),
         opened_groups=[g.id for g in manifest.groups if g.id in data_keys],
         locked_groups=[g.id for g in manifest.groups if g.id not in data_keys],
         bytes_decrypted=sum(done),
@@ -335,7 +336,7 @@ def unlock_checkpoint(
     verify_for_offline_use(manifest, publisher, allow_unsigned)
     data_keys = open_data_keys(manifest, keys)
     ckpt = load_checkpoint(model_dir)
-    report = decrypt_in_place(ckpt.tensors, manifest, data_keys)
+    report = decrypt_in_place(ckpt.tensors, manifest, data_keys, tasks=list(keys))
     with atomic_output_dir(out_dir) as tmp:
         save_checkpoint(ckpt, tmp)
         copy_side_files(ckpt.root, tmp, skip_manifest=True)

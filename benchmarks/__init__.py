@@ -1,0 +1,1 @@
+"""vllm-guard benchmarks: scripts that print numbers and write JSON under benchmarks/results/."""

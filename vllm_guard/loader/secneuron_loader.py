@@ -1,0 +1,185 @@
+"""``--load-format secneuron``: serve a SecNeuron-locked checkpoint inside vLLM.
+
+checkpoint -> verify manifest signature -> unwrap data keys of the groups our task keys open
+-> decrypt (parallel, every tag checked) -> zero every slice we could not open -> ciphertext
+detector over all FFN neurons -> ``model.load_weights`` -> ``neuron_bits`` on each MLP act op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig
+from vllm.config.load import LoadConfig
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+from vllm_guard.errors import EncryptedWeightsError, GuardError, ManifestError
+from vllm_guard.log import get_logger
+from vllm_guard.secneuron.checkpoint import load_checkpoint
+from vllm_guard.secneuron.detector import DetectorConfig, scan_tensors
+from vllm_guard.secneuron.keys import load_public_key, load_task_keys
+from vllm_guard.secneuron.lock import OpenReport, decrypt_in_place, neuron_bits, open_data_keys
+from vllm_guard.secneuron.manifest import Manifest, read_manifest
+
+logger = get_logger(__name__)
+
+KEYS_ENV = "VLLM_GUARD_KEYS"  # os.pathsep-separated key files or directories
+PUBLISHER_ENV = "VLLM_GUARD_PUBLISHER_KEY"
+NEURON_BITS_ATTR = "guard_neuron_bits"
+
+
+@dataclass(frozen=True)
+class SecNeuronLoadConfig:
+    """Our part of ``--model-loader-extra-config``."""
+
+    keys: tuple[str, ...] = ()
+    publisher_key: str | None = None
+    allow_unsigned: bool = False
+    workers: int | None = None
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+
+    FIELDS = ("keys", "key_dir", "publisher_key", "allow_unsigned", "workers")
+
+    @classmethod
+    def from_extra(cls, extra: dict, env: dict[str, str] | None = None) -> SecNeuronLoadConfig:
+        env = os.environ if env is None else env
+        unknown = sorted(set(extra) - set(cls.FIELDS))
+        if unknown:
+            raise GuardError(f"unknown secneuron loader option(s) {unknown}; "
+                             f"known: {list(cls.FIELDS)}")
+        keys = extra.get("keys", [])
+        if isinstance(keys, str):
+            keys = [keys]
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise GuardError('"keys" must be a list of key file paths')
+        if extra.get("key_dir"):
+            keys = [*keys, str(extra["key_dir"])]
+        if not keys and env.get(KEYS_ENV):
+            keys = [p for p in env[KEYS_ENV].split(os.pathsep) if p]
+        return cls(tuple(keys), extra.get("publisher_key") or env.get(PUBLISHER_ENV),
+                   bool(extra.get("allow_unsigned", False)), extra.get("workers"))
+
+
+def tp_shard(bits: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """The neuron bits of this tensor-parallel rank (vLLM splits the intermediate dim evenly)."""
+    size = bits.shape[0]
+    if size % world:
+        raise GuardError(f"intermediate size {size} is not divisible by TP size {world}")
+    part = size // world
+    return bits[rank * part:(rank + 1) * part].clone()
+
+
+def attach_neuron_bits(model: nn.Module, bits: dict[int, torch.Tensor], rank: int = 0,
+                       world: int = 1) -> int:
+    """Give each decoder layer's MLP activation op its (TP-sharded) neuron bit table."""
+    attached = 0
+    for name, module in model.named_modules():
+        if not name.endswith("mlp.act_fn"):
+            continue
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        table = tp_shard(bits[layer], rank, world)
+        existing = getattr(module, NEURON_BITS_ATTR, None)
+        if isinstance(existing, torch.Tensor) and existing.shape == table.shape:
+            existing.copy_(table)  # keep the tensor identity a compiled graph may hold
+        else:
+            setattr(module, NEURON_BITS_ATTR, table)
+        attached += 1
+    return attached
+
+
+def _tp() -> tuple[int, int]:
+    try:
+        from vllm.distributed import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except (ImportError, AssertionError):
+        return 0, 1
+
+
+class SecNeuronModelLoader(BaseModelLoader):
+    """Decrypts what the configured task keys open, zeros the rest, then loads normally."""
+
+    def __init__(self, load_config: LoadConfig):
+        super().__init__(load_config)
+        self.config = SecNeuronLoadConfig.from_extra(
+            dict(load_config.model_loader_extra_config or {}))
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        self._model_dir(model_config)
+
+    @staticmethod
+    def _model_dir(model_config: ModelConfig) -> Path:
+        root = Path(model_config.model)
+        if not root.is_dir():
+            raise ManifestError(f"--load-format secneuron needs a local model directory, "
+                                f"got {model_config.model}")
+        return root
+
+    def _manifest(self, root: Path) -> Manifest:
+        manifest = read_manifest(root)
+        if manifest is None:
+            raise ManifestError(f"{root} has no guard_manifest.json: not a locked checkpoint "
+                                "(use the default load format for plaintext models)")
+        publisher = load_public_key(self.config.publisher_key) if self.config.publisher_key \
+            else None
+        manifest.verify(publisher, self.config.allow_unsigned)
+        return manifest
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        try:
+            report, bits = self._load(model, model_config)
+        except GuardError as e:
+            # One clear line for operators; vLLM prints the traceback after it.
+            logger.error("vllm-guard: refusing to load %s: %s", model_config.model, e)
+            raise
+        rank, world = _tp()
+        attached = attach_neuron_bits(model, bits, rank, world)
+        self._log(report, attached)
+
+    def _load(self, model: nn.Module, model_config: ModelConfig):
+        root = self._model_dir(model_config)
+        manifest = self._manifest(root)
+        keys = load_task_keys(list(self.config.keys))
+        data_keys = open_data_keys(manifest, keys)
+        if not keys:
+            logger.warning("vllm-guard: no task keys given: serving the PUBLIC-ONLY model, every "
+                           "locked task (%s) is zeroed", ", ".join(sorted(manifest.tasks)))
+        ckpt = load_checkpoint(root)
+        report = decrypt_in_place(ckpt.tensors, manifest, data_keys, self.config.workers,
+                                  tasks=list(keys))
+        verdicts = scan_tensors(ckpt.tensors, manifest.layers, self.config.detector)
+        bad = {v.layer: int(v.encrypted.sum()) for v in verdicts if v.encrypted.any()}
+        if bad:
+            raise EncryptedWeightsError(f"neurons still look encrypted after decryption "
+                                        f"(layer: count) {bad}; refusing to compute with them")
+        loaded = model.load_weights(iter(ckpt.tensors.items()))
+        if isinstance(loaded, set):
+            missing = {n for n, _ in model.named_parameters()} - loaded
+            if missing:
+                raise ManifestError(f"checkpoint lacks weights for {sorted(missing)[:5]}")
+        return report, neuron_bits(manifest)
+
+    @staticmethod
+    def _log(report: OpenReport, attached: int) -> None:
+        per_layer = json.dumps({str(k): v for k, v in sorted(report.per_layer.items())})
+        logger.info("vllm-guard secneuron: open tasks %s; groups open %d, locked %d; "
+                    "decrypted %.1f MB in %.3f s (%.2f GB/s); neuron tables on %d MLPs",
+                    report.tasks or "none (public only)", len(report.opened_groups),
+                    len(report.locked_groups), report.bytes_decrypted / 1e6, report.seconds,
+                    report.gb_per_s, attached)
+        logger.info("vllm-guard secneuron neurons per layer (public/open/locked): %s", per_layer)
+
+
+def register_secneuron_loader() -> None:
+    from vllm.model_executor.model_loader import register_model_loader
+
+    register_model_loader("secneuron")(SecNeuronModelLoader)
+
