@@ -18,7 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vllm_guard.errors import DecryptionError, KeyFileError, SignatureError
-from vllm_guard.secneuron.checkpoint import ffn_layout, gather_bytes, load_checkpoint
+from vllm_guard.secneuron.checkpoint import (
+    ffn_layout,
+    gather_neurons,
+    load_checkpoint,
+    scatter_neurons,
+)
 from vllm_guard.secneuron.crypto import encrypt_in_place
 from vllm_guard.secneuron.detector import scan_layer, scan_tensors
 from vllm_guard.secneuron.keys import (
@@ -204,10 +209,10 @@ def test_swapped_chunks_fail_even_without_signature(locked, keydir, tmp_path):
     sl["chunks"][0], sl["chunks"][1] = sl["chunks"][1], sl["chunks"][0]
     tensors = load_file(bad / "model.safetensors")
     t, idx = tensors[sl["tensor"]], torch.tensor(group["neurons"][str(sl["layer"])])
-    sel, flat = gather_bytes(t, sl["axis"], idx)
+    sel, flat = gather_neurons(t, sl["axis"], idx)
     n = sl["chunks"][0][2]
     flat[:n], flat[n:2 * n] = flat[n:2 * n].copy(), flat[:n].copy()
-    t.index_copy_(sl["axis"], idx, sel)
+    scatter_neurons(t, sl["axis"], idx, sel)
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     doc["signature"] = None
     (bad / MANIFEST_NAME).write_text(json.dumps(doc))

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 
 from vllm_guard import __version__
+from vllm_guard.grants import GRANT_ENV
 from vllm_guard.log import ensure_handler, get_logger
 
 logger = get_logger(__name__)
@@ -42,6 +43,12 @@ def register() -> None:
     from vllm_guard.loader import register_loader
 
     register_loader()
+    if os.environ.get(GRANT_ENV):
+        from vllm_guard.grants.engine import install_runner_hook
+        from vllm_guard.kernels.layer import register_masked_activation
+
+        register_masked_activation()
+        install_runner_hook()
     ensure_handler()
     logger.info("vllm-guard %s registered in %s (pid %d)", __version__, process_role(),
                 os.getpid())

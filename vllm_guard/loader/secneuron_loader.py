@@ -9,28 +9,39 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from vllm.config import ModelConfig
 from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from vllm_guard.errors import EncryptedWeightsError, GuardError, ManifestError
+from vllm_guard.grants.engine import STATE as GRANT_STATE
+from vllm_guard.kernels.layer import NEURON_BITS_ATTR
 from vllm_guard.log import get_logger
-from vllm_guard.secneuron.checkpoint import load_checkpoint
-from vllm_guard.secneuron.detector import DetectorConfig, scan_tensors
+from vllm_guard.secneuron.checkpoint import safetensors_files, slice_tensors
+from vllm_guard.secneuron.detector import DetectorConfig, scan_layer
 from vllm_guard.secneuron.keys import load_public_key, load_task_keys
-from vllm_guard.secneuron.lock import OpenReport, decrypt_in_place, neuron_bits, open_data_keys
+from vllm_guard.secneuron.lock import (
+    OpenReport,
+    decrypt_in_place,
+    layer_counts,
+    neuron_bits,
+    open_data_keys,
+)
 from vllm_guard.secneuron.manifest import Manifest, read_manifest
 
 logger = get_logger(__name__)
 
 KEYS_ENV = "VLLM_GUARD_KEYS"  # os.pathsep-separated key files or directories
 PUBLISHER_ENV = "VLLM_GUARD_PUBLISHER_KEY"
-NEURON_BITS_ATTR = "guard_neuron_bits"
 
 
 @dataclass(frozen=True)
@@ -134,15 +145,20 @@ class SecNeuronModelLoader(BaseModelLoader):
         return manifest
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        start = time.perf_counter()
         try:
-            report, bits = self._load(model, model_config)
+            report, manifest = self._load(model, model_config)
         except GuardError as e:
             # One clear line for operators; vLLM prints the traceback after it.
             logger.error("vllm-guard: refusing to load %s: %s", model_config.model, e)
             raise
+        GRANT_STATE.task_bits = dict(manifest.tasks)
         rank, world = _tp()
-        attached = attach_neuron_bits(model, bits, rank, world)
+        attached = attach_neuron_bits(model, neuron_bits(manifest), rank, world)
         self._log(report, attached)
+        # Same wording as vLLM's DefaultModelLoader, so benchmarks compare like with like.
+        logger.info("vllm-guard secneuron: Loading weights took %.2f seconds",
+                    time.perf_counter() - start)
 
     def _load(self, model: nn.Module, model_config: ModelConfig):
         root = self._model_dir(model_config)
@@ -152,20 +168,54 @@ class SecNeuronModelLoader(BaseModelLoader):
         if not keys:
             logger.warning("vllm-guard: no task keys given: serving the PUBLIC-ONLY model, every "
                            "locked task (%s) is zeroed", ", ".join(sorted(manifest.tasks)))
-        ckpt = load_checkpoint(root)
-        report = decrypt_in_place(ckpt.tensors, manifest, data_keys, self.config.workers,
-                                  tasks=list(keys))
-        verdicts = scan_tensors(ckpt.tensors, manifest.layers, self.config.detector)
-        bad = {v.layer: int(v.encrypted.sum()) for v in verdicts if v.encrypted.any()}
-        if bad:
-            raise EncryptedWeightsError(f"neurons still look encrypted after decryption "
-                                        f"(layer: count) {bad}; refusing to compute with them")
-        loaded = model.load_weights(iter(ckpt.tensors.items()))
+        stats = OpenReport(sorted(keys), sorted(data_keys),
+                           [g.id for g in manifest.groups if g.id not in data_keys], 0, 0.0,
+                           layer_counts(manifest, data_keys))
+        with ExitStack() as stack:
+            weights = self._stream(root, manifest, data_keys, stats, stack)
+            loaded = model.load_weights(weights)
         if isinstance(loaded, set):
             missing = {n for n, _ in model.named_parameters()} - loaded
             if missing:
                 raise ManifestError(f"checkpoint lacks weights for {sorted(missing)[:5]}")
-        return report, neuron_bits(manifest)
+        return stats, manifest
+
+    def _stream(self, root: Path, manifest: Manifest, data_keys: dict[str, bytes],
+                stats: OpenReport, stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield weights as vLLM's own loader does (mmap-backed), except FFN tensors: those are
+        copied into three reused scratch buffers, decrypted/zeroed and scanned one layer at a
+        time, then yielded (vLLM copies each into its parameter before asking for the next).
+        No layer reaches the model before the detector has passed it.
+        """
+        handles = {p.name: stack.enter_context(safe_open(p, framework="pt"))
+                   for p in safetensors_files(root)}
+        where = {name: f for f in handles.values() for name in f.keys()}  # noqa: SIM118
+        ffn = {name for info in manifest.layers.values() for name, _ in slice_tensors(info)}
+        for name, f in where.items():
+            if name not in ffn:
+                yield name, f.get_tensor(name)
+        scratch: dict[str, torch.Tensor] = {}
+        for layer, info in sorted(manifest.layers.items()):
+            tensors = {}
+            for role, name in (("gate", info.gate), ("up", info.up), ("down", info.down)):
+                if name not in where:
+                    raise ManifestError(f"checkpoint has no tensor {name} named in the manifest")
+                src = where[name].get_tensor(name)
+                buf = scratch.get(role)
+                if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                    buf = scratch[role] = torch.empty_like(src)
+                tensors[name] = buf.copy_(src)
+            rep = decrypt_in_place(tensors, manifest, data_keys, self.config.workers,
+                                   layers={layer})
+            stats.bytes_decrypted += rep.bytes_decrypted
+            stats.seconds += rep.seconds
+            verdict = scan_layer(layer, tensors[info.gate], tensors[info.up],
+                                 tensors[info.down], self.config.detector)
+            if verdict.encrypted.any():
+                raise EncryptedWeightsError(
+                    f"{int(verdict.encrypted.sum())} neurons of layer {layer} still look "
+                    "encrypted after decryption; refusing to compute with them")
+            yield from tensors.items()
 
     @staticmethod
     def _log(report: OpenReport, attached: int) -> None:

@@ -6,6 +6,7 @@ of ``down_proj``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm_guard.errors import ManifestError
@@ -47,17 +47,51 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file with one sequential read into one writable buffer.
+
+    Tensors are views of that buffer: no per-tensor copy, and no copy-on-write page faults
+    when decrypting in place (which made mmap-backed tensors 5x slower).
+    """
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ManifestError(f"{path}: not a safetensors file (bad header)") from None
+        buf = torch.empty(os.fstat(f.fileno()).st_size - 8 - n, dtype=torch.uint8)
+        if f.readinto(memoryview(buf.numpy())) != buf.numel():
+            raise ManifestError(f"{path}: truncated safetensors file")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ManifestError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        raw = buf[start:end]
+        if start % raw.new_empty(0, dtype=dtype).element_size():
+            raw = raw.clone()  # misaligned offset: view(dtype) needs alignment
+        tensors[name] = raw.view(dtype).reshape(info["shape"])
+    return tensors, metadata
+
+
 def load_checkpoint(model_dir: str | os.PathLike[str]) -> Checkpoint:
     root = Path(model_dir)
     if not root.is_dir():
         raise ManifestError(f"model directory {root} does not exist")
     ckpt = Checkpoint(root, {}, {})
     for path in safetensors_files(root):
-        with safe_open(path, framework="pt") as f:
-            ckpt.metadata[path.name] = f.metadata() or {}
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                ckpt.tensors[name] = f.get_tensor(name)
-                ckpt.files[name] = path.name
+        tensors, ckpt.metadata[path.name] = read_safetensors(path)
+        ckpt.tensors.update(tensors)
+        ckpt.files.update(dict.fromkeys(tensors, path.name))
     return ckpt
 
 
@@ -91,10 +125,19 @@ def slice_tensors(info: LayerInfo) -> list[tuple[str, int]]:
     return [(info.gate, 0), (info.up, 0), (info.down, 1)]
 
 
-def gather_bytes(t: torch.Tensor, axis: int, idx: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """Copy the neurons' slices out; return the copy and a flat uint8 numpy view of it."""
-    sel = t.index_select(axis, idx).contiguous()
+def gather_neurons(t: torch.Tensor, axis: int, idx: torch.Tensor
+                   ) -> tuple[torch.Tensor, np.ndarray]:
+    """Copy the neurons' vectors out, neuron-major ([k, H]); also as flat uint8 numpy.
+
+    Neuron-major keeps each group's bytes contiguous when several groups are gathered at once.
+    """
+    sel = (t if axis == 0 else t.t()).index_select(0, idx)
     return sel, sel.view(torch.uint8).reshape(-1).numpy()
+
+
+def scatter_neurons(t: torch.Tensor, axis: int, idx: torch.Tensor, sel: torch.Tensor) -> None:
+    """Write neuron-major vectors back in place (inverse of :func:`gather_neurons`)."""
+    (t if axis == 0 else t.t()).index_copy_(0, idx, sel)
 
 
 def save_checkpoint(ckpt: Checkpoint, out_dir: Path) -> None:

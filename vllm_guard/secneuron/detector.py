@@ -1,9 +1,12 @@
 """Distribution-based detection of ciphertext in FFN neurons (SecNeuron's defence in depth).
 
 AES output read as fp32/fp16/bf16 is uniform over bit patterns: a third to a half of the
-values are NaN/Inf or huge. Trained or randomly initialised neurons have none of that. A
-neuron is flagged when more than ``max_outlier_fraction`` of its gate row, up row and down
-column are non-finite or larger than ``abs_threshold``.
+values are NaN/Inf or larger than 64, so every stretch of a few dozen values holds one.
+Trained or randomly initialised neurons hold none. Each neuron's gate row, up row and down
+column are cut in halves (six segments); a neuron is flagged when at least
+``min_segments`` of them contain a non-finite value or one above ``abs_threshold``.
+A single outlier weight therefore never flags a real neuron. Only max-reductions are used,
+so scanning every FFN neuron of a 0.5B model takes a fraction of a second.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from vllm_guard.secneuron.manifest import LayerInfo
 @dataclass(frozen=True)
 class DetectorConfig:
     abs_threshold: float = 64.0
-    max_outlier_fraction: float = 0.05
+    min_segments: int = 4  # of 6
 
 
 @dataclass
@@ -33,27 +36,23 @@ class LayerVerdict:
                 "zeroed": int(self.zeroed.sum())}
 
 
-def _outliers(t: torch.Tensor, axis: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per neuron: count of suspicious values, and whether the slice is all zero."""
-    x = t.float()
-    bad = ~torch.isfinite(x) | (x.abs() > threshold)
-    other = 1 - axis
-    return bad.sum(dim=other), (x == 0).all(dim=other)
+def _segment_max(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """[2, I] max |w| of each half of every neuron's vector (NaN propagates)."""
+    a = t.abs()
+    h = t.shape[1 - axis] // 2
+    if axis == 0:
+        return torch.stack([a[:, :h].amax(1), a[:, h:].amax(1)]).float()
+    return torch.stack([a[:h].amax(0), a[h:].amax(0)]).float()
 
 
 def scan_layer(
     layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
     config: DetectorConfig = DetectorConfig(),
 ) -> LayerVerdict:
-    counts, zero = torch.zeros(gate.shape[0], dtype=torch.long), None
-    total = 0
-    for t, axis in ((gate, 0), (up, 0), (down, 1)):
-        c, z = _outliers(t, axis, config.abs_threshold)
-        counts += c
-        zero = z if zero is None else zero & z
-        total += t.shape[1 - axis]
-    encrypted = counts.float() / total > config.max_outlier_fraction
-    return LayerVerdict(layer, int(gate.shape[0]), encrypted, zero)
+    maxima = torch.cat([_segment_max(gate, 0), _segment_max(up, 0), _segment_max(down, 1)])
+    suspicious = ~(maxima <= config.abs_threshold)  # also True for NaN
+    encrypted = suspicious.sum(0) >= config.min_segments
+    return LayerVerdict(layer, int(gate.shape[0]), encrypted, (maxima == 0).all(0))
 
 
 def scan_tensors(

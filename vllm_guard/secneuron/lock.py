@@ -28,9 +28,10 @@ from vllm_guard.secneuron.checkpoint import (
     atomic_output_dir,
     copy_side_files,
     ffn_layout,
-    gather_bytes,
+    gather_neurons,
     load_checkpoint,
     save_checkpoint,
+    scatter_neurons,
     slice_tensors,
 )
 from vllm_guard.secneuron.crypto import (
@@ -144,24 +145,32 @@ def lock_checkpoint(
     groups = policy_tree(selection)
     manifest = Manifest(ckpt_id, {t: i for i, t in enumerate(selection.tasks)}, layers, groups,
                         key_ids={t: keys[t].key_id for t in selection.tasks})
-    for group in tqdm(groups, desc="encrypting groups", disable=not progress):
-        data_key = new_data_key()
+    data_keys = {g.id: new_data_key() for g in groups}
+    for group in groups:
         manifest.wraps[group.id] = {
-            t: wrap_data_key(keys[t].key, data_key,
+            t: wrap_data_key(keys[t].key, data_keys[group.id],
                              wrap_binding(ckpt_id, group.id, t, keys[t].key_id))
             for t in group.policy
         }
-        for layer, idx in sorted(group.neurons.items()):
-            idx_t = torch.tensor(idx, dtype=torch.long)
-            for name, axis in slice_tensors(layers[layer]):
-                t = ckpt.tensors[name]
-                sel, flat = gather_bytes(t, axis, idx_t)
+    for layer in tqdm(sorted(layers), desc="encrypting layers", disable=not progress):
+        members = [g for g in groups if layer in g.neurons]
+        if not members:
+            continue
+        idx_t = torch.tensor([n for g in members for n in g.neurons[layer]], dtype=torch.long)
+        for name, axis in slice_tensors(layers[layer]):
+            t = ckpt.tensors[name]
+            sel, flat = gather_neurons(t, axis, idx_t)  # all groups at once, neuron-major
+            offset = 0
+            for g in members:
                 sl = Slice(name, ckpt.files[name], layer, axis, _dtype_name(t), list(t.shape), [])
-                binding = sl.binding(ckpt_id, group.id, index_digest(idx))
-                sl.chunks = encrypt_in_place(data_key, flat, binding, chunk_bytes)
-                t.index_copy_(axis, idx_t, sel)
-                group.slices.append(sl)
-        del data_key
+                size = len(g.neurons[layer]) * flat.nbytes // len(idx_t)
+                binding = sl.binding(ckpt_id, g.id, index_digest(g.neurons[layer]))
+                sl.chunks = encrypt_in_place(data_keys[g.id], flat[offset:offset + size],
+                                             binding, chunk_bytes)
+                g.slices.append(sl)
+                offset += size
+            scatter_neurons(t, axis, idx_t, sel)
+    data_keys.clear()
     if signing_key is not None:
         manifest.sign(signing_key)
     with atomic_output_dir(out_dir) as tmp:
@@ -229,22 +238,27 @@ def _check_slice(t: torch.Tensor, sl: Slice, group: str) -> None:
             f"{group}) says {sl.dtype}{sl.shape}: manifest and weights do not belong together")
 
 
-def _decrypt_slice(t: torch.Tensor, sl: Slice, group: Group, idx: list[int], data_key: bytes,
-                   ckpt_id: str) -> int:
-    idx_t = torch.tensor(idx, dtype=torch.long)
-    sel, flat = gather_bytes(t, sl.axis, idx_t)
-    binding = sl.binding(ckpt_id, group.id, index_digest(idx))
+def _decrypt_tensor(t: torch.Tensor, axis: int, parts: list[tuple[Group, Slice, bytes]],
+                    ckpt_id: str) -> int:
+    """Gather every opened group's neurons of one tensor at once, decrypt each, scatter back."""
+    idx_t = torch.tensor([n for g, sl, _ in parts for n in g.neurons[sl.layer]], dtype=torch.long)
+    sel, flat = gather_neurons(t, axis, idx_t)
     view = memoryview(flat).cast("B")
-    if sum(c.length for c in sl.chunks) != len(view):
-        raise ManifestError(f"tensor {sl.tensor}, group {group.id}: chunk lengths do not cover "
-                            "the slice")
-    aead, offset = AESGCM(data_key), 0
-    for i, chunk in enumerate(sl.chunks):
-        part = view[offset:offset + chunk.length]
-        decrypt_chunk_in_place(aead, part, chunk, chunk_aad(binding, i, len(sl.chunks)),
-                               f"tensor {sl.tensor}, group {group.id}, chunk {i}")
-        offset += chunk.length
-    t.index_copy_(sl.axis, idx_t, sel)
+    offset = 0
+    for group, sl, data_key in parts:
+        idx = group.neurons[sl.layer]
+        size = len(idx) * len(view) // len(idx_t)
+        if sum(c.length for c in sl.chunks) != size:
+            raise ManifestError(f"tensor {sl.tensor}, group {group.id}: chunk lengths do not "
+                                "cover the slice")
+        binding = sl.binding(ckpt_id, group.id, index_digest(idx))
+        aead = AESGCM(data_key)
+        for i, chunk in enumerate(sl.chunks):
+            decrypt_chunk_in_place(aead, view[offset:offset + chunk.length], chunk,
+                                   chunk_aad(binding, i, len(sl.chunks)),
+                                   f"tensor {sl.tensor}, group {group.id}, chunk {i}")
+            offset += chunk.length
+    scatter_neurons(t, axis, idx_t, sel)
     return len(view)
 
 
@@ -255,50 +269,60 @@ def decrypt_in_place(
     workers: int | None = None,
     zero_locked: bool = True,
     tasks: list[str] | tuple = (),
+    layers: set[int] | None = None,
 ) -> OpenReport:
     """Decrypt opened groups and zero every locked slice we could not open, in ``tensors``.
 
     Fails (DecryptionError) on any bad tag; the caller must then discard ``tensors``.
     ``zero_locked=False`` leaves ciphertext in place (only for testing the detector).
-    ``tasks`` (the key holders' tasks) is only reported.
+    ``tasks`` (the key holders' tasks) is only reported. ``layers`` limits the work to those
+    layers (streaming loaders decrypt one layer at a time).
     """
     start = time.perf_counter()
-    jobs, zero = [], []
+    opened: dict[str, list[tuple[Group, Slice, bytes]]] = {}  # tensor -> its opened slices
+    axes: dict[str, int] = {}
+    zero: dict[str, list[int]] = {}
     for group in manifest.groups:
         for sl in group.slices:
+            if layers is not None and sl.layer not in layers:
+                continue
             if sl.tensor not in tensors:
                 raise ManifestError(f"manifest names tensor {sl.tensor} (group {group.id}), "
                                     "which the checkpoint does not have")
-            t = tensors[sl.tensor]
-            _check_slice(t, sl, group.id)
-            idx = group.neurons[sl.layer]
+            _check_slice(tensors[sl.tensor], sl, group.id)
+            axes[sl.tensor] = sl.axis
             if group.id in data_keys:
-                jobs.append((t, sl, group, idx, data_keys[group.id]))
+                opened.setdefault(sl.tensor, []).append((group, sl, data_keys[group.id]))
             elif zero_locked:
-                zero.append((t, sl.axis, idx))
-    workers = workers or min(len(jobs), os.cpu_count() or 1) or 1
+                zero.setdefault(sl.tensor, []).extend(group.neurons[sl.layer])
+    workers = workers or min(len(opened), os.cpu_count() or 1) or 1
     with ThreadPoolExecutor(workers) as pool:
-        done = list(pool.map(lambda j: _decrypt_slice(*j, manifest.checkpoint_id), jobs))
-    for t, axis, idx in zero:
-        t.index_fill_(axis, torch.tensor(idx, dtype=torch.long), 0)
+        done = list(pool.map(
+            lambda item: _decrypt_tensor(tensors[item[0]], axes[item[0]], item[1],
+                                         manifest.checkpoint_id), opened.items()))
+    for name, idx in zero.items():
+        tensors[name].index_fill_(axes[name], torch.tensor(idx, dtype=torch.long), 0)
 
-    per_layer: dict[int, dict[str, int]] = {
-        layer: {"public": info.intermediate_size, "open": 0, "locked": 0}
-        for layer, info in manifest.layers.items()
-    }
-    for group in manifest.groups:
-        state = "open" if group.id in data_keys else "locked"
-        for layer, idx in group.neurons.items():
-            per_layer[layer][state] += len(idx)
-            per_layer[layer]["public"] -= len(idx)
     return OpenReport(
         tasks=sorted(tasks),
         opened_groups=[g.id for g in manifest.groups if g.id in data_keys],
         locked_groups=[g.id for g in manifest.groups if g.id not in data_keys],
         bytes_decrypted=sum(done),
         seconds=time.perf_counter() - start,
-        per_layer=per_layer,
+        per_layer=layer_counts(manifest, data_keys),
     )
+
+
+def layer_counts(manifest: Manifest, data_keys: dict[str, bytes]) -> dict[int, dict[str, int]]:
+    """Per layer: how many neurons are public, opened by our keys, and still locked."""
+    per_layer = {layer: {"public": info.intermediate_size, "open": 0, "locked": 0}
+                 for layer, info in manifest.layers.items()}
+    for group in manifest.groups:
+        state = "open" if group.id in data_keys else "locked"
+        for layer, idx in group.neurons.items():
+            per_layer[layer][state] += len(idx)
+            per_layer[layer]["public"] -= len(idx)
+    return per_layer
 
 
 def neuron_bits(manifest: Manifest) -> dict[int, torch.Tensor]:

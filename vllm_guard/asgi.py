@@ -1,0 +1,95 @@
+"""Small pure-ASGI helpers shared by vllm-guard's middlewares.
+
+No ``BaseHTTPMiddleware``: it buffers streamed responses. Only request bodies (small JSON)
+are read whole; responses pass through frame by frame.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MAX_BODY_BYTES = 8 << 20
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions")
+
+
+class RequestError(Exception):
+    """A client-side problem, answered with an OpenAI-shaped error and this status."""
+
+    def __init__(self, status: int, message: str, code: str, err_type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+        self.err_type = err_type or ("invalid_request_error" if status < 500 else "server_error")
+
+
+def error_body(status: int, message: str, code: str, err_type: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": err_type, "param": None,
+                                 "code": code}}).encode()
+
+
+async def send_error(send: Send, err: RequestError, headers: list | None = None) -> None:
+    body = error_body(err.status, err.message, err.code, err.err_type)
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k.lower() == name:
+            return v.decode("latin-1")
+    return None
+
+
+async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
+    chunks, size = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise RequestError(400, "client disconnected before the body was sent", "disconnected")
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body larger than {limit} bytes", "body_too_large")
+        chunks.append(chunk)
+        if not msg.get("more_body"):
+            return b"".join(chunks)
+
+
+def parse_json_object(body: bytes) -> dict:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError(400, "request body is not valid JSON", "invalid_json") from None
+    if not isinstance(doc, dict):
+        raise RequestError(400, "request body must be a JSON object", "invalid_json")
+    return doc
+
+
+def replay(scope: Scope, receive: Receive, body: bytes) -> tuple[Scope, Receive]:
+    """A scope with the new content-length and a receive() that yields ``body`` once."""
+    sent = False
+
+    async def new_receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    return {**scope, "headers": headers}, new_receive
+
+
+def is_openai_generation(scope: Scope) -> bool:
+    return (scope.get("type") == "http" and scope.get("method") == "POST"
+            and scope.get("path", "").rstrip("/") in OPENAI_ROUTES)

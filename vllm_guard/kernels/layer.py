@@ -1,0 +1,54 @@
+"""vLLM integration of the masked activation: an out-of-tree ``SiluAndMul``.
+
+Registered with ``SiluAndMul.register_oot`` only when per-request grants are on, so every
+Llama/Qwen2/Mistral MLP builds this class instead. It overrides ``forward`` itself, which
+bypasses vLLM's CustomOp dispatch (forward_native/forward_cpu/forward_cuda and whether
+custom ops are enabled under the compile config): the opaque op runs in every mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_guard.grants.engine import STATE
+from vllm_guard.kernels.masked_silu import register_custom_op
+
+DEFAULT_BUFFER_TOKENS = 8192
+NEURON_BITS_ATTR = "guard_neuron_bits"
+
+_registered = False
+
+
+def _buffer_tokens() -> int:
+    from vllm.config import get_current_vllm_config_or_none
+
+    cfg = get_current_vllm_config_or_none()
+    if cfg is None:
+        return DEFAULT_BUFFER_TOKENS
+    sched = cfg.scheduler_config
+    return max(sched.max_num_batched_tokens, sched.max_num_seqs, DEFAULT_BUFFER_TOKENS)
+
+
+def register_masked_activation() -> None:
+    global _registered
+    if _registered:
+        return
+    from vllm.model_executor.layers.activation import SiluAndMul
+
+    register_custom_op()
+
+    class GuardSiluAndMul(SiluAndMul):
+        """SiluAndMul that multiplies by ``(neuron_bits & grant[token]) != 0``."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.guard_grants = STATE.ensure_buffer(_buffer_tokens())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bits = getattr(self, NEURON_BITS_ATTR, None)
+            if bits is None:  # not a secneuron checkpoint: nothing to mask
+                return self.forward_native(x)
+            return torch.ops.vllm.guard_masked_silu_and_mul(x, bits, self.guard_grants)
+
+    SiluAndMul.register_oot(GuardSiluAndMul)
+    _registered = True

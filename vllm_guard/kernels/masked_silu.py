@@ -1,0 +1,92 @@
+"""Fused masked SiluAndMul: ``out[t, n] = silu(g[t, n]) * u[t, n] * ((bits[n] & grant[t]) != 0)``.
+
+``x`` is ``[tokens, 2 * I]`` (gate | up), ``neuron_bits`` is int64 ``[I]`` (bit k: task k may
+use neuron n; public neurons have every bit), ``grants`` is int64 ``[>= tokens]`` (the task
+bits of each token's request, plus :data:`PUBLIC_BIT`). One pass, no table of grant sets.
+
+Two implementations of one op:
+- :func:`masked_silu_and_mul_torch`: the CPU path (what vLLM runs on CPU);
+- :func:`masked_silu_and_mul_triton`: a Triton kernel for GPUs (tested on CPU with
+  ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PUBLIC_BIT = 1 << 62  # every token carries it; public neurons have all bits set
+
+
+def masked_silu_and_mul_torch(x: torch.Tensor, neuron_bits: torch.Tensor,
+                              grants: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    out = F.silu(x[..., :d]) * x[..., d:]  # exactly vLLM's SiluAndMul.forward_native
+    keep = (neuron_bits.unsqueeze(0) & grants[: x.shape[0]].unsqueeze(1)) != 0
+    return out.masked_fill_(~keep, 0)
+
+
+try:  # Triton is optional: absent or without a backend on CPU-only installs.
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _masked_silu_and_mul_kernel(x_ptr, out_ptr, bits_ptr, grant_ptr, d, stride_x,
+                                    stride_out, BLOCK: tl.constexpr):
+        tok = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < d
+        gate = tl.load(x_ptr + tok * stride_x + offs, mask=inside, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + tok * stride_x + d + offs, mask=inside, other=0.0).to(tl.float32)
+        bits = tl.load(bits_ptr + offs, mask=inside, other=0)
+        grant = tl.load(grant_ptr + tok)
+        y = gate / (1.0 + tl.exp(-gate)) * up
+        y = tl.where((bits & grant) != 0, y, 0.0)
+        tl.store(out_ptr + tok * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+
+
+def masked_silu_and_mul_triton(x: torch.Tensor, neuron_bits: torch.Tensor,
+                               grants: torch.Tensor, block: int = 256,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed")
+    tokens, d = x.shape[0], x.shape[-1] // 2
+    if out is None:
+        out = torch.empty((tokens, d), dtype=x.dtype, device=x.device)
+    if tokens:
+        grid = (tokens, triton.cdiv(d, block))
+        _masked_silu_and_mul_kernel[grid](x, out, neuron_bits, grants, d, x.stride(0),
+                                          out.stride(0), BLOCK=block)
+    return out
+
+
+def masked_silu_and_mul(x: torch.Tensor, neuron_bits: torch.Tensor,
+                        grants: torch.Tensor) -> torch.Tensor:
+    """Device dispatch: Triton on GPUs, torch elsewhere."""
+    if x.is_cuda and HAS_TRITON:
+        return masked_silu_and_mul_triton(x, neuron_bits, grants)
+    return masked_silu_and_mul_torch(x, neuron_bits, grants)
+
+
+def _fake(x: torch.Tensor, neuron_bits: torch.Tensor, grants: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1] + (x.shape[-1] // 2,))
+
+
+_registered = False
+
+
+def register_custom_op() -> None:
+    """``torch.ops.vllm.guard_masked_silu_and_mul``: opaque to torch.compile, so the grant
+    buffer is read at run time, every step (a Python-level read would be traced once)."""
+    global _registered
+    if _registered:
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op("guard_masked_silu_and_mul", masked_silu_and_mul,
+                              mutates_args=[], fake_impl=_fake)
+    _registered = True
