@@ -22,13 +22,24 @@ def looks_local(model: str) -> bool:
     return model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.path.isdir(model)
 
 
-def guard_env(base: dict[str, str] | None = None) -> dict[str, str]:
+def guard_env(base: dict[str, str] | None = None, grants: str | None = None) -> dict[str, str]:
     """Environment the plugin needs inside every vLLM process."""
+    from vllm_guard import __version__
+    from vllm_guard.grants import GRANT_ENV
+
     env = dict(os.environ if base is None else base)
     env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # per-token grants hook the V1 runner
     plugins = env.get("VLLM_PLUGINS")
     if plugins is not None and "vllm_guard" not in plugins.split(","):
         env["VLLM_PLUGINS"] = ",".join(p for p in (plugins, "vllm_guard") if p)
+    if grants:
+        env[GRANT_ENV] = str(Path(grants).resolve())
+    # vLLM's compile-cache key does not cover plugins: a graph compiled without our masked
+    # op must never be reused with it (or the reverse). Key the cache root by our config.
+    base_root = env.get("VLLM_CACHE_ROOT") or str(Path.home() / ".cache" / "vllm")
+    key = f"{__version__}-grants={'on' if env.get(GRANT_ENV) else 'off'}"
+    if "vllm-guard-" not in Path(base_root).name:
+        env["VLLM_CACHE_ROOT"] = str(Path(base_root) / f"vllm-guard-{key}")
     return env
 
 
@@ -43,6 +54,8 @@ def server_argv(vllm_args: Sequence[str]) -> list[str]:
     if "--host" not in args and not any(a.startswith("--host=") for a in args):
         args += ["--host", "127.0.0.1"]  # never listen on all interfaces unless asked
     model = _flag_value(args, "--model")
+    if model is None and {"-h", "--help"} & set(args):
+        return [sys.executable, "-m", SERVER_MODULE, *args]
     if model is None:
         raise GuardError("no model given: vllm-guard serve MODEL_PATH [vLLM options...]")
     if looks_local(model) and not Path(model).expanduser().is_dir():
@@ -59,14 +72,25 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
     return None
 
 
-def exec_server(vllm_args: Sequence[str]) -> None:
-    argv = server_argv(vllm_args)
+GRANT_MIDDLEWARE = "vllm_guard.grants.middleware.GrantMiddleware"
+
+
+def exec_server(vllm_args: Sequence[str], grants: str | None = None) -> None:
+    args = list(vllm_args)
+    if grants:
+        if not Path(grants).is_file():
+            raise GuardError(f"grants file {grants} does not exist")
+        from vllm_guard.grants.credentials import GrantsConfig
+
+        GrantsConfig.load(grants)  # fail here, with one line, not inside the server
+        args += ["--middleware", GRANT_MIDDLEWARE]
+    argv = server_argv(args)
     sys.stdout.flush()
-    os.execve(sys.executable, argv, guard_env())
+    os.execve(sys.executable, argv, guard_env(grants=grants))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    exec_server(args.vllm_args)
+    exec_server(args.vllm_args, args.grants)
     return 0
 
 
@@ -81,6 +105,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "\"content\": \"capital of Japan\"}], \"max_tokens\": 8, \"temperature\": 0}'\n",
           flush=True)
     exec_server(vllm_args)
+    return 0
+
+
+def cmd_grants_add_key(args: argparse.Namespace) -> int:
+    from vllm_guard.grants.credentials import hash_api_key, new_api_key
+
+    path = Path(args.file)
+    doc = json.loads(path.read_text()) if path.exists() else {"mode": "required",
+                                                              "api_keys": [], "revoked": []}
+    if any(k["name"] == args.name for k in doc.setdefault("api_keys", [])):
+        raise GuardError(f"an API key named {args.name!r} already exists in {path}")
+    token = new_api_key()
+    doc["api_keys"].append({"name": args.name, "sha256": hash_api_key(token),
+                            "tasks": sorted(set(args.task))})
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"added API key {args.name!r} for tasks {sorted(set(args.task))} to {path}; "
+          "it is shown once:")
+    print(token)
     return 0
 
 
@@ -207,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="start vLLM's OpenAI server with vllm-guard enabled; "
                        "other arguments go to vLLM unchanged", add_help=False)
+    s.add_argument("--grants", help="grants file: turns on per-request task grants")
     s.set_defaults(func=cmd_serve)
     s = sub.add_parser("demo", help="build the demo model and serve it on 127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -216,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="directory to write (default: the cache)")
     s.set_defaults(func=cmd_build_fixture)
+
+    s = sub.add_parser("grants-add-key", help="create an API key (stored hashed) in a grants file")
+    s.add_argument("--file", required=True)
+    s.add_argument("--name", required=True)
+    s.add_argument("--task", action="append", default=[], help="granted task (repeatable)")
+    s.set_defaults(func=cmd_grants_add_key)
 
     s = sub.add_parser("keygen", help="write a 256-bit task key (or an Ed25519 signing key)")
     s.add_argument("--task")

@@ -34,6 +34,7 @@ class VllmServer:
     log_path: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     guard: bool = True
+    grants: str | None = None  # grants file: per-request task grants on
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
@@ -45,11 +46,12 @@ class VllmServer:
         common = ["--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
                   "--served-model-name", "test", *DEFAULT_ARGS, *self.args]
         if self.guard:
-            return [sys.executable, "-m", "vllm_guard.cli", "serve", *common]
+            grants = ["--grants", self.grants] if self.grants else []
+            return [sys.executable, "-m", "vllm_guard.cli", "serve", *grants, *common]
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common]
 
     def start(self) -> VllmServer:
-        env = guard_env() if self.guard else dict(os.environ)
+        env = guard_env(grants=self.grants) if self.guard else dict(os.environ)
         env.update(self.env)
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
