@@ -53,6 +53,8 @@ class VllmServer:
     def start(self) -> VllmServer:
         env = guard_env(grants=self.grants) if self.guard else dict(os.environ)
         env.update(self.env)
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)

