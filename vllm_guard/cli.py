@@ -73,24 +73,40 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
 
 
 GRANT_MIDDLEWARE = "vllm_guard.grants.middleware.GrantMiddleware"
+MASKING_MIDDLEWARE = "vllm_guard.masking.middleware.MaskingMiddleware"
 
 
-def exec_server(vllm_args: Sequence[str], grants: str | None = None) -> None:
-    args = list(vllm_args)
+def middleware_args(grants: str | None, masking: str | None) -> list[str]:
+    """Validate our config files here (one-line errors) and name our middlewares.
+
+    Grants run outermost: a request is authenticated before anything else touches it.
+    """
+    args = []
+    if masking:
+        from vllm_guard.masking.config import MaskingConfig
+
+        MaskingConfig.load(masking)
+        args += ["--middleware", MASKING_MIDDLEWARE]
     if grants:
-        if not Path(grants).is_file():
-            raise GuardError(f"grants file {grants} does not exist")
         from vllm_guard.grants.credentials import GrantsConfig
 
-        GrantsConfig.load(grants)  # fail here, with one line, not inside the server
+        GrantsConfig.load(grants)
         args += ["--middleware", GRANT_MIDDLEWARE]
-    argv = server_argv(args)
+    return args
+
+
+def exec_server(vllm_args: Sequence[str], grants: str | None = None,
+                masking: str | None = None) -> None:
+    argv = server_argv([*vllm_args, *middleware_args(grants, masking)])
+    env = guard_env(grants=grants)
+    if masking:
+        env["VLLM_GUARD_MASKING"] = str(Path(masking).resolve())
     sys.stdout.flush()
-    os.execve(sys.executable, argv, guard_env(grants=grants))
+    os.execve(sys.executable, argv, env)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    exec_server(args.vllm_args, args.grants)
+    exec_server(args.vllm_args, args.grants, args.masking)
     return 0
 
 
@@ -98,13 +114,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vllm_guard.testing.demo import demo_server_args
 
     vllm_args = demo_server_args(args.port) + list(args.vllm_args)
+    masking = Path(__file__).resolve().parents[1] / "configs" / "masking.json"
     print("\nvllm-guard demo: when the server says 'Application startup complete', try:\n")
     print(f"  curl -s http://127.0.0.1:{args.port}/v1/chat/completions \\\n"
           "    -H 'Content-Type: application/json' \\\n"
           "    -d '{\"model\": \"demo\", \"messages\": [{\"role\": \"user\", "
           "\"content\": \"capital of Japan\"}], \"max_tokens\": 8, \"temperature\": 0}'\n",
           flush=True)
-    exec_server(vllm_args)
+    print("  (locked checkpoint served with all three task keys; placeholder masking on:\n"
+          "   try a prompt with an e-mail address and completions with \"echo\": true)\n")
+    exec_server(vllm_args, masking=str(masking) if masking.exists() else None)
     return 0
 
 
@@ -250,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start vLLM's OpenAI server with vllm-guard enabled; "
                        "other arguments go to vLLM unchanged", add_help=False)
     s.add_argument("--grants", help="grants file: turns on per-request task grants")
+    s.add_argument("--masking", help="masking config: turns on placeholder masking")
     s.set_defaults(func=cmd_serve)
     s = sub.add_parser("demo", help="build the demo model and serve it on 127.0.0.1")
     s.add_argument("--port", type=int, default=8000)

@@ -157,7 +157,10 @@ class CompositeDetector(Detector):
         spans = [s for d in self.detectors for s in d.detect(text)]
         taken = [(m.start(), m.end()) for m in PLACEHOLDER.finditer(text)]
         out: list[Span] = []
-        for s in sorted(spans, key=lambda s: (-(s.end - s.start), -s.score, s.start)):
+        # pattern/checksum hits win over NER guesses, then longer spans, then higher scores
+        order = sorted(spans, key=lambda s: (s.entity in NER_ENTITIES, -(s.end - s.start),
+                                             -s.score, s.start))
+        for s in order:
             if text[s.start:s.end].lower() in self.allow:
                 continue
             if any(s.start < e and b < s.end for b, e in taken):

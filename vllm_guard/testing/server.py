@@ -35,6 +35,7 @@ class VllmServer:
     env: dict[str, str] = field(default_factory=dict)
     guard: bool = True
     grants: str | None = None  # grants file: per-request task grants on
+    masking: str | None = None  # masking config: placeholder masking on
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
@@ -46,8 +47,9 @@ class VllmServer:
         common = ["--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
                   "--served-model-name", "test", *DEFAULT_ARGS, *self.args]
         if self.guard:
-            grants = ["--grants", self.grants] if self.grants else []
-            return [sys.executable, "-m", "vllm_guard.cli", "serve", *grants, *common]
+            ours = [*(["--grants", self.grants] if self.grants else []),
+                    *(["--masking", self.masking] if self.masking else [])]
+            return [sys.executable, "-m", "vllm_guard.cli", "serve", *ours, *common]
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common]
 
     def start(self) -> VllmServer:

@@ -1,0 +1,352 @@
+"""Placeholder masking: detection quality, restoration (streamed too), vaults, and a real vLLM
+server behind the middleware with a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LOG_DIR, post
+from vllm_guard.masking.config import STRUCTURED, MaskingConfig
+from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.masker import METRICS, StreamRestorer, restore
+from vllm_guard.masking.middleware import MaskingMiddleware
+from vllm_guard.masking.vault import InMemoryVault, RedisVault, VaultUnavailable
+from vllm_guard.testing.pii_corpus import generate, score
+from vllm_guard.testing.server import VllmServer, free_port
+
+REPORTS = Path(__file__).resolve().parents[1] / ".cache" / "reports"
+VAULT_KEY = base64.b64encode(os.urandom(32)).decode()
+os.environ["VLLM_GUARD_VAULT_KEY"] = VAULT_KEY  # before any RedisVault; inherited by servers
+
+
+class Redis:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> Redis:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        for _ in range(100):
+            try:
+                redis.Redis(port=self.port).ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    r = Redis().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return build_detector(MaskingConfig())
+
+
+# --- detection -----------------------------------------------------------------------------
+
+
+def test_corpus_recall_and_precision(detector):
+    examples = generate(1200, seed=1)
+    assert sum(ex.lang == "zh" for ex in examples) >= 300
+    report = score(examples, detector.detect)
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    (REPORTS / "masking_corpus.json").write_text(json.dumps(report, indent=1))
+    for entity in set(STRUCTURED) & set(report["entities"]):
+        r = report["entities"][entity]
+        assert r["recall"] >= 0.98, (entity, r)
+        assert r["precision"] >= 0.95, (entity, r)
+    if detector.detectors[0].ner:  # the 'ner' extra is installed
+        assert report["entities"]["PERSON"]["recall"] >= 0.80, report["entities"]["PERSON"]
+
+
+def test_term_list_matches_inside_cjk_and_allow_list(tmp_path):
+    terms = tmp_path / "terms.txt"
+    terms.write_text("凤凰计划\nProject Apollo\nPROJECT\tNightjar\n", encoding="utf-8")
+    cfg = MaskingConfig(ner="off", terms_file=str(terms), allow_list=("10.0.0.1",))
+    d = build_detector(cfg)
+    text = "关于凤凰计划的进展，Project Apollo and nightjar; not Apolloish. ip 10.0.0.1"
+    found = {text[s.start:s.end]: s.entity for s in d.detect(text)}
+    assert found == {"凤凰计划": "SENSITIVE_TERM", "Project Apollo": "SENSITIVE_TERM",
+                     "nightjar": "PROJECT"}
+    terms.write_text("新术语\n", encoding="utf-8")
+    os.utime(terms, (time.time() + 5, time.time() + 5))
+    assert [s.entity for s in d.detect("这是新术语")] == ["SENSITIVE_TERM"]  # reloaded
+
+
+# --- restoration ---------------------------------------------------------------------------
+
+
+def test_exact_restore_longest_first_and_unknown_counted():
+    mapping = {f"<PERSON_{i}>": f"name{i}" for i in range(1, 12)}
+    before = METRICS["unknown_placeholders"]
+    out = restore("<PERSON_10> met <PERSON_1> and <PERSON_99> <PERSON_1", mapping)
+    assert out == "name10 met name1 and <PERSON_99> <PERSON_1"
+    assert METRICS["unknown_placeholders"] == before + 1
+
+
+def _sse(chunks: list[str], chat: bool) -> bytes:
+    events = []
+    for i, c in enumerate(chunks):
+        last = i == len(chunks) - 1
+        choice = ({"index": 0, "delta": {"content": c}} if chat else {"index": 0, "text": c})
+        choice["finish_reason"] = "stop" if last else None
+        events.append("data: " + json.dumps({"id": "x", "choices": [choice]}) + "\n\n")
+    return ("".join(events) + "data: [DONE]\n\n").encode()
+
+
+def _run_middleware(mw: MaskingMiddleware, body: dict, upstream_bytes: bytes, split: int,
+                    headers: list | None = None) -> tuple[bytes, dict]:
+    """Drive the real middleware over ASGI; the upstream app answers with ``upstream_bytes``
+    split at byte ``split``; returns what the client receives and what upstream saw."""
+    seen = {}
+
+    async def upstream(scope, receive, send):
+        msg = await receive()
+        seen["body"] = json.loads(msg["body"])
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for part in (upstream_bytes[:split], upstream_bytes[split:]):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    mw.app = upstream
+    out: list[bytes] = []
+
+    async def receive():
+        return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+
+    async def send(msg):
+        if msg["type"] == "http.response.body":
+            out.append(msg.get("body", b""))
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "headers": headers or []}
+    asyncio.run(mw(scope, receive, send))
+    return b"".join(out), seen["body"]
+
+
+def _content(sse: bytes) -> str:
+    text = ""
+    for line in sse.decode().split("\n\n"):
+        if line.startswith("data: {"):
+            ch = json.loads(line[6:])["choices"][0]
+            text += ch.get("text") or ch.get("delta", {}).get("content") or ""
+    return text
+
+
+def test_streamed_restore_with_placeholders_split_everywhere(tmp_path):
+    cfg = tmp_path / "m.json"
+    cfg.write_text(json.dumps({"ner": "off"}))
+    mw = MaskingMiddleware(None, str(cfg))
+    body = {"model": "x", "messages": [{"role": "user", "content":
+            "mail jane.roe@example.com or call 13812345678"}]}
+    # learn the placeholders the middleware assigns in this session
+    sess = [(b"x-vllm-guard-session", b"s1")]
+    _, upstream_saw = _run_middleware(mw, body, _sse(["ok"], True), 0, sess)
+    masked = upstream_saw["messages"][0]["content"]
+    assert "jane.roe@example.com" not in masked and "13812345678" not in masked
+    ph = masked.split()[1], masked.split()[-1]
+    answer = f"Sure: {ph[0]} / {ph[1]}<PERSON_77> end <"
+    want = "Sure: jane.roe@example.com / 13812345678<PERSON_77> end <"
+    for chat in (True, False):
+        # token-sized chunks, every one-character split, and every byte split of the stream
+        for size in (1, 2, 3, 5):
+            chunks = [answer[i:i + size] for i in range(0, len(answer), size)]
+            stream = _sse(chunks, chat)
+            for split in range(0, len(stream) + 1, 7):
+                got, _ = _run_middleware(mw, body, stream, split, sess)
+                assert _content(got) == want, (chat, size, split)
+                assert got.endswith(b"data: [DONE]\n\n")
+
+
+def test_stream_holds_back_only_possible_placeholders():
+    r = StreamRestorer({"<EMAIL_ADDRESS_1>": "a@b.co"})
+    assert r.feed((0, "c"), "hello <EMAIL") == "hello "
+    assert r.feed((0, "c"), "_ADDRESS_1> and 3 < 4") == "a@b.co and 3 < 4"
+    assert r.feed((0, "c"), " x <") == " x "
+    assert r.feed((0, "c"), "b") == "<b"
+
+
+# --- vaults --------------------------------------------------------------------------------
+
+
+def test_vaults_consistent_placeholders_and_redis_holds_no_plaintext(redis_server):
+    async def go():
+        for vault in (InMemoryVault(ttl_seconds=60, max_sessions=2),
+                      RedisVault(redis_server.url, base64.b64decode(VAULT_KEY), 60)):
+            a = await vault.assign("s", "EMAIL_ADDRESS", "secret.person@corp.example")
+            b = await vault.assign("s", "EMAIL_ADDRESS", "other@corp.example")
+            assert (a, b) == ("<EMAIL_ADDRESS_1>", "<EMAIL_ADDRESS_2>")
+            assert await vault.assign("s", "EMAIL_ADDRESS", "secret.person@corp.example") == a
+            assert await vault.assign("t", "EMAIL_ADDRESS", "other@corp.example") == a
+            assert (await vault.mapping("s"))[b] == "other@corp.example"
+            await vault.close()
+
+    asyncio.run(go())
+    client = redis_server.client()
+    keys = client.keys("*")
+    assert keys and all(k.startswith(b"vg:") for k in keys)
+    dump = b"".join(k + b"".join(client.hgetall(k).keys()) + b"".join(client.hgetall(k).values())
+                    for k in keys)
+    for raw in (b"secret.person", b"other@corp", b"corp.example"):
+        assert raw not in dump
+
+
+def test_redis_down_raises_vault_unavailable():
+    async def go():
+        vault = RedisVault(f"redis://127.0.0.1:{free_port()}/0", os.urandom(32), 60)
+        with pytest.raises(VaultUnavailable):
+            await vault.assign("s", "EMAIL_ADDRESS", "x@y.zz")
+
+    asyncio.run(go())
+
+
+# --- real vLLM server ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, redis_server, tmp_path_factory):
+    d = tmp_path_factory.mktemp("masking")
+    (d / "terms.txt").write_text("凤凰计划\n", encoding="utf-8")
+    (d / "masking.json").write_text(json.dumps({
+        "vault": "redis", "redis_url": redis_server.url, "terms_file": "terms.txt"}))
+    srv = VllmServer(str(tiny_model), ["--enforce-eager", "--enable-log-requests",
+                                       "--max-num-seqs", "64"],
+                     LOG_DIR / "masking_server.log", masking=str(d / "masking.json"))
+    srv.start()
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+def echo(server, prompt: str, session: str | None = None, stream: bool = False,
+         ids: bool = False) -> tuple:
+    """echo=True returns the (restored) prompt; ids=True instead returns the prompt's token ids
+    as the engine saw them (vLLM ignores echo when token ids are requested)."""
+    body = {"model": "test", "prompt": prompt, "max_tokens": 1, "temperature": 0,
+            **({"return_token_ids": True} if ids else {"echo": True})}
+    headers = {"x-vllm-guard-session": session} if session else {}
+    if not stream:
+        return post(server.url + "/v1/completions", body, headers)
+    req = urllib.request.Request(server.url + "/v1/completions",
+                                 json.dumps({**body, "stream": True}).encode(),
+                                 {"Content-Type": "application/json", **headers})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.status, r.read()
+
+
+def engine_prompt(tokenizer, body: dict) -> str:
+    """The prompt as the engine received it (token ids are not touched by the restorer)."""
+    return tokenizer.decode(body["choices"][0]["prompt_token_ids"])
+
+
+SECRET = ("Contact Jane at jane.roe@example.com, card 4111 1111 1111 1111, "
+          "身份证11010519491231002X, 凤凰计划.")
+RAW = ["jane.roe@example.com", "4111 1111 1111 1111", "11010519491231002X", "凤凰计划"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(tiny_model)
+
+
+def test_engine_sees_only_placeholders_and_client_gets_values(server, tokenizer):
+    status, body = echo(server, SECRET)
+    assert status == 200, body
+    assert body["choices"][0]["text"].startswith(SECRET)  # restored echo
+    seen = engine_prompt(tokenizer, echo(server, SECRET, ids=True)[1])
+    assert all(v not in seen for v in RAW), seen
+    assert "<EMAIL_ADDRESS_1>" in seen and "<CN_RESIDENT_ID_1>" in seen
+    log = server.log_text()
+    assert all(v not in log for v in RAW)
+    status, raw = echo(server, SECRET, stream=True)
+    assert status == 200 and _content(raw).startswith(SECRET)
+
+
+def test_multi_turn_reuses_placeholders(server, tokenizer):
+    _, first = echo(server, "mail jane.roe@example.com please", session="conv-1", ids=True)
+    assert "<EMAIL_ADDRESS_1>" in engine_prompt(tokenizer, first)
+    turn2 = "again: jane.roe@example.com and bob@x.example"
+    seen = engine_prompt(tokenizer, echo(server, turn2, session="conv-1", ids=True)[1])
+    assert "again: <EMAIL_ADDRESS_1> and <EMAIL_ADDRESS_2>" in seen
+    assert echo(server, turn2, session="conv-1")[1]["choices"][0]["text"].startswith(turn2)
+
+
+def test_200_concurrent_sessions_never_cross(server):
+    def one(i: int) -> tuple[int, str]:
+        status, body = echo(server, f"user{i} mail u{i}.x@example.com", session=f"sess-{i}")
+        assert status == 200, body
+        return i, body["choices"][0]["text"]
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(200)))
+    for i, text in results:
+        assert f"u{i}.x@example.com" in text
+        others = [j for j in (i - 1, i + 1) if 0 <= j < 200]
+        assert all(f"u{j}.x@example.com" not in text for j in others)
+        assert "<EMAIL_ADDRESS" not in text
+
+
+def test_bad_requests_get_4xx(server):
+    url = server.url + "/v1/completions"
+    for body, code in [([1, 2], 400), ({"model": "test", "prompt": {"a": 1}}, 400),
+                       ({"model": "test", "messages": "hi"}, 400)]:
+        status, resp = post(url, body)
+        assert status == code and "error" in resp, (body, resp)
+    req = urllib.request.Request(url, b"{oops", {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400
+    big = {"model": "test", "prompt": "a" * (9 << 20)}
+    status, resp = post(url, big)
+    assert status == 413
+
+
+def test_redis_down_fails_closed(server, redis_server):
+    redis_server.stop()
+    try:
+        status, body = echo(server, "secret mail never.forwarded@example.com")
+        assert status == 503 and body["error"]["code"] == "vault_unavailable"
+        assert "never.forwarded" not in server.log_text()
+    finally:
+        redis_server.start()
