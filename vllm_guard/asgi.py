@@ -6,7 +6,9 @@ are read whole; responses pass through frame by frame.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -17,6 +19,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MAX_BODY_BYTES = 8 << 20
+# Test-only knob: an artificial per-request delay in the guarded path, so the benchmark's
+# regression check can be shown to fail. Never set in production.
+TEST_DELAY_S = float(os.environ.get("VLLM_GUARD_TEST_DELAY_MS", "0") or 0) / 1000
+
+
+async def test_only_delay() -> None:
+    if TEST_DELAY_S:
+        await asyncio.sleep(TEST_DELAY_S)
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 

@@ -24,6 +24,7 @@ from vllm_guard.asgi import (
     read_body,
     replay,
     send_error,
+    test_only_delay,
 )
 from vllm_guard.errors import GuardError
 from vllm_guard.grants import GRANT_ENV, GRANT_XARG
@@ -91,4 +92,5 @@ class GrantMiddleware:
         except RequestError as e:
             return await send_error(send, e)
         scope, receive = replay(scope, receive, json.dumps(body).encode())
+        await test_only_delay()
         await self.app(scope, receive, send)

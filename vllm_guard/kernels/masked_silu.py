@@ -21,9 +21,14 @@ PUBLIC_BIT = 1 << 62  # every token carries it; public neurons have all bits set
 def masked_silu_and_mul_torch(x: torch.Tensor, neuron_bits: torch.Tensor,
                               grants: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1] // 2
-    out = F.silu(x[..., :d]) * x[..., d:]  # exactly vLLM's SiluAndMul.forward_native
-    keep = (neuron_bits.unsqueeze(0) & grants[: x.shape[0]].unsqueeze(1)) != 0
-    return out.masked_fill_(~keep, 0)
+    out = F.silu(x[..., :d]).mul_(x[..., d:])  # the values of vLLM's SiluAndMul.forward_native
+    g = grants[: x.shape[0]]
+    if out.shape[0] and bool((g == g[0]).all()):  # one grant in the step: mask a single row
+        return out.masked_fill_((neuron_bits & g[0]) == 0, 0)
+    # few distinct grants per step: one row per grant, gathered per token (bool, not int64)
+    uniq, inv = torch.unique(g, return_inverse=True)
+    drop = (neuron_bits.unsqueeze(0) & uniq.unsqueeze(1)) == 0
+    return out.masked_fill_(drop[inv], 0)
 
 
 try:  # Triton is optional: absent or without a backend on CPU-only installs.

@@ -24,6 +24,7 @@ from vllm_guard.asgi import (
     read_body,
     replay,
     send_error,
+    test_only_delay,
 )
 from vllm_guard.errors import GuardError
 from vllm_guard.log import get_logger
@@ -175,4 +176,5 @@ class MaskingMiddleware:
             return await send_error(send, RequestError(503, f"{e}; request not forwarded",
                                                        "vault_unavailable"))
         scope, receive = replay(scope, receive, json.dumps(body).encode())
+        await test_only_delay()
         await self.app(scope, receive, _ResponseRestorer(send, mapping))

@@ -1,0 +1,132 @@
+"""In-process component timings (no server): the masker against plain Presidio, and the masked
+activation op against plain SiluAndMul.
+
+python -m benchmarks.bench_components  -> benchmarks/results/components.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import write_result
+
+
+def _p(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+def _english_1kb(n: int) -> list:
+    from vllm_guard.testing.pii_corpus import generate
+
+    out = []
+    for ex in generate(n * 2, seed=3):
+        if ex.lang == "en" and len(ex.text) >= 500:
+            out.append(ex)
+        if len(out) == n:
+            break
+    return out
+
+
+def masker_timings(n: int = 150) -> dict:
+    """Our detector + vault + placeholders vs Presidio analyze + anonymize (spaCy sm NER)."""
+    from presidio_analyzer import AnalyzerEngine
+    from presidio_analyzer.nlp_engine import SpacyNlpEngine
+
+    from vllm_guard.masking.config import MaskingConfig
+    from vllm_guard.masking.detector import NER_PACKAGE, _offline_tldextract, build_detector
+    from vllm_guard.masking.masker import Masker
+    from vllm_guard.masking.vault import InMemoryVault
+    from vllm_guard.testing.pii_corpus import score
+
+    _offline_tldextract()
+    examples = _english_1kb(n)
+    texts = [ex.text for ex in examples]
+    result: dict = {"prompts": len(texts), "mean_chars": statistics.mean(map(len, texts))}
+
+    def timed(fn) -> list[float]:
+        fn(texts[0])
+        times = []
+        for t in texts:
+            s = time.perf_counter()
+            fn(t)
+            times.append(time.perf_counter() - s)
+        return times
+
+    for ner in ("auto", "off"):
+        det = build_detector(MaskingConfig(ner=ner))
+        masker = Masker(det, InMemoryVault())
+        loop = asyncio.new_event_loop()
+        times = timed(lambda t, m=masker, lp=loop: lp.run_until_complete(m.mask_text("s", t, {})))
+        rep = score(examples, det.detect)
+        result[f"ours_ner_{ner}"] = {"p50_ms": _p(times, 50) * 1e3, "p99_ms": _p(times, 99) * 1e3,
+                                     "micro_recall": rep["micro_recall"],
+                                     "micro_precision": rep["micro_precision"]}
+    try:
+        from presidio_anonymizer import AnonymizerEngine
+    except ImportError:
+        result["presidio"] = "presidio-anonymizer not installed (pip install -e '.[bench]')"
+        return result
+    engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": NER_PACKAGE}])
+    analyzer, anonymizer = AnalyzerEngine(nlp_engine=engine), AnonymizerEngine()
+
+    def presidio(t: str) -> None:
+        anonymizer.anonymize(text=t, analyzer_results=analyzer.analyze(t, language="en"))
+
+    times = timed(presidio)
+
+    class _Wrap:
+        def detect(self, t):
+            from vllm_guard.masking.detector import Span
+
+            return [Span(r.start, r.end, r.entity_type, r.score)
+                    for r in analyzer.analyze(t, language="en")]
+
+    rep = score(examples, _Wrap().detect)
+    result["presidio_plain"] = {"p50_ms": _p(times, 50) * 1e3, "p99_ms": _p(times, 99) * 1e3,
+                                "micro_recall": rep["micro_recall"],
+                                "micro_precision": rep["micro_precision"]}
+    for ner in ("auto", "off"):
+        result[f"speedup_ner_{ner}"] = (result["presidio_plain"]["p50_ms"]
+                                        / result[f"ours_ner_{ner}"]["p50_ms"])
+    return result
+
+
+def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 50) -> dict:
+    from vllm_guard.kernels.masked_silu import PUBLIC_BIT, masked_silu_and_mul_torch
+    from vllm_guard.testing.fixtures import PRESETS
+
+    size = PRESETS[preset].intermediate_size
+    bits = torch.randint(1, 8, (size,), dtype=torch.int64)
+    bits[torch.rand(size) < 0.8] = -1
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for tokens in (1, 16, 256):
+            x = torch.randn(tokens, 2 * size).to(dtype)
+            grants = torch.randint(0, 8, (tokens,), dtype=torch.int64) | PUBLIC_BIT
+
+            def bench(fn) -> float:
+                fn()
+                s = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                return (time.perf_counter() - s) / repeats * 1e6
+
+            plain = bench(lambda x=x: F.silu(x[:, :size]) * x[:, size:])
+            masked = bench(lambda x=x, g=grants: masked_silu_and_mul_torch(x, bits, g))
+            out[f"{str(dtype).removeprefix('torch.')}_t{tokens}"] = {
+                "plain_us": plain, "masked_us": masked, "ratio": masked / plain}
+    return {"intermediate_size": size, "shapes": out}
+
+
+if __name__ == "__main__":
+    res = {"masker": masker_timings(), "kernel": kernel_timings()}
+    import json
+
+    print(json.dumps(res, indent=1))
+    write_result("components", res)

@@ -1,0 +1,327 @@
+"""End-to-end latency suite: plain vLLM vs vLLM with vllm-guard, same weights, same requests.
+
+python -m benchmarks [--preset tiny|qwen2-0.5b-shape] [--mode quick|full]
+                     [--configs plain,idle,secneuron,grants,masking,all] [--check]
+
+For each repeat, every configuration gets its own server in turn (interleaved, one at a
+time), the same streamed request stream at concurrency 1 and N, ``ignore_eos``. Reports TTFT,
+TPOT, ITL and end-to-end latency (p50/p99, as ``vllm bench serve`` defines them) and each
+configuration's ratio to plain. Writes JSON, Markdown and a PNG chart to benchmarks/results/.
+``--check`` compares ratios with benchmarks/baseline.json and exits 1 on a regression.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.common import RESULTS, machine_info
+from vllm_guard.grants.credentials import hash_api_key
+from vllm_guard.testing.fixtures import WORDS, fixture_model
+from vllm_guard.testing.server import VllmServer
+
+BASELINE = Path(__file__).resolve().parent / "baseline.json"
+CONFIGS = {
+    "plain": {},
+    "idle": {"guard": True},
+    "secneuron": {"guard": True, "locked": True},
+    "grants": {"guard": True, "locked": True, "grants": True},
+    "masking": {"guard": True, "masking": True},
+    "all": {"guard": True, "locked": True, "grants": True, "masking": True},
+}
+MODES = {  # input tokens (approx.), output tokens, requests at c=1, concurrency N, requests at N
+    "quick": {"input_len": 64, "output_len": 16, "n1": 4, "conc": 4, "nN": 8, "repeats": 1},
+    "full": {"input_len": 256, "output_len": 64, "n1": 10, "conc": 8, "nN": 32, "repeats": 3},
+}
+PII = " Contact jane.roe@example.com or 13812345678, card 4111 1111 1111 1111."
+
+
+@dataclass
+class Sample:
+    ttft: float
+    e2e: float
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+    @property
+    def tpot(self) -> float:
+        return (self.e2e - self.ttft) / max(self.tokens - 1, 1)
+
+
+def stream_request(url: str, prompt: str, output_len: int, headers: dict) -> Sample:
+    body = {"model": "test", "prompt": prompt, "max_tokens": output_len, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json", **headers})
+    start = time.perf_counter()
+    first, last, itl, tokens = None, None, [], 0
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for raw in r:
+            line = raw.strip()
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if not chunk.get("choices") or not chunk["choices"][0].get("text"):
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            else:
+                itl.append(now - last)
+            last, tokens = now, tokens + 1
+    end = time.perf_counter()
+    return Sample((first or end) - start, end - start, itl, tokens)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else 0
+
+
+def summarize(samples: list[Sample]) -> dict:
+    itl = [x for s in samples for x in s.itl]
+    out = {}
+    for name, vals in (("ttft", [s.ttft for s in samples]), ("tpot", [s.tpot for s in samples]),
+                       ("itl", itl), ("e2e", [s.e2e for s in samples])):
+        out[f"{name}_p50_ms"] = pct(vals, 50) * 1000
+        out[f"{name}_p99_ms"] = pct(vals, 99) * 1000
+    return out
+
+
+class Workspace:
+    """Checkpoints, keys and config files the configurations need, built once per run."""
+
+    def __init__(self, preset: str, root: Path):
+        self.root, self.preset = root, preset
+        self.plain = fixture_model(preset)
+        self._locked: tuple[Path, dict] | None = None
+        self.tokens = {name: f"vg-bench-{name}" for name in ("add", "both", "reverse")}
+
+    def locked(self) -> tuple[Path, dict]:
+        if self._locked is None:
+            if self.preset == "tiny":
+                from vllm_guard.testing.demo import locked_fixture
+
+                art = locked_fixture()
+                self._locked = art.locked, art.loader_config()
+            else:
+                from vllm_guard.secneuron.keys import TaskKey, save_task_key
+                from vllm_guard.secneuron.lock import lock_checkpoint
+
+                keys = {t: TaskKey.generate(t) for t in ("add", "capital", "reverse")}
+                for t, k in keys.items():
+                    save_task_key(k, self.root / f"{t}.key")
+                lock_checkpoint(self.plain, _selection(self.plain, keys), keys,
+                                self.root / "locked", None, progress=False)
+                self._locked = self.root / "locked", {"key_dir": str(self.root),
+                                                      "allow_unsigned": True}
+        return self._locked
+
+    def grants_file(self) -> str:
+        path = self.root / "grants.json"
+        sets = {"add": ["add"], "both": ["add", "capital"], "reverse": ["reverse"]}
+        path.write_text(json.dumps({"mode": "required", "api_keys": [
+            {"name": n, "sha256": hash_api_key(tok), "tasks": sets[n]}
+            for n, tok in self.tokens.items()]}))
+        return str(path)
+
+    def masking_file(self) -> str:
+        path = self.root / "masking.json"
+        path.write_text(json.dumps({"ner": "auto", "vault": "memory"}))
+        return str(path)
+
+    def server(self, name: str, spec: dict, args: list[str], env: dict) -> VllmServer:
+        model, extra = self.plain, []
+        if spec.get("locked"):
+            model, cfg = self.locked()
+            extra = ["--load-format", "secneuron", "--model-loader-extra-config", json.dumps(cfg)]
+        return VllmServer(str(model), [*args, *extra], self.root / f"{name}.log",
+                          env if spec.get("guard") else {**env, "VLLM_PLUGINS": "__none__"},
+                          guard=bool(spec.get("guard")),
+                          grants=self.grants_file() if spec.get("grants") else None,
+                          masking=self.masking_file() if spec.get("masking") else None)
+
+
+def _selection(model: Path, keys: dict):
+    from benchmarks.bench_crypto import random_selection
+
+    sel = random_selection(model, 0.1)
+    mapping = dict(zip(sel.tasks, keys, strict=True))
+    sel.neurons = {layer: {mapping[t]: v for t, v in per.items()}
+                   for layer, per in sel.neurons.items()}
+    sel.tasks = list(keys)
+    return sel
+
+
+def run_config(ws: Workspace, name: str, spec: dict, mode: dict, server_args: list[str],
+               env: dict, seed: int) -> dict:
+    rng = random.Random(seed)
+    words = max(4, mode["input_len"] // 2)
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(words)) + PII
+               for _ in range(mode["n1"] + mode["nN"] + 2)]
+    toks = list(ws.tokens.values())
+    headers = [{"Authorization": f"Bearer {toks[i % len(toks)]}"} if spec.get("grants") else {}
+               for i in range(len(prompts))]
+    t0 = time.perf_counter()
+    with ws.server(name, spec, server_args, env) as srv:
+        startup = time.perf_counter() - t0
+        for i in range(2):  # warm-up
+            stream_request(srv.url, prompts[i], mode["output_len"], headers[i])
+        seq = [stream_request(srv.url, prompts[2 + i], mode["output_len"], headers[2 + i])
+               for i in range(mode["n1"])]
+        base = 2 + mode["n1"]
+        with ThreadPoolExecutor(mode["conc"]) as pool:
+            conc = list(pool.map(lambda i: stream_request(srv.url, prompts[base + i],
+                                                          mode["output_len"], headers[base + i]),
+                                 range(mode["nN"])))
+    return {"startup_s": startup, "c1": summarize(seq), f"c{mode['conc']}": summarize(conc)}
+
+
+def ratios(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Median over repeats of each p50 metric, divided by plain's."""
+    def med(cfg: str, level: str, metric: str) -> float:
+        return statistics.median(r[level][metric] for r in results[cfg])
+
+    out = {}
+    levels = [k for k in results["plain"][0] if k.startswith("c")]
+    for cfg in results:
+        if cfg == "plain":
+            continue
+        out[cfg] = {f"{lvl}_{m}": med(cfg, lvl, m) / med("plain", lvl, m)
+                    for lvl in levels for m in ("ttft_p50_ms", "tpot_p50_ms", "e2e_p50_ms")
+                    if med("plain", lvl, m) > 0}
+    return out
+
+
+def components(preset: str) -> dict:
+    """In-process timings: masker vs plain Presidio, and the masked activation op."""
+    from benchmarks.bench_components import kernel_timings, masker_timings
+
+    return {"masker": masker_timings(), "kernel": kernel_timings(preset)}
+
+
+def check(current: dict, baseline_path: Path, tolerance: float) -> list[str]:
+    base = json.loads(baseline_path.read_text())["ratios"]
+    failures = []
+    for cfg, metrics in current.items():
+        for metric, value in metrics.items():
+            ref = base.get(cfg, {}).get(metric)
+            if ref is not None and value > ref * (1 + tolerance) + 0.05:
+                failures.append(f"{cfg}.{metric}: {value:.3f} > baseline {ref:.3f} "
+                                f"(+{tolerance:.0%})")
+    return failures
+
+
+def markdown(report: dict) -> str:
+    rows = ["| config | " + " | ".join(next(iter(report["ratios"].values()), {})) + " |"]
+    rows.append("|---" * (1 + len(next(iter(report["ratios"].values()), {}))) + "|")
+    for cfg, m in report["ratios"].items():
+        rows.append(f"| {cfg} | " + " | ".join(f"{v:.3f}" for v in m.values()) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def chart(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install -e '.[bench]')")
+        return
+    cfgs = list(report["ratios"])
+    metrics = list(next(iter(report["ratios"].values()), {}))
+    fig, ax = plt.subplots(figsize=(max(6, len(cfgs) * 1.6), 4))
+    width = 0.8 / max(len(metrics), 1)
+    for j, m in enumerate(metrics):
+        ax.bar([i + j * width for i in range(len(cfgs))],
+               [report["ratios"][c][m] for c in cfgs], width, label=m)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cfgs))], cfgs)
+    ax.set_ylabel("ratio to plain vLLM (lower is better)")
+    ax.set_title(f"vllm-guard overhead ({report['preset']}, {report['mode']})")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--mode", choices=list(MODES), default="quick")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                    help="--enforce-eager servers (start in ~30 s instead of 1-2 min)")
+    ap.add_argument("--no-components", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--check", action="store_true", help="fail on regression vs the baseline")
+    ap.add_argument("--baseline", type=Path, default=BASELINE)
+    ap.add_argument("--tolerance", type=float, default=0.5)
+    ap.add_argument("--write-baseline", action="store_true")
+    args = ap.parse_args(argv)
+
+    mode = dict(MODES[args.mode])
+    if args.repeats:
+        mode["repeats"] = args.repeats
+    configs = args.configs.split(",")
+    if "plain" not in configs:
+        configs.insert(0, "plain")
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        ap.error(f"unknown config(s) {sorted(unknown)}; known: {list(CONFIGS)}")
+    server_args = ["--enable-prefix-caching"] + (["--enforce-eager"] if args.eager else [])
+    if args.preset != "tiny":
+        server_args += ["--dtype", "bfloat16", "--gpu-memory-utilization", "0.3"]
+    env: dict[str, str] = {}
+    t0 = time.perf_counter()
+    results: dict[str, list[dict]] = {c: [] for c in configs}
+    with tempfile.TemporaryDirectory(prefix="vllm-guard-bench-") as tmp:
+        ws = Workspace(args.preset, Path(tmp))
+        total = mode["repeats"] * len(configs)
+        for rep in range(mode["repeats"]):
+            for cfg in configs:  # interleaved: drift hits every configuration alike
+                done = rep * len(configs) + configs.index(cfg)
+                print(f"[{time.perf_counter() - t0:6.0f}s] ({done + 1}/{total}) repeat "
+                      f"{rep + 1}: {cfg}", flush=True)
+                results[cfg].append(run_config(ws, cfg, CONFIGS[cfg], mode, server_args, env,
+                                               seed=rep))
+    report = {"preset": args.preset, "mode": args.mode, "workload": mode,
+              "eager": args.eager, "machine": machine_info(), "results": results,
+              "ratios": ratios(results), "seconds": time.perf_counter() - t0}
+    if not args.no_components:
+        print(f"[{time.perf_counter() - t0:6.0f}s] component timings", flush=True)
+        report["components"] = components(args.preset)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"suite-{args.preset}-{args.mode}"
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
+    Path(f"{stem}.md").write_text(markdown(report))
+    chart(report, Path(f"{stem}.png"))
+    print(markdown(report))
+    print(f"wrote {stem}.json/.md/.png in {report['seconds']:.0f} s")
+    if args.write_baseline:
+        args.baseline.write_text(json.dumps({"preset": args.preset, "mode": args.mode,
+                                             "machine": report["machine"],
+                                             "ratios": report["ratios"]}, indent=1))
+        print(f"wrote baseline {args.baseline}")
+    if args.check:
+        failures = check(report["ratios"], args.baseline, args.tolerance)
+        for f in failures:
+            print("REGRESSION:", f)
+        print("check:", "FAILED" if failures else "passed")
+        return 1 if failures else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
