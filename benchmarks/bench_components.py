@@ -22,14 +22,20 @@ def _p(values: list[float], q: float) -> float:
 
 
 def _english_1kb(n: int) -> list:
-    from vllm_guard.testing.pii_corpus import generate
+    """~1 KB English prompts: consecutive corpus examples joined, spans shifted."""
+    from vllm_guard.testing.pii_corpus import Example, generate
 
-    out = []
-    for ex in generate(n * 2, seed=3):
-        if ex.lang == "en" and len(ex.text) >= 500:
-            out.append(ex)
-        if len(out) == n:
-            break
+    out, text, spans = [], "", []
+    for ex in generate(n * 8, seed=3):
+        if ex.lang != "en":
+            continue
+        spans += [(a + len(text), b + len(text), e) for a, b, e in ex.spans]
+        text += ex.text + "\n"
+        if len(text) >= 1000:
+            out.append(Example(text, spans, "en"))
+            text, spans = "", []
+            if len(out) == n:
+                break
     return out
 
 

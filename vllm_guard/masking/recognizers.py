@@ -34,7 +34,11 @@ def luhn_valid(text: str) -> bool:
 
 
 class _Checked(PatternRecognizer):
-    """A single-entity pattern recognizer whose matches must pass ``check``."""
+    """A single-entity pattern recognizer whose matches must pass ``check``.
+
+    Class names carry a Guard prefix: Presidio looks its predefined recognizers up by class
+    name among all subclasses, and would pick ours up under its own names.
+    """
 
     entity = ""
     patterns_: tuple[tuple[str, str, float], ...] = ()
@@ -51,7 +55,7 @@ class _Checked(PatternRecognizer):
         return self.check(pattern_text)
 
 
-class CnResidentIdRecognizer(_Checked):
+class GuardCnResidentIdRecognizer(_Checked):
     entity = "CN_RESIDENT_ID"
     patterns_ = (("cn id", r"(?<![0-9A-Za-z])[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])"
                   r"(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx](?![0-9A-Za-z])", 0.5),)
@@ -60,7 +64,7 @@ class CnResidentIdRecognizer(_Checked):
         return cn_resident_id_valid(text)
 
 
-class CreditCardRecognizer(_Checked):
+class GuardCreditCardRecognizer(_Checked):
     """12-19 digits in groups, Luhn-checked: covers Mastercard 2-series, Visa 19, Maestro."""
 
     entity = "CREDIT_CARD"
@@ -75,7 +79,7 @@ class CreditCardRecognizer(_Checked):
         return luhn_valid(text)
 
 
-class EmailRecognizer(_Checked):
+class GuardEmailRecognizer(_Checked):
     """ASCII e-mail addresses; no tldextract (it would try to download the suffix list)."""
 
     entity = "EMAIL_ADDRESS"
@@ -83,7 +87,7 @@ class EmailRecognizer(_Checked):
                   r"(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}(?![A-Za-z0-9-])", 0.9),)
 
 
-class PhoneRecognizer(_Checked):
+class GuardPhoneRecognizer(_Checked):
     """CN mobiles (1[3-9]x, optional +86) and NANP/international formats Faker produces."""
 
     entity = "PHONE_NUMBER"
@@ -98,7 +102,7 @@ class PhoneRecognizer(_Checked):
     )
 
 
-class IpAddressRecognizer(_Checked):
+class GuardIpAddressRecognizer(_Checked):
     entity = "IP_ADDRESS"
     patterns_ = (
         ("ipv4", r"(?<!\d)(?<!\d\.)(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
@@ -108,7 +112,7 @@ class IpAddressRecognizer(_Checked):
     )
 
 
-class UsSsnRecognizer(_Checked):
+class GuardUsSsnRecognizer(_Checked):
     entity = "US_SSN"
     patterns_ = (("ssn", r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])",
                   0.8),)
@@ -118,5 +122,6 @@ def builtin_recognizers() -> list[PatternRecognizer]:
     """Ours, plus Presidio's IBAN recognizer (mod-97 checked)."""
     from presidio_analyzer.predefined_recognizers import IbanRecognizer
 
-    return [CnResidentIdRecognizer(), CreditCardRecognizer(), EmailRecognizer(),
-            PhoneRecognizer(), IpAddressRecognizer(), UsSsnRecognizer(), IbanRecognizer()]
+    return [GuardCnResidentIdRecognizer(), GuardCreditCardRecognizer(), GuardEmailRecognizer(),
+            GuardPhoneRecognizer(), GuardIpAddressRecognizer(), GuardUsSsnRecognizer(),
+            IbanRecognizer()]
