@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -103,3 +104,37 @@ def replay(scope: Scope, receive: Receive, body: bytes) -> tuple[Scope, Receive]
 def is_openai_generation(scope: Scope) -> bool:
     return (scope.get("type") == "http" and scope.get("method") == "POST"
             and scope.get("path", "").rstrip("/") in OPENAI_ROUTES)
+
+
+class JsonRequestMiddleware(ABC):
+    """Base of our middlewares: rewrites the JSON body of OpenAI generation requests.
+
+    Subclasses implement :meth:`rewrite` (and may override :meth:`other` for every other
+    request). A :class:`RequestError` becomes an OpenAI-shaped error response.
+    """
+
+    max_body_bytes = MAX_BODY_BYTES
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    @abstractmethod
+    async def rewrite(self, scope: Scope, body: dict, send: Send) -> tuple[dict, Send]:
+        """Return the body to forward and the ``send`` the response goes through."""
+
+    async def other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            return await self.app(scope, receive, send)
+        if not is_openai_generation(scope):
+            return await self.other(scope, receive, send)
+        try:
+            body = parse_json_object(await read_body(receive, self.max_body_bytes))
+            body, send = await self.rewrite(scope, body, send)
+        except RequestError as e:
+            return await send_error(send, e)
+        scope, receive = replay(scope, receive, json.dumps(body).encode())
+        await test_only_delay()
+        await self.app(scope, receive, send)

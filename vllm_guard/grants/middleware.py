@@ -8,23 +8,18 @@ set ``vllm_xargs.vllm_guard_grant`` and ``cache_salt`` from the verified grant -
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 
 from vllm_guard.asgi import (
     ASGIApp,
+    JsonRequestMiddleware,
     Receive,
     RequestError,
     Scope,
     Send,
     header,
-    is_openai_generation,
-    parse_json_object,
-    read_body,
-    replay,
     send_error,
-    test_only_delay,
 )
 from vllm_guard.errors import GuardError
 from vllm_guard.grants import GRANT_ENV, GRANT_XARG
@@ -56,9 +51,9 @@ def apply_grant(body: dict, grant: Grant) -> dict:
     return out
 
 
-class GrantMiddleware:
+class GrantMiddleware(JsonRequestMiddleware):
     def __init__(self, app: ASGIApp, grants_file: str | None = None):
-        self.app = app
+        super().__init__(app)
         path = grants_file or os.environ.get(GRANT_ENV)
         if not path:
             raise GuardError(f"GrantMiddleware needs a grants file: set {GRANT_ENV}")
@@ -78,19 +73,12 @@ class GrantMiddleware:
                                "permission_error")
         return grant
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("type") != "http":
-            return await self.app(scope, receive, send)
-        try:
-            if not is_openai_generation(scope):
-                if scope.get("method") == "POST" and scope.get("path") not in SAFE_POSTS:
-                    raise RequestError(403, "endpoint not served under vllm-guard grants",
-                                       "endpoint_not_allowed", "permission_error")
-                return await self.app(scope, receive, send)
-            grant = self.grant_for(scope)
-            body = apply_grant(parse_json_object(await read_body(receive)), grant)
-        except RequestError as e:
-            return await send_error(send, e)
-        scope, receive = replay(scope, receive, json.dumps(body).encode())
-        await test_only_delay()
+    async def rewrite(self, scope: Scope, body: dict, send: Send) -> tuple[dict, Send]:
+        return apply_grant(body, self.grant_for(scope)), send
+
+    async def other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("method") == "POST" and scope.get("path") not in SAFE_POSTS:
+            return await send_error(send, RequestError(
+                403, "endpoint not served under vllm-guard grants", "endpoint_not_allowed",
+                "permission_error"))
         await self.app(scope, receive, send)

@@ -13,18 +13,12 @@ import secrets
 
 from vllm_guard.asgi import (
     ASGIApp,
+    JsonRequestMiddleware,
     Message,
-    Receive,
     RequestError,
     Scope,
     Send,
     header,
-    is_openai_generation,
-    parse_json_object,
-    read_body,
-    replay,
-    send_error,
-    test_only_delay,
 )
 from vllm_guard.errors import GuardError
 from vllm_guard.log import get_logger
@@ -148,33 +142,26 @@ class _ResponseRestorer:
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
-class MaskingMiddleware:
+class MaskingMiddleware(JsonRequestMiddleware):
     def __init__(self, app: ASGIApp, config_path: str | None = None):
-        self.app = app
+        super().__init__(app)
         path = config_path or os.environ.get(MASKING_ENV)
         if not path:
             raise GuardError(f"MaskingMiddleware needs a config file: set {MASKING_ENV}")
         self.config = MaskingConfig.load(path)
+        self.max_body_bytes = self.config.max_body_bytes
         self.masker = Masker(build_detector(self.config), make_vault(self.config))
         self.session_header = self.config.session_header.lower().encode()
         logger.info("vllm-guard masking on: vault=%s, entities=%s", self.config.vault,
                     sorted(self.config.enabled()))
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not is_openai_generation(scope):
-            return await self.app(scope, receive, send)
+    async def rewrite(self, scope: Scope, body: dict, send: Send) -> tuple[dict, Send]:
+        check_shape(body)
+        session = header(scope, self.session_header) or "req-" + secrets.token_hex(16)
         try:
-            body = parse_json_object(await read_body(receive, self.config.max_body_bytes))
-            check_shape(body)
-            session = header(scope, self.session_header) or "req-" + secrets.token_hex(16)
             mapping = await self.masker.mask_request(session, body)
-        except RequestError as e:
-            return await send_error(send, e)
         except VaultUnavailable as e:
             METRICS["vault_unavailable"] += 1
             logger.error("vllm-guard masking: %s; request refused (fail closed)", e)
-            return await send_error(send, RequestError(503, f"{e}; request not forwarded",
-                                                       "vault_unavailable"))
-        scope, receive = replay(scope, receive, json.dumps(body).encode())
-        await test_only_delay()
-        await self.app(scope, receive, _ResponseRestorer(send, mapping))
+            raise RequestError(503, f"{e}; request not forwarded", "vault_unavailable") from None
+        return body, _ResponseRestorer(send, mapping)
