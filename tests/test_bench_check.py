@@ -18,6 +18,7 @@ def suite(tmp: Path, name: str, *extra: str, delay_ms: int = 0) -> subprocess.Co
     return subprocess.run([sys.executable, "-m", "benchmarks", "--configs", "masking",
                            "--no-components", "--out", str(tmp / name),
                            "--baseline", str(tmp / "baseline.json"), "--tolerance", "1.0",
+                           "--check-metrics", "c1_ttft_p50_ms,c1_e2e_p50_ms",
                            *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
 
