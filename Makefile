@@ -4,7 +4,7 @@
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench efficacy
 setup:
 	scripts/setup.sh
 
@@ -19,3 +19,6 @@ lint: setup
 
 bench: setup
 	.venv/bin/python -m benchmarks
+
+efficacy: setup
+	.venv/bin/python -m benchmarks.efficacy

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vllm_guard.testing.fixtures import fixture_model
-from vllm_guard.testing.server import VllmServer
+from vllm_guard.testing.server import VllmServer, post  # noqa: F401  (re-exported to tests)
 
 LOG_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test-logs"
 
@@ -24,17 +24,6 @@ def start_server(name: str, model: str | Path, args: list[str] | None = None,
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     return VllmServer(str(model), list(args or []), LOG_DIR / f"{name}.log", dict(env or {}),
                       guard).start()
-
-
-def post(url: str, body: dict, headers: dict[str, str] | None = None,
-         timeout: float = 120) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(),
-                                 {"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
 
 
 def stream(url: str, body: dict, timeout: float = 120) -> list[dict]:

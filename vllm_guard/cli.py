@@ -195,6 +195,34 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_locks(args: argparse.Namespace) -> int:
+    import transformers
+
+    from vllm_guard.secneuron.examples import read_calibration
+    from vllm_guard.secneuron.lock import Selection
+    from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks, train_locks
+
+    data = {t: read_calibration(p) for t, p in _parse_pairs(args.task, "--task").items()}
+    if (args.selection is None) == (args.block is None):
+        raise GuardError("train-locks needs exactly one of --selection FILE or --block N")
+    if args.selection:
+        selection = Selection.load(args.selection)
+    else:
+        cfg = transformers.AutoConfig.from_pretrained(args.model)
+        selection = reserved_blocks(sorted(data), cfg.num_hidden_layers, cfg.intermediate_size,
+                                    args.block)
+    given = {f: getattr(args, f) for f in ("steps", "batch_size", "lr", "grant_prob",
+                                           "collapse_weight", "seed")}
+    config = TrainLocksConfig(**{k: v for k, v in given.items() if v is not None})
+    collapse = {t: read_calibration(p)
+                for t, p in _parse_pairs(args.collapse_task, "--collapse-task").items()}
+    out = train_locks(args.model, data, selection, config, args.out, collapse_data=collapse)
+    print(f"wrote lock-aware model to {out}; lock it with: vllm-guard lock --model {out} "
+          f"--selection {out / 'lock_selection.json'} --key TASK=KEYFILE ... --signing-key FILE "
+          "--out DIR")
+    return 0
+
+
 def _load_keys(items: Sequence[str]):
     from vllm_guard.secneuron.keys import load_task_keys
 
@@ -301,6 +329,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-examples", type=int, default=256)
     s.add_argument("--out", default="selection.json")
     s.set_defaults(func=cmd_extract)
+
+    s = sub.add_parser("train-locks", help="fine-tune a model to respect its neuron locks "
+                       "(masked grants + collapse objective)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--task", action="append", required=True, metavar="NAME=TRAIN.jsonl",
+                   help="prompt/answer JSONL per task (as for extract)")
+    s.add_argument("--selection", help="neuron assignment from extract")
+    s.add_argument("--block", type=int, help="or: reserve N neurons per task per layer")
+    # defaults: TrainLocksConfig's (not imported here: it pulls in torch)
+    s.add_argument("--steps", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--grant-prob", type=float, help="chance each task is in a sampled grant")
+    s.add_argument("--collapse-weight", type=float, help="weight of the collapse objective")
+    s.add_argument("--collapse-task", action="append", default=[], metavar="NAME=FILE.jsonl",
+                   help="extra examples of a task used only while it is locked")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_train_locks)
 
     s = sub.add_parser("lock", help="encrypt the selected neurons into a locked checkpoint")
     s.add_argument("--model", required=True)

@@ -8,15 +8,14 @@ in each layer belong to task t.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from vllm_guard.errors import GuardError
+from vllm_guard.secneuron.examples import encode_example, read_calibration
 from vllm_guard.secneuron.lock import Selection, policy_tree
 
 
@@ -26,44 +25,6 @@ class ExtractConfig:
     lam: float = 0.8
     max_examples: int = 256
     max_tokens: int = 512
-
-
-def read_calibration(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """JSONL with ``prompt`` (+ optional ``answer``) or ``text`` per line."""
-    rows = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise GuardError(f"cannot read calibration file {path}: {e.strerror}") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-            prompt = doc.get("prompt", doc.get("text"))
-            if not isinstance(prompt, str):
-                raise ValueError
-        except (ValueError, AttributeError):
-            raise GuardError(f"{path}:{i}: expected a JSON object with 'prompt' or 'text'"
-                             ) from None
-        rows.append({"prompt": prompt, "answer": doc.get("answer") or ""})
-    if not rows:
-        raise GuardError(f"calibration file {path} has no examples")
-    return rows
-
-
-def _encode(tokenizer, row: dict[str, str], max_tokens: int) -> tuple[list[int], int]:
-    """Token ids and the index where the scored span starts (the answer, if any)."""
-    if tokenizer.chat_template and row["answer"]:
-        prefix = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
-                                               tokenize=False, add_generation_prompt=True)
-    else:
-        prefix = row["prompt"]
-    p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-    a_ids = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] if row["answer"] else []
-    ids = (p_ids + a_ids)[:max_tokens]
-    start = len(p_ids) if a_ids and len(p_ids) < len(ids) else 0
-    return ids, start
 
 
 @torch.no_grad()
@@ -84,7 +45,9 @@ def task_importance(model, tokenizer, rows: list[dict[str, str]], config: Extrac
     handles = [m.down_proj.register_forward_pre_hook(hook(i)) for i, m in enumerate(mlps)]
     try:
         for row in tqdm(rows[:config.max_examples], desc=desc, unit="ex"):
-            ids, start = _encode(tokenizer, row, config.max_tokens)
+            p_ids, a_ids = encode_example(tokenizer, row)
+            ids = (p_ids + a_ids)[:config.max_tokens]
+            start = len(p_ids) if a_ids and len(p_ids) < len(ids) else 0
             span = slice(start, len(ids))
             model(torch.tensor([ids]))
             count += len(ids) - start

@@ -325,15 +325,27 @@ def layer_counts(manifest: Manifest, data_keys: dict[str, bytes]) -> dict[int, d
     return per_layer
 
 
-def neuron_bits(manifest: Manifest) -> dict[int, torch.Tensor]:
-    """Per layer, int64 per neuron: bit t set if task t may use it; all bits for public ones."""
-    bits = {layer: torch.full((info.intermediate_size,), ALL_BITS, dtype=torch.int64)
-            for layer, info in manifest.layers.items()}
-    for group in manifest.groups:
-        mask = manifest.task_bits(group.policy)
+def _bits_table(sizes: dict[int, int], groups: list[Group],
+                task_bit: dict[str, int]) -> dict[int, torch.Tensor]:
+    bits = {layer: torch.full((size,), ALL_BITS, dtype=torch.int64)
+            for layer, size in sizes.items()}
+    for group in groups:
+        mask = sum(1 << task_bit[t] for t in group.policy)
         for layer, idx in group.neurons.items():
             bits[layer][torch.tensor(idx, dtype=torch.long)] = mask
     return bits
+
+
+def neuron_bits(manifest: Manifest) -> dict[int, torch.Tensor]:
+    """Per layer, int64 per neuron: bit t set if task t may use it; all bits for public ones."""
+    return _bits_table({layer: info.intermediate_size for layer, info in manifest.layers.items()},
+                       manifest.groups, manifest.tasks)
+
+
+def selection_bits(selection: Selection, intermediate_size: int) -> dict[int, torch.Tensor]:
+    """The :func:`neuron_bits` table that locking ``selection`` will produce (same task bits)."""
+    return _bits_table({layer: intermediate_size for layer in selection.neurons},
+                       policy_tree(selection), {t: i for i, t in enumerate(selection.tasks)})
 
 
 def verify_for_offline_use(manifest: Manifest, publisher: Ed25519PublicKey | None,

@@ -1,0 +1,111 @@
+"""Protection efficacy on a small model (the full table is ``python -m benchmarks.efficacy``).
+
+The CI suite trains a small multitask model, then runs the real pipeline: paper-faithful
+extract + lock, lock-aware training with reserved blocks, lock, unlock per grant set, and a
+real vLLM server with one API key per grant set. It asserts the direction and size of the
+effect: locked tasks collapse, authorized tasks are kept, PII is no longer extractable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vllm_guard.errors import GuardError
+from vllm_guard.secneuron.efficacy import auroc
+from vllm_guard.secneuron.lock import Selection, selection_bits
+from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks
+from vllm_guard.testing.efficacy import EfficacyConfig, grant_sets, judge, run_efficacy
+from vllm_guard.testing.tasks import SUITE_PRESETS, TaskSuite
+
+CI = EfficacyConfig(suite="ci", sweep=(), assignments=("blocks",), grant_sizes=(1,),
+                    block=12, train=TrainLocksConfig(steps=800), train_examples=1500,
+                    e2e_per_task=20)
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    return run_efficacy(CI)
+
+
+def test_base_model_learned_every_task(result):
+    before = result["before"]
+    assert min(before["accuracy"].values()) >= 0.8, before
+    assert before["mia_auroc"] >= 0.9  # memorised records are recognisable before locking
+
+
+def test_lock_aware_locks_remove_unauthorized_tasks_and_keep_authorized(result):
+    before = result["before"]["accuracy"]
+    (aware,) = result["lock_aware"]
+    for row in aware["rows"]:
+        granted = set(row["grant"])
+        for task, acc in row["accuracy"].items():
+            if task in granted:
+                assert before[task] - acc <= 0.05, row
+            else:
+                assert acc <= 0.10, row
+        if "pii" not in granted:
+            assert row["pii_extraction"] <= 0.05, row
+            assert abs(row["mia_auroc"] - 0.5) <= 0.15, row
+
+
+def test_paper_faithful_table_is_reported(result):
+    paper = result["paper"]
+    assert paper["of"] == len(result["grant_sets"]) == len(paper["rows"])
+    for row in paper["rows"]:
+        assert set(row["accuracy"]) == set(result["before"]["accuracy"])
+
+
+def test_served_scores_match_offline_scores(result):
+    e2e = result["e2e"]
+    assert len(e2e["rows"]) == len(result["grant_sets"])
+    assert e2e["max_abs_diff"] <= 0.1, e2e
+    # the server really enforces the grant: a task outside it collapses there too
+    for row in e2e["rows"]:
+        for task, acc in row["served"].items():
+            if task not in row["grant"]:
+                assert acc <= 0.15, row
+
+
+def test_judge_applies_the_bar():
+    before = {"a": 1.0, "b": 0.9, "pii": 1.0}
+    ok = {"grant": ["a"], "accuracy": {"a": 0.99, "b": 0.05, "pii": 0.0},
+          "pii_extraction": 0.0, "mia_auroc": 0.5}
+    assert judge(ok, before)["pass"]
+    assert not judge({**ok, "accuracy": {**ok["accuracy"], "a": 0.95}}, before)["pass"]
+    assert not judge({**ok, "accuracy": {**ok["accuracy"], "b": 0.2}}, before)["pass"]
+    assert not judge({**ok, "mia_auroc": 0.7}, before)["pass"]
+
+
+def test_selection_bits_match_the_policy_tree():
+    sel = Selection(["a", "b"], {0: {"a": [0, 1], "b": [1, 2]}})
+    bits = selection_bits(sel, 4)[0].tolist()
+    assert bits == [0b01, 0b11, 0b10, -1]
+
+
+def test_reserved_blocks_and_bad_sizes():
+    sel = reserved_blocks(["a", "b"], 2, 64, 8)
+    assert sel.neurons[1]["b"] == list(range(56, 64))
+    with pytest.raises(GuardError, match="does not fit"):
+        reserved_blocks(["a", "b"], 2, 16, 8)
+
+
+def test_suite_splits_are_disjoint_and_deterministic():
+    cfg = replace(SUITE_PRESETS["ci"], test_size=50)
+    a, b = TaskSuite.build(cfg), TaskSuite.build(cfg)
+    assert a.test == b.test
+    assert {e["prompt"] for e in a.pii_members}.isdisjoint(e["prompt"] for e in a.pii_heldout)
+    for task in ("inc", "rev", "up"):
+        held = {e["prompt"] for e in a.test[task]}
+        assert not held & {e["prompt"] for e in a.train_set(task, 2000, seed=0)}
+    assert grant_sets(("a", "b", "c"), (1, 2)) == [("a",), ("b",), ("c",), ("a", "b"),
+                                                   ("a", "c"), ("b", "c")]
+
+
+def test_auroc():
+    assert auroc([0.1, 0.2], [0.5, 0.6]) == 1.0
+    assert auroc([0.5, 0.6], [0.1, 0.2]) == 0.0
+    assert auroc([1.0], [1.0]) == 0.5
+    assert torch.isclose(torch.tensor(auroc([0.1, 0.9], [0.5])), torch.tensor(0.5))

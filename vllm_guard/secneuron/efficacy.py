@@ -1,0 +1,43 @@
+"""Does a lock remove a capability? Exact-match accuracy, extraction and membership inference.
+
+Scoring is teacher-forced: an answer counts as correct when the argmax at every answer
+position is the reference token, which is exactly greedy decoding's exact match, in one
+forward pass per batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_guard.secneuron.examples import AnswerBatcher, Example
+
+
+@torch.no_grad()
+def score_answers(model, tokenizer, rows: list[Example],
+                  batch_size: int = 256) -> tuple[list[bool], list[float]]:
+    """Per row: greedy exact match of the answer, and the mean answer-token loss."""
+    batcher = AnswerBatcher(tokenizer)
+    correct: list[bool] = []
+    losses: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        ids, labels = batcher.encode(rows[i:i + batch_size], eos=False)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        target = labels[:, 1:]
+        scored = target != -100
+        hit = (logits.argmax(-1) == target) | ~scored
+        correct += hit.all(1).tolist()
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                               reduction="none")
+        losses += (ce.sum(1) / scored.sum(1).clamp(min=1)).tolist()
+    return correct, losses
+
+
+def accuracy(correct: list[bool]) -> float:
+    return sum(correct) / max(len(correct), 1)
+
+
+def auroc(member_losses: list[float], nonmember_losses: list[float]) -> float:
+    """Loss-based membership inference: P(a member's loss < a non-member's), ties count 1/2."""
+    m = torch.tensor(member_losses, dtype=torch.float64).unsqueeze(1)
+    n = torch.tensor(nonmember_losses, dtype=torch.float64).unsqueeze(0)
+    return float(((m < n).double() + 0.5 * (m == n).double()).mean())

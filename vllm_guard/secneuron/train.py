@@ -1,0 +1,157 @@
+"""Lock-aware fine-tuning: teach a model to respect its neuron locks (beyond SecNeuron).
+
+For each example of task t a grant set G is drawn (each task in G with probability
+``grant_prob``) and the neurons G may not use are zeroed at the ``down_proj`` input, exactly
+as the loader and the per-request mask do. If t is in G the answer gets the usual loss; if
+not, a collapse objective (cross-entropy towards EOS on every answer position, after
+CTRAP's collapse trap) teaches the model to fail instead of routing t through public
+neurons. Without the collapse term the model does exactly that and locks leak.
+
+The neuron assignment is a :class:`Selection`: reserved blocks per task
+(:func:`reserved_blocks`) or the output of ``extract``. The result is an ordinary HF
+checkpoint plus the selection to ``lock`` it with.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vllm_guard.errors import GuardError
+from vllm_guard.secneuron.examples import AnswerBatcher, Example
+from vllm_guard.secneuron.lock import Selection, selection_bits
+
+
+@dataclass(frozen=True)
+class TrainLocksConfig:
+    steps: int = 800
+    batch_size: int = 64
+    lr: float = 1e-3
+    grant_prob: float = 0.5
+    collapse_weight: float = 1.0
+    seed: int = 0
+
+
+def reserved_blocks(tasks: list[str], num_layers: int, intermediate_size: int,
+                    block: int) -> Selection:
+    """A block of ``block`` neurons per task in every layer, at the end of the FFN."""
+    if block < 1 or block * len(tasks) >= intermediate_size:
+        raise GuardError(f"--block {block} x {len(tasks)} tasks does not fit an FFN of "
+                         f"{intermediate_size} neurons")
+    base = intermediate_size - block * len(tasks)
+    neurons = {layer: {t: list(range(base + i * block, base + (i + 1) * block))
+                       for i, t in enumerate(tasks)} for layer in range(num_layers)}
+    return Selection(list(tasks), neurons, {"assignment": "reserved-blocks", "block": block})
+
+
+@contextmanager
+def neuron_mask(model, bits: dict[int, torch.Tensor], grant: torch.Tensor):
+    """Zero, per example, the ``down_proj`` inputs its grant bits do not allow."""
+    def hook(layer: int):
+        table = bits[layer]
+
+        def fn(_module, args):
+            keep = (table.unsqueeze(0) & grant.unsqueeze(1)) != 0  # [B, I]
+            return (args[0] * keep.unsqueeze(1).to(args[0].dtype),)
+        return fn
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i))
+               for i, layer in enumerate(model.model.layers) if i in bits]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example mean next-token cross-entropy over the labelled positions."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                                           reduction="none")
+    return ce.sum(1) / (labels != -100).sum(1).clamp(min=1)
+
+
+def collapse_labels(labels: torch.Tensor, rows: list[int], eos: int) -> None:
+    """Relabel every answer position of ``rows`` with EOS, in place."""
+    for row in rows:
+        labels[row, labels[row] != -100] = eos
+
+
+def train_locks(model_dir: str | os.PathLike[str], data: dict[str, list[Example]],
+                selection: Selection, config: TrainLocksConfig, out_dir: str | os.PathLike[str],
+                progress: Callable[[str], None] = print,
+                collapse_data: dict[str, list[Example]] | None = None) -> Path:
+    """Fine-tune ``model_dir`` to respect ``selection``'s locks; write an HF model to out_dir.
+
+    ``collapse_data[t]``: extra examples of task t used only when t is locked (half of its
+    locked draws), e.g. queries about records the model must not learn either way.
+    """
+    import transformers
+
+    collapse_data = {t: rows for t, rows in (collapse_data or {}).items() if rows}
+    unknown = sorted((set(data) | set(collapse_data)) - set(selection.tasks))
+    if unknown:
+        raise GuardError(f"training data for task(s) {unknown} not in the selection "
+                         f"(tasks: {selection.tasks})")
+    if not data or not all(data.values()):
+        raise GuardError("train-locks needs examples for at least one task")
+    torch.manual_seed(config.seed)
+    rng = random.Random(f"train-locks:{config.seed}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    bits = selection_bits(selection, model.config.intermediate_size)
+    task_bit = {t: 1 << i for i, t in enumerate(selection.tasks)}
+    batcher = AnswerBatcher(tokenizer)
+    tasks = sorted(data)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps,
+                                                pct_start=0.05)
+    model.train()
+    start = time.perf_counter()
+    for step in range(1, config.steps + 1):
+        own = [rng.choice(tasks) for _ in range(config.batch_size)]
+        grants = [sum(b for t, b in task_bit.items() if rng.random() < config.grant_prob)
+                  for _ in own]
+        collapse = [not g & task_bit[t] for t, g in zip(own, grants, strict=True)]
+        batch = [rng.choice(collapse_data[t] if c and t in collapse_data and rng.random() < 0.5
+                            else data[t]) for t, c in zip(own, collapse, strict=True)]
+        ids, labels = batcher.encode(batch)
+        locked = [i for i, c in enumerate(collapse) if c]
+        collapse_labels(labels, locked, batcher.eos)
+        with neuron_mask(model, bits, torch.tensor(grants, dtype=torch.int64)):
+            logits = model(input_ids=ids).logits
+        weight = torch.tensor([config.collapse_weight if c else 1.0 for c in collapse])
+        loss = (_loss(logits, labels) * weight).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == config.steps:
+            progress(f"  train-locks step {step}/{config.steps} loss {loss.item():.3f} "
+                     f"({time.perf_counter() - start:.0f} s)")
+    model.eval()
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        selection.save(tmp / "lock_selection.json")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
