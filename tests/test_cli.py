@@ -40,3 +40,31 @@ def test_serve_forwards_arguments_unchanged(tmp_path):
                         "--host", "127.0.0.1"]
     env = guard_env({"VLLM_PLUGINS": "other"})
     assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0" and env["VLLM_PLUGINS"] == "other,vllm_guard"
+
+
+def test_train_locks_cli_writes_a_lockable_model(tmp_path, tiny_model):
+    import json
+
+    from vllm_guard.secneuron.lock import Selection
+    from vllm_guard.testing.fixtures import task_examples
+
+    files = []
+    for task in ("add", "reverse"):
+        path = tmp_path / f"{task}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in task_examples(task, 16)))
+        files += ["--task", f"{task}={path}"]
+    out = run("train-locks", "--model", str(tiny_model), *files, "--block", "8", "--steps", "3",
+              "--batch-size", "4", "--out", str(tmp_path / "aware"))
+    assert out.returncode == 0, out.stderr
+    sel = Selection.load(tmp_path / "aware" / "lock_selection.json")
+    assert sel.tasks == ["add", "reverse"] and sel.neurons[0]["reverse"] == list(range(504, 512))
+    assert (tmp_path / "aware" / "model.safetensors").exists()
+
+    both = run("train-locks", "--model", str(tiny_model), *files, "--block", "8",
+               "--selection", "x.json", "--out", str(tmp_path / "x"))
+    assert both.returncode != 0 and "exactly one of --selection" in both.stderr
+    too_big = run("train-locks", "--model", str(tiny_model), *files, "--block", "300",
+                  "--out", str(tmp_path / "y"))
+    assert too_big.returncode != 0 and "does not fit" in too_big.stderr
+    assert "Traceback" not in both.stderr + too_big.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
