@@ -14,6 +14,7 @@ checkpoint plus the selection to ``lock`` it with.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -113,12 +114,8 @@ def train_locks(model_dir: str | os.PathLike[str], data: dict[str, list[Example]
     task_bit = {t: 1 << i for i, t in enumerate(selection.tasks)}
     batcher = AnswerBatcher(tokenizer)
     tasks = sorted(data)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps,
-                                                pct_start=0.05)
-    model.train()
-    start = time.perf_counter()
-    for step in range(1, config.steps + 1):
+
+    def batch_loss() -> torch.Tensor:
         own = [rng.choice(tasks) for _ in range(config.batch_size)]
         grants = [sum(b for t, b in task_bit.items() if rng.random() < config.grant_prob)
                   for _ in own]
@@ -126,28 +123,49 @@ def train_locks(model_dir: str | os.PathLike[str], data: dict[str, list[Example]
         batch = [rng.choice(collapse_data[t] if c and t in collapse_data and rng.random() < 0.5
                             else data[t]) for t, c in zip(own, collapse, strict=True)]
         ids, labels = batcher.encode(batch)
-        locked = [i for i, c in enumerate(collapse) if c]
-        collapse_labels(labels, locked, batcher.eos)
+        collapse_labels(labels, [i for i, c in enumerate(collapse) if c], batcher.eos)
         with neuron_mask(model, bits, torch.tensor(grants, dtype=torch.int64)):
             logits = model(input_ids=ids).logits
         weight = torch.tensor([config.collapse_weight if c else 1.0 for c in collapse])
-        loss = (_loss(logits, labels) * weight).mean()
+        return (_loss(logits, labels) * weight).mean()
+
+    fit(model, batch_loss, config.steps, config.lr, "train-locks", progress)
+    return save_model(model, tokenizer, out_dir,
+                      {"lock_selection.json": json.dumps(selection.to_json())})
+
+
+def fit(model, batch_loss: Callable[[], torch.Tensor], steps: int, lr: float, name: str,
+        progress: Callable[[str], None], every: int = 100) -> None:
+    """AdamW with a one-cycle schedule and gradient clipping; progress every ``every`` steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=0.05)
+    model.train()
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        loss = batch_loss()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == config.steps:
-            progress(f"  train-locks step {step}/{config.steps} loss {loss.item():.3f} "
+        if step % every == 0 or step == steps:
+            progress(f"  {name} step {step}/{steps} loss {loss.item():.3f} "
                      f"({time.perf_counter() - start:.0f} s)")
     model.eval()
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike[str],
+               extra_files: dict[str, str]) -> Path:
+    """Write an HF model directory atomically (nothing half-written on failure)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        selection.save(tmp / "lock_selection.json")
+        for name, text in extra_files.items():
+            (tmp / name).write_text(text)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
 import string
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -208,7 +204,8 @@ def train_base(suite: TaskSuite, out: Path, progress: Callable[[str], None] = pr
     """Train the multitask model jointly on every task of the suite and save it to ``out``."""
     import torch
 
-    from vllm_guard.secneuron.train import AnswerBatcher
+    from vllm_guard.secneuron.examples import AnswerBatcher
+    from vllm_guard.secneuron.train import fit, save_model
 
     cfg = suite.config
     torch.manual_seed(cfg.seed)
@@ -216,32 +213,15 @@ def train_base(suite: TaskSuite, out: Path, progress: Callable[[str], None] = pr
     model = _model(cfg, tokenizer)
     batcher = AnswerBatcher(tokenizer)
     rng = random.Random(f"base:{cfg.seed}")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps,
-                                                pct_start=0.05)
-    model.train()
-    start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+
+    def batch_loss() -> torch.Tensor:
         batch = [suite.sample_train(rng.choice(cfg.tasks), rng) for _ in range(cfg.batch_size)]
         ids, labels = batcher.encode(batch)
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 250 == 0 or step == cfg.steps:
-            progress(f"  base model step {step}/{cfg.steps} loss {loss.item():.3f} "
-                     f"({time.perf_counter() - start:.0f} s)")
-    model.eval()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "vllm_guard_suite.json").write_text(json.dumps(asdict(cfg), indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+        return model(input_ids=ids, labels=labels).loss
+
+    fit(model, batch_loss, cfg.steps, cfg.lr, "base model", progress, every=250)
+    return save_model(model, tokenizer, out,
+                      {"vllm_guard_suite.json": json.dumps(asdict(cfg), indent=1)})
 
 
 def multitask_model(config: SuiteConfig, cache_dir: Path | None = None,
