@@ -27,6 +27,7 @@ from vllm_guard.secneuron.keys import (
     generate_signing_key,
     load_public_key,
     load_signing_key,
+    load_task_keys,
     save_task_key,
 )
 from vllm_guard.secneuron.lock import Selection, lock_checkpoint, unlock_checkpoint
@@ -82,8 +83,6 @@ class Workspace:
             for t in self.tasks:
                 save_task_key(TaskKey.generate(t), keys / f"{t}.key")
             generate_signing_key(keys / "publisher.pem")
-        from vllm_guard.secneuron.keys import load_task_keys
-
         self.keys = load_task_keys([keys / f"{t}.key" for t in self.tasks])
         self.signer = load_signing_key(keys / "publisher.pem")
         self.publisher_pub = keys / "publisher.pub"
