@@ -48,8 +48,8 @@ def test_lock_aware_locks_remove_unauthorized_tasks_and_keep_authorized(result):
                 assert acc <= 0.10, row
         if "pii" not in granted:
             assert row["pii_extraction"] <= 0.05, row
-    # Membership inference is reported, not asserted: locks do not remove it (README).
-    assert all(0.0 <= row["mia_auroc"] <= 1.0 for row in aware["rows"])
+            # 24 records a side: AUROC noise is ~0.06, so allow 0.2 (before locking: ~1.0)
+            assert abs(row["mia_auroc"] - 0.5) <= 0.2, row
 
 
 def test_paper_faithful_table_is_reported(result):

@@ -212,7 +212,7 @@ def cmd_train_locks(args: argparse.Namespace) -> int:
         selection = reserved_blocks(sorted(data), cfg.num_hidden_layers, cfg.intermediate_size,
                                     args.block)
     given = {f: getattr(args, f) for f in ("steps", "batch_size", "lr", "grant_prob",
-                                           "collapse_weight", "seed")}
+                                           "collapse_weight", "member_match", "seed")}
     config = TrainLocksConfig(**{k: v for k, v in given.items() if v is not None})
     collapse = {t: read_calibration(p)
                 for t, p in _parse_pairs(args.collapse_task, "--collapse-task").items()}
@@ -344,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grant-prob", type=float, help="chance each task is in a sampled grant")
     s.add_argument("--collapse-weight", type=float, help="weight of the collapse objective")
     s.add_argument("--collapse-task", action="append", default=[], metavar="NAME=FILE.jsonl",
-                   help="extra examples of a task used only while it is locked")
+                   help="extra examples of a task used only while it is locked (e.g. decoys)")
+    s.add_argument("--member-match", type=float,
+                   help="weight matching trained vs --collapse-task answer loss while locked")
     s.add_argument("--seed", type=int)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_train_locks)

@@ -34,11 +34,13 @@ from vllm_guard.secneuron.lock import Selection, selection_bits
 
 @dataclass(frozen=True)
 class TrainLocksConfig:
-    steps: int = 800
+    steps: int = 1600
     batch_size: int = 64
     lr: float = 1e-3
     grant_prob: float = 0.5
     collapse_weight: float = 1.0
+    # Weight of the member/decoy loss-matching term (needs collapse data; 0 turns it off).
+    member_match: float = 1.0
     seed: int = 0
 
 
@@ -82,6 +84,20 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ce.sum(1) / (labels != -100).sum(1).clamp(min=1)
 
 
+def _member_gap(answer_loss: torch.Tensor, kinds: list[tuple[str, bool]],
+                rows: list[int]) -> torch.Tensor:
+    """Sum over tasks of (mean true-answer loss of trained examples - that of decoys)^2, over
+    the collapsed rows: a first-moment MMD that leaves a loss-based membership attack nothing
+    to rank by (in the spirit of MMD-regularised MIA defences)."""
+    gap = answer_loss.new_zeros(())
+    for task in {t for t, _ in kinds}:
+        mem = [r for r, (t, d) in zip(rows, kinds, strict=True) if t == task and not d]
+        dec = [r for r, (t, d) in zip(rows, kinds, strict=True) if t == task and d]
+        if mem and dec:
+            gap = gap + (answer_loss[mem].mean() - answer_loss[dec].mean()).square()
+    return gap
+
+
 def collapse_labels(labels: torch.Tensor, rows: list[int], eos: int) -> None:
     """Relabel every answer position of ``rows`` with EOS, in place."""
     for row in rows:
@@ -120,14 +136,22 @@ def train_locks(model_dir: str | os.PathLike[str], data: dict[str, list[Example]
         grants = [sum(b for t, b in task_bit.items() if rng.random() < config.grant_prob)
                   for _ in own]
         collapse = [not g & task_bit[t] for t, g in zip(own, grants, strict=True)]
-        batch = [rng.choice(collapse_data[t] if c and t in collapse_data and rng.random() < 0.5
-                            else data[t]) for t, c in zip(own, collapse, strict=True)]
+        decoy = [c and t in collapse_data and rng.random() < 0.5
+                 for t, c in zip(own, collapse, strict=True)]
+        batch = [rng.choice(collapse_data[t] if d else data[t]) for t, d in zip(own, decoy,
+                                                                               strict=True)]
         ids, labels = batcher.encode(batch)
-        collapse_labels(labels, [i for i, c in enumerate(collapse) if c], batcher.eos)
+        answers = labels.masked_fill(labels == batcher.eos, -100)  # true answers, for matching
+        locked = [i for i, c in enumerate(collapse) if c]
+        collapse_labels(labels, locked, batcher.eos)
         with neuron_mask(model, bits, torch.tensor(grants, dtype=torch.int64)):
             logits = model(input_ids=ids).logits
         weight = torch.tensor([config.collapse_weight if c else 1.0 for c in collapse])
-        return (_loss(logits, labels) * weight).mean()
+        loss = (_loss(logits, labels) * weight).mean()
+        if config.member_match and collapse_data:
+            loss = loss + config.member_match * _member_gap(
+                _loss(logits, answers), [(own[i], decoy[i]) for i in locked], locked)
+        return loss
 
     fit(model, batch_loss, config.steps, config.lr, "train-locks", progress)
     return save_model(model, tokenizer, out_dir,

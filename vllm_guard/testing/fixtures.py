@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # Bump when the builder changes, so cached models are rebuilt.
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -239,6 +239,11 @@ def build_fixture(
         model = model_cls(config)
         if preset.train_steps:
             _train(model, tokenizer, preset, seed)
+        else:
+            # Random weights: make ids the tokenizer cannot decode unlikely, so streamed
+            # outputs carry text and benchmarks can count tokens (TPOT, ITL).
+            with torch.no_grad():
+                model.lm_head.weight[len(tokenizer):] = 0
         model = model.to(getattr(torch, preset.dtype))
     finally:
         torch.set_num_threads(threads)
