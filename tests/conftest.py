@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vllm_guard.testing.fixtures import fixture_model
-from vllm_guard.testing.server import VllmServer, post  # noqa: F401  (re-exported to tests)
+from vllm_guard.testing.server import VllmServer, post
 
 LOG_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test-logs"
 

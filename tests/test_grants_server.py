@@ -13,13 +13,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.conftest import LOG_DIR, post
+from tests.conftest import LOG_DIR
 from vllm_guard.grants.credentials import hash_api_key
 from vllm_guard.secneuron.keys import load_task_keys
 from vllm_guard.secneuron.lock import unlock_checkpoint
 from vllm_guard.testing.demo import locked_fixture
 from vllm_guard.testing.fixtures import format_example, task_examples
-from vllm_guard.testing.server import VllmServer
+from vllm_guard.testing.server import VllmServer, post
 
 pytestmark = pytest.mark.server
 

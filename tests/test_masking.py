@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LOG_DIR, post
+from tests.conftest import LOG_DIR
 from vllm_guard.masking.config import STRUCTURED, MaskingConfig
 from vllm_guard.masking.detector import build_detector
 from vllm_guard.masking.masker import METRICS, StreamRestorer, restore
 from vllm_guard.masking.middleware import MaskingMiddleware
 from vllm_guard.masking.vault import InMemoryVault, RedisVault, VaultUnavailable
 from vllm_guard.testing.pii_corpus import generate, score
-from vllm_guard.testing.server import VllmServer, free_port
+from vllm_guard.testing.server import VllmServer, free_port, post
 
 REPORTS = Path(__file__).resolve().parents[1] / ".cache" / "reports"
 VAULT_KEY = base64.b64encode(os.urandom(32)).decode()

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from tests.conftest import post, start_server, stream
+from tests.conftest import start_server, stream
 from vllm_guard.testing.fixtures import format_example
+from vllm_guard.testing.server import post
 
 pytestmark = pytest.mark.server
 
