@@ -1,7 +1,7 @@
 """End-to-end latency suite: plain vLLM vs vLLM with vllm-guard, same weights, same requests.
 
 python -m benchmarks [--preset tiny|qwen2-0.5b-shape] [--mode quick|full]
-                     [--configs plain,idle,secneuron,grants,masking,all] [--check]
+                     [--configs plain,idle,secneuron,grants,masking,masking-fast,all] [--check]
 
 For each repeat, every configuration gets its own server in turn (interleaved, one at a
 time), the same streamed request stream at concurrency 1 and N, ``ignore_eos``. Reports TTFT,
@@ -35,8 +35,9 @@ CONFIGS = {
     "idle": {"guard": True},
     "secneuron": {"guard": True, "locked": True},
     "grants": {"guard": True, "locked": True, "grants": True},
-    "masking": {"guard": True, "masking": True},
-    "all": {"guard": True, "locked": True, "grants": True, "masking": True},
+    "masking": {"guard": True, "masking": "default"},
+    "masking-fast": {"guard": True, "masking": "fast"},  # name lists instead of spaCy NER
+    "all": {"guard": True, "locked": True, "grants": True, "masking": "default"},
 }
 MODES = {  # input tokens (approx.), output tokens, requests at c=1, concurrency N, requests at N
     "quick": {"input_len": 64, "output_len": 16, "n1": 6, "conc": 4, "nN": 8, "repeats": 1},
@@ -134,9 +135,10 @@ class Workspace:
             for n, tok in self.tokens.items()]}))
         return str(path)
 
-    def masking_file(self) -> str:
-        path = self.root / "masking.json"
-        path.write_text(json.dumps({"ner": "auto", "vault": "memory"}))
+    def masking_file(self, profile: str) -> str:
+        path = self.root / f"masking-{profile}.json"
+        path.write_text(json.dumps({"ner": "off" if profile == "fast" else "auto",
+                                    "vault": "memory"}))
         return str(path)
 
     def server(self, name: str, spec: dict, args: list[str], env: dict) -> VllmServer:
@@ -148,7 +150,8 @@ class Workspace:
                           env if spec.get("guard") else {**env, "VLLM_PLUGINS": "__none__"},
                           guard=bool(spec.get("guard")),
                           grants=self.grants_file() if spec.get("grants") else None,
-                          masking=self.masking_file() if spec.get("masking") else None)
+                          masking=self.masking_file(spec["masking"]) if spec.get("masking")
+                          else None)
 
 
 def _selection(model: Path, keys: dict):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vllm_guard.errors import GuardError
-from vllm_guard.secneuron.efficacy import auroc
+from vllm_guard.secneuron.efficacy import auroc, auroc_interval
 from vllm_guard.secneuron.lock import Selection, selection_bits
 from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks
 from vllm_guard.testing.efficacy import EfficacyConfig, grant_sets, judge, run_efficacy
@@ -110,3 +110,19 @@ def test_auroc():
     assert auroc([0.5, 0.6], [0.1, 0.2]) == 0.0
     assert auroc([1.0], [1.0]) == 0.5
     assert torch.isclose(torch.tensor(auroc([0.1, 0.9], [0.5])), torch.tensor(0.5))
+
+
+def test_auroc_interval_covers_the_estimate_and_narrows_with_more_records():
+    gen = torch.Generator().manual_seed(1)
+
+    def width(n: int, shift: float) -> tuple[float, float, float]:
+        m = (torch.rand(n, generator=gen) - shift).tolist()
+        h = torch.rand(n, generator=gen).tolist()
+        lo, hi = auroc_interval(m, h)
+        assert lo <= auroc(m, h) <= hi
+        return lo, hi, hi - lo
+
+    lo, hi, small = width(64, 0.0)
+    assert lo < 0.5 < hi  # nothing to find: the interval straddles chance
+    assert width(64, 0.5)[0] > 0.7  # a real gap (true AUROC 0.875) is found
+    assert width(1024, 0.0)[2] < small / 2

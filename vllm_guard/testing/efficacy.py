@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vllm_guard.secneuron.efficacy import accuracy, auroc, score_answers
+from vllm_guard.secneuron.efficacy import accuracy, auroc, auroc_interval, score_answers
 from vllm_guard.secneuron.extract import ExtractConfig, extract
 from vllm_guard.secneuron.keys import (
     TaskKey,
@@ -113,7 +113,8 @@ def score_model(model_dir: Path, suite: TaskSuite) -> dict:
     acc = {t: accuracy(score_answers(model, tok, rows)[0]) for t, rows in suite.test.items()}
     _, member = score_answers(model, tok, suite.pii_members)
     _, heldout = score_answers(model, tok, suite.pii_heldout)
-    return {"accuracy": acc, "pii_extraction": acc.get("pii"), "mia_auroc": auroc(member, heldout)}
+    return {"accuracy": acc, "pii_extraction": acc.get("pii"), "mia_auroc": auroc(member, heldout),
+            "mia_auroc_95ci": auroc_interval(member, heldout)}
 
 
 def score_grant_sets(locked: Path, ws: Workspace, suite: TaskSuite,
@@ -275,21 +276,26 @@ def e2e_scores(locked: Path, ws: Workspace, suite: TaskSuite, grants: list[tuple
     return {"per_task": per_task, "rows": rows, "max_abs_diff": diff}
 
 
+def _mia(row: dict) -> str:
+    lo, hi = row.get("mia_auroc_95ci", (float("nan"),) * 2)
+    return f"{row['mia_auroc']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
 def render_markdown(result: dict) -> str:
     """The efficacy tables: rows are grant sets, * marks an authorized task."""
     tasks = list(result["before"]["accuracy"])
 
     def table(title: str, rows: list[dict]) -> list[str]:
-        head = ["grant set", *tasks, "PII extraction", "MIA AUROC", "bar met"]
+        head = ["grant set", *tasks, "PII extraction", "MIA AUROC [95% CI]", "bar met"]
         lines = [f"**{title}**", "", "| " + " | ".join(head) + " |",
                  "|" + "---|" * len(head)]
         b = result["before"]
         lines.append("| before (no lock) | " + " | ".join(f"{b['accuracy'][t]:.2f}" for t in tasks)
-                     + f" | {b['pii_extraction'] or 0:.2f} | {b['mia_auroc']:.2f} | |")
+                     + f" | {b['pii_extraction'] or 0:.2f} | {_mia(b)} | |")
         for r in rows:
             cells = [f"{r['accuracy'][t]:.2f}{'*' if t in r['grant'] else ''}" for t in tasks]
             lines.append(f"| {'+'.join(r['grant'])} | " + " | ".join(cells)
-                         + f" | {r['pii_extraction'] or 0:.2f} | {r['mia_auroc']:.2f} | "
+                         + f" | {r['pii_extraction'] or 0:.2f} | {_mia(r)} | "
                          + ("yes" if r["check"]["pass"] else "no") + " |")
         return [*lines, ""]
 

@@ -41,9 +41,9 @@ def _build(parts: list[str | tuple[str, str]], lang: str) -> Example:
     return Example(text, spans, lang)
 
 
-def _en(f, rng: random.Random) -> Example:
+def _en(f, rng: random.Random, people=None) -> Example:
     values: list[Callable[[], tuple[str, str]]] = [
-        lambda: ("PERSON", f.name()),
+        lambda: ("PERSON", (people or f).name()),
         lambda: ("EMAIL_ADDRESS", f.email()),
         lambda: ("PHONE_NUMBER", f.phone_number()),
         lambda: ("CREDIT_CARD", f.credit_card_number(card_type=rng.choice(CARD_TYPES))),
@@ -78,13 +78,16 @@ def _zh(f, en, rng: random.Random) -> Example:
     return _build(parts, "zh")
 
 
-def generate(n: int, seed: int = 0) -> list[Example]:
+def generate(n: int, seed: int = 0, name_locale: str | None = None) -> list[Example]:
+    """Every third prompt Chinese; ``name_locale`` (e.g. "de_DE") draws the English prompts'
+    PERSON names from another Faker locale."""
     from faker import Faker
 
     Faker.seed(seed)
     rng = random.Random(seed)
     en, zh = Faker("en_US"), Faker("zh_CN")
-    return [(_zh(zh, en, rng) if i % 3 == 2 else _en(en, rng)) for i in range(n)]
+    people = Faker(name_locale) if name_locale else None
+    return [(_zh(zh, en, rng) if i % 3 == 2 else _en(en, rng, people)) for i in range(n)]
 
 
 MIN_OVERLAP = 0.7  # of the gold span's characters ("Dr. Ann Lee DDS" vs "Ann Lee")
