@@ -5,7 +5,7 @@ python -m benchmarks.efficacy [--suite full|ci] [--no-e2e] [--assignments blocks
 Trains (or reuses) the multitask model, locks it as the toolchain does, scores every grant
 set of size 1 and 2, and serves the lock-aware checkpoint through vLLM with one API key per
 grant set. Prints the tables and writes benchmarks/results/efficacy.{json,md}.
-Full suite: about 20 minutes on 2 cores (the base model and trained models are cached).
+Full suite: about 17 minutes on 2 cores from scratch, ~3 with every model cached.
 """
 
 from __future__ import annotations

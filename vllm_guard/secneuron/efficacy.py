@@ -7,29 +7,42 @@ forward pass per batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from vllm_guard.secneuron.examples import AnswerBatcher, Example
 
 
+@dataclass
+class Scores:
+    """Per row: greedy exact match; mean answer-token loss; and the same loss given "not EOS"
+    (-log p(true token | not EOS)), a stronger membership signal once a lock collapses
+    answers to EOS, since it ignores how sure the model is of stopping."""
+
+    correct: list[bool] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    loss_beneath_eos: list[float] = field(default_factory=list)
+
+
 @torch.no_grad()
-def score_answers(model, tokenizer, rows: list[Example],
-                  batch_size: int = 256) -> tuple[list[bool], list[float]]:
-    """Per row: greedy exact match of the answer, and the mean answer-token loss."""
+def score_answers(model, tokenizer, rows: list[Example], batch_size: int = 256) -> Scores:
     batcher = AnswerBatcher(tokenizer)
-    correct: list[bool] = []
-    losses: list[float] = []
+    out = Scores()
     for i in range(0, len(rows), batch_size):
         ids, labels = batcher.encode(rows[i:i + batch_size], eos=False)
         logits = model(input_ids=ids).logits[:, :-1].float()
         target = labels[:, 1:]
         scored = target != -100
         hit = (logits.argmax(-1) == target) | ~scored
-        correct += hit.all(1).tolist()
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
-                                               reduction="none")
-        losses += (ce.sum(1) / scored.sum(1).clamp(min=1)).tolist()
-    return correct, losses
+        out.correct += hit.all(1).tolist()
+        logp = logits.log_softmax(-1)
+        true = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        not_eos = torch.log1p(-logp[..., batcher.eos].exp().clamp(max=1 - 1e-7))
+        n = scored.sum(1).clamp(min=1)
+        out.loss += (-(true * scored).sum(1) / n).tolist()
+        out.loss_beneath_eos += (-((true - not_eos) * scored).sum(1) / n).tolist()
+    return out
 
 
 def accuracy(correct: list[bool]) -> float:

@@ -110,11 +110,13 @@ def _load(model_dir: Path):
 def score_model(model_dir: Path, suite: TaskSuite) -> dict:
     """Per-task accuracy, PII extraction rate and membership-inference AUROC of one model."""
     model, tok = _load(model_dir)
-    acc = {t: accuracy(score_answers(model, tok, rows)[0]) for t, rows in suite.test.items()}
-    _, member = score_answers(model, tok, suite.pii_members)
-    _, heldout = score_answers(model, tok, suite.pii_heldout)
-    return {"accuracy": acc, "pii_extraction": acc.get("pii"), "mia_auroc": auroc(member, heldout),
-            "mia_auroc_95ci": auroc_interval(member, heldout)}
+    acc = {t: accuracy(score_answers(model, tok, rows).correct) for t, rows in suite.test.items()}
+    member = score_answers(model, tok, suite.pii_members)
+    heldout = score_answers(model, tok, suite.pii_heldout)
+    return {"accuracy": acc, "pii_extraction": acc.get("pii"),
+            "mia_auroc": auroc(member.loss, heldout.loss),
+            "mia_auroc_95ci": auroc_interval(member.loss, heldout.loss),
+            "mia_auroc_beneath_eos": auroc(member.loss_beneath_eos, heldout.loss_beneath_eos)}
 
 
 def score_grant_sets(locked: Path, ws: Workspace, suite: TaskSuite,
@@ -267,7 +269,7 @@ def e2e_scores(locked: Path, ws: Workspace, suite: TaskSuite, grants: list[tuple
             out = Path(tmp) / name
             unlock_checkpoint(locked, {t: ws.keys[t] for t in grant}, out, ws.publisher)
             model, tok = _load(out)
-            offline = {t: accuracy(score_answers(model, tok, exs)[0])
+            offline = {t: accuracy(score_answers(model, tok, exs).correct)
                        for t, exs in examples.items()}
             rows.append({"grant": list(grant), "served": served, "offline": offline})
             progress(f"  {name}: served " + " ".join(f"{t}={a:.2f}" for t, a in served.items())
@@ -286,16 +288,19 @@ def render_markdown(result: dict) -> str:
     tasks = list(result["before"]["accuracy"])
 
     def table(title: str, rows: list[dict]) -> list[str]:
-        head = ["grant set", *tasks, "PII extraction", "MIA AUROC [95% CI]", "bar met"]
+        head = ["grant set", *tasks, "PII extraction", "MIA AUROC [95% CI]",
+                "MIA beneath EOS", "bar met"]
         lines = [f"**{title}**", "", "| " + " | ".join(head) + " |",
                  "|" + "---|" * len(head)]
         b = result["before"]
         lines.append("| before (no lock) | " + " | ".join(f"{b['accuracy'][t]:.2f}" for t in tasks)
-                     + f" | {b['pii_extraction'] or 0:.2f} | {_mia(b)} | |")
+                     + f" | {b['pii_extraction'] or 0:.2f} | {_mia(b)} | "
+                     + f"{b.get('mia_auroc_beneath_eos', float('nan')):.2f} | |")
         for r in rows:
             cells = [f"{r['accuracy'][t]:.2f}{'*' if t in r['grant'] else ''}" for t in tasks]
             lines.append(f"| {'+'.join(r['grant'])} | " + " | ".join(cells)
                          + f" | {r['pii_extraction'] or 0:.2f} | {_mia(r)} | "
+                         + f"{r.get('mia_auroc_beneath_eos', float('nan')):.2f} | "
                          + ("yes" if r["check"]["pass"] else "no") + " |")
         return [*lines, ""]
 
