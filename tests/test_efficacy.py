@@ -126,3 +126,27 @@ def test_auroc_interval_covers_the_estimate_and_narrows_with_more_records():
     assert lo < 0.5 < hi  # nothing to find: the interval straddles chance
     assert width(64, 0.5)[0] > 0.7  # a real gap (true AUROC 0.875) is found
     assert width(1024, 0.0)[2] < small / 2
+
+
+def test_score_answers_loss_is_the_models_own_and_beneath_eos_drops_the_stop_part(result):
+    """``loss`` equals HF's own loss on the answer; ``loss_beneath_eos`` removes
+    -log(1 - p(EOS)) >= 0 from it, strictly wherever EOS has any probability."""
+    from vllm_guard.secneuron.efficacy import score_answers
+    from vllm_guard.secneuron.examples import AnswerBatcher
+    from vllm_guard.testing.efficacy import _load
+    from vllm_guard.testing.tasks import multitask_model
+
+    suite = TaskSuite.build(SUITE_PRESETS["ci"])
+    model, tok = _load(multitask_model(SUITE_PRESETS["ci"]))
+    rows = suite.pii_members[:4] + suite.test["rev"][:4]
+    scores = score_answers(model, tok, rows)
+    batcher = AnswerBatcher(tok)
+    for row, loss in zip(rows, scores.loss, strict=True):
+        ids, labels = batcher.encode([row], eos=False)
+        with torch.no_grad():
+            hf = model(input_ids=ids, labels=labels).loss.item()
+        assert abs(hf - loss) < 1e-4 * max(1.0, hf)
+    gaps = [a - b for a, b in zip(scores.loss, scores.loss_beneath_eos, strict=True)]
+    assert all(g > 0 for g in gaps), gaps
+    for row in result["lock_aware"][0]["rows"]:
+        assert 0.0 <= row["mia_auroc_beneath_eos"] <= 1.0

@@ -51,9 +51,14 @@ def accuracy(correct: list[bool]) -> float:
 
 def auroc(member_losses: list[float], nonmember_losses: list[float]) -> float:
     """Loss-based membership inference: P(a member's loss < a non-member's), ties count 1/2."""
+    return float(_wins(member_losses, nonmember_losses).mean())
+
+
+def _wins(member_losses: list[float], nonmember_losses: list[float]) -> torch.Tensor:
+    """[M, N]: 1 where the member's loss is lower, 1/2 on ties."""
     m = torch.tensor(member_losses, dtype=torch.float64).unsqueeze(1)
     n = torch.tensor(nonmember_losses, dtype=torch.float64).unsqueeze(0)
-    return float(((m < n).double() + 0.5 * (m == n).double()).mean())
+    return (m < n).double() + 0.5 * (m == n).double()
 
 
 def auroc_interval(member_losses: list[float], nonmember_losses: list[float],
@@ -61,9 +66,7 @@ def auroc_interval(member_losses: list[float], nonmember_losses: list[float],
                    seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval of :func:`auroc` (members and non-members resampled): how far from
     0.5 a model that leaks nothing can land with this many records."""
-    m = torch.tensor(member_losses, dtype=torch.float64).unsqueeze(1)
-    n = torch.tensor(nonmember_losses, dtype=torch.float64).unsqueeze(0)
-    wins = (m < n).double() + 0.5 * (m == n).double()  # [M, N]
+    wins = _wins(member_losses, nonmember_losses)
     gen = torch.Generator().manual_seed(seed)
 
     def counts(size: int) -> torch.Tensor:
@@ -71,8 +74,8 @@ def auroc_interval(member_losses: list[float], nonmember_losses: list[float],
         return torch.zeros(resamples, size, dtype=torch.float64).scatter_add_(
             1, idx, torch.ones_like(idx, dtype=torch.float64))
 
-    wm, wn = counts(m.shape[0]), counts(n.shape[1])
-    values = ((wm @ wins) * wn).sum(1) / (m.shape[0] * n.shape[1])
+    m, n = wins.shape
+    values = ((counts(m) @ wins) * counts(n)).sum(1) / (m * n)
     lo, hi = torch.quantile(values, torch.tensor([(1 - level) / 2, (1 + level) / 2],
                                                  dtype=torch.float64)).tolist()
     return lo, hi

@@ -278,9 +278,9 @@ def e2e_scores(locked: Path, ws: Workspace, suite: TaskSuite, grants: list[tuple
     return {"per_task": per_task, "rows": rows, "max_abs_diff": diff}
 
 
-def _mia(row: dict) -> str:
-    lo, hi = row.get("mia_auroc_95ci", (float("nan"),) * 2)
-    return f"{row['mia_auroc']:.2f} [{lo:.2f}, {hi:.2f}]"
+def _mia_cells(row: dict) -> str:
+    lo, hi = row["mia_auroc_95ci"]
+    return f"{row['mia_auroc']:.2f} [{lo:.2f}, {hi:.2f}] | {row['mia_auroc_beneath_eos']:.2f}"
 
 
 def render_markdown(result: dict) -> str:
@@ -294,13 +294,11 @@ def render_markdown(result: dict) -> str:
                  "|" + "---|" * len(head)]
         b = result["before"]
         lines.append("| before (no lock) | " + " | ".join(f"{b['accuracy'][t]:.2f}" for t in tasks)
-                     + f" | {b['pii_extraction'] or 0:.2f} | {_mia(b)} | "
-                     + f"{b.get('mia_auroc_beneath_eos', float('nan')):.2f} | |")
+                     + f" | {b['pii_extraction'] or 0:.2f} | {_mia_cells(b)} | |")
         for r in rows:
             cells = [f"{r['accuracy'][t]:.2f}{'*' if t in r['grant'] else ''}" for t in tasks]
             lines.append(f"| {'+'.join(r['grant'])} | " + " | ".join(cells)
-                         + f" | {r['pii_extraction'] or 0:.2f} | {_mia(r)} | "
-                         + f"{r.get('mia_auroc_beneath_eos', float('nan')):.2f} | "
+                         + f" | {r['pii_extraction'] or 0:.2f} | {_mia_cells(r)} | "
                          + ("yes" if r["check"]["pass"] else "no") + " |")
         return [*lines, ""]
 
