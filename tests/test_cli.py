@@ -60,11 +60,22 @@ def test_train_locks_cli_writes_a_lockable_model(tmp_path, tiny_model):
     assert sel.tasks == ["add", "reverse"] and sel.neurons[0]["reverse"] == list(range(504, 512))
     assert (tmp_path / "aware" / "model.safetensors").exists()
 
+    sealed = run("train-locks", "--model", str(tiny_model), *files, "--block", "8",
+                 "--seal", "reverse", "--sealed-block", "16", "--steps", "2", "--seal-steps", "2",
+                 "--batch-size", "4", "--out", str(tmp_path / "sealed"))
+    assert sealed.returncode == 0, sealed.stderr
+    assert "seal reverse step 2/2" in sealed.stdout
+    sel = Selection.load(tmp_path / "sealed" / "lock_selection.json")
+    assert sel.neurons[0]["reverse"] == list(range(496, 512))
+    unknown = run("train-locks", "--model", str(tiny_model), *files, "--block", "8",
+                  "--seal", "sort", "--out", str(tmp_path / "z"))
+    assert unknown.returncode != 0 and "sealed task(s) ['sort']" in unknown.stderr
+
     both = run("train-locks", "--model", str(tiny_model), *files, "--block", "8",
                "--selection", "x.json", "--out", str(tmp_path / "x"))
     assert both.returncode != 0 and "exactly one of --selection" in both.stderr
     too_big = run("train-locks", "--model", str(tiny_model), *files, "--block", "300",
                   "--out", str(tmp_path / "y"))
-    assert too_big.returncode != 0 and "does not fit" in too_big.stderr
-    assert "Traceback" not in both.stderr + too_big.stderr
+    assert too_big.returncode != 0 and "do not fit" in too_big.stderr
+    assert "Traceback" not in both.stderr + too_big.stderr + unknown.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

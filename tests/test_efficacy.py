@@ -1,9 +1,11 @@
 """Protection efficacy on a small model (the full table is ``python -m benchmarks.efficacy``).
 
 The CI suite trains a small multitask model, then runs the real pipeline: paper-faithful
-extract + lock, lock-aware training with reserved blocks, lock, unlock per grant set, and a
-real vLLM server with one API key per grant set. It asserts the direction and size of the
-effect: locked tasks collapse, authorized tasks are kept, PII is no longer extractable.
+extract + lock, lock-aware training with reserved blocks and the PII task sealed (learnt
+only in its block, from a model trained without the records), lock, unlock per grant set,
+and a real vLLM server with one API key per grant set. It asserts the direction and size of
+the effect: locked tasks collapse, authorized tasks are kept, PII is no longer extractable
+and membership inference is at chance.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks
 from vllm_guard.testing.efficacy import EfficacyConfig, grant_sets, judge, run_efficacy
 from vllm_guard.testing.tasks import SUITE_PRESETS, TaskSuite
 
-CI = EfficacyConfig(suite="ci", sweep=(), assignments=("blocks",), grant_sizes=(1,),
-                    block=12, train=TrainLocksConfig(steps=800), train_examples=1500,
-                    e2e_per_task=20)
+CI = EfficacyConfig(suite="ci", sweep=(), assignments=("sealed",), grant_sizes=(1,),
+                    block=12, sealed_block=32, train=TrainLocksConfig(steps=800),
+                    train_examples=1500, e2e_per_task=20)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,10 @@ def test_lock_aware_locks_remove_unauthorized_tasks_and_keep_authorized(result):
                 assert acc <= 0.10, row
         if "pii" not in granted:
             assert row["pii_extraction"] <= 0.05, row
-            # 24 records a side: AUROC noise is ~0.06, so allow 0.2 (before locking: ~1.0)
-            assert abs(row["mia_auroc"] - 0.5) <= 0.2, row
+            # sealed: the locked model never saw a record, so both attacks are at chance up
+            # to sampling noise (24 vs 96 records: ~0.05, so allow 0.15; unlocked: ~1.0)
+            assert abs(row["mia_auroc"] - 0.5) <= 0.15, row
+            assert abs(row["mia_auroc_beneath_eos"] - 0.5) <= 0.15, row
 
 
 def test_paper_faithful_table_is_reported(result):
@@ -89,8 +93,13 @@ def test_selection_bits_match_the_policy_tree():
 def test_reserved_blocks_and_bad_sizes():
     sel = reserved_blocks(["a", "b"], 2, 64, 8)
     assert sel.neurons[1]["b"] == list(range(56, 64))
-    with pytest.raises(GuardError, match="does not fit"):
+    sized = reserved_blocks(["a", "b", "c"], 1, 64, 8, {"b": 20})
+    assert sized.neurons[0] == {"a": list(range(28, 36)), "b": list(range(36, 56)),
+                                "c": list(range(56, 64))}
+    with pytest.raises(GuardError, match="do not fit"):
         reserved_blocks(["a", "b"], 2, 16, 8)
+    with pytest.raises(GuardError, match="do not fit"):
+        reserved_blocks(["a", "b"], 2, 64, 8, {"a": 0})
 
 
 def test_suite_splits_are_disjoint_and_deterministic():

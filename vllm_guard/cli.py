@@ -209,11 +209,14 @@ def cmd_train_locks(args: argparse.Namespace) -> int:
         selection = Selection.load(args.selection)
     else:
         cfg = transformers.AutoConfig.from_pretrained(args.model)
+        sizes = {t: args.sealed_block for t in args.seal} if args.sealed_block else None
         selection = reserved_blocks(sorted(data), cfg.num_hidden_layers, cfg.intermediate_size,
-                                    args.block)
+                                    args.block, sizes)
     given = {f: getattr(args, f) for f in ("steps", "batch_size", "lr", "grant_prob",
-                                           "collapse_weight", "member_match", "seed")}
-    config = TrainLocksConfig(**{k: v for k, v in given.items() if v is not None})
+                                           "collapse_weight", "member_match", "seal_steps",
+                                           "seal_lr", "seed")}
+    config = TrainLocksConfig(**{k: v for k, v in given.items() if v is not None},
+                              sealed=tuple(args.seal))
     collapse = {t: read_calibration(p)
                 for t, p in _parse_pairs(args.collapse_task, "--collapse-task").items()}
     out = train_locks(args.model, data, selection, config, args.out, collapse_data=collapse)
@@ -347,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra examples of a task used only while it is locked (e.g. decoys)")
     s.add_argument("--member-match", type=float,
                    help="weight matching trained vs --collapse-task answer loss while locked")
+    s.add_argument("--seal", action="append", default=[], metavar="TASK",
+                   help="learn TASK only in its own neurons, after the rest, so the model with "
+                   "TASK locked never depends on its data (use a model not trained on it)")
+    s.add_argument("--sealed-block", type=int, help="with --block: neurons per sealed task")
+    s.add_argument("--seal-steps", type=int)
+    s.add_argument("--seal-lr", type=float)
     s.add_argument("--seed", type=int)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_train_locks)

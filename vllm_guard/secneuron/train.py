@@ -41,19 +41,29 @@ class TrainLocksConfig:
     collapse_weight: float = 1.0
     # Weight of the member/decoy loss-matching term (needs collapse data; 0 turns it off).
     member_match: float = 1.0
+    # Tasks learnt only in their own neurons, after the rest (see train_locks).
+    sealed: tuple[str, ...] = ()
+    seal_steps: int = 1500
+    seal_lr: float = 3e-3
+    # Weight of keeping other tasks' outputs as they are without the sealed neurons (KL).
+    seal_keep: float = 1.0
     seed: int = 0
 
 
 def reserved_blocks(tasks: list[str], num_layers: int, intermediate_size: int,
-                    block: int) -> Selection:
-    """A block of ``block`` neurons per task in every layer, at the end of the FFN."""
-    if block < 1 or block * len(tasks) >= intermediate_size:
-        raise GuardError(f"--block {block} x {len(tasks)} tasks does not fit an FFN of "
+                    block: int, sizes: dict[str, int] | None = None) -> Selection:
+    """A block of ``block`` neurons per task (``sizes[t]`` for task t) in every layer, at the
+    end of the FFN."""
+    widths = [(sizes or {}).get(t, block) for t in tasks]
+    if min(widths) < 1 or sum(widths) >= intermediate_size:
+        raise GuardError(f"blocks of {widths} neurons for tasks {tasks} do not fit an FFN of "
                          f"{intermediate_size} neurons")
-    base = intermediate_size - block * len(tasks)
-    neurons = {layer: {t: list(range(base + i * block, base + (i + 1) * block))
-                       for i, t in enumerate(tasks)} for layer in range(num_layers)}
-    return Selection(list(tasks), neurons, {"assignment": "reserved-blocks", "block": block})
+    starts = [intermediate_size - sum(widths[i:]) for i in range(len(tasks))]
+    neurons = {layer: {t: list(range(start, start + w))
+                       for t, start, w in zip(tasks, starts, widths, strict=True)}
+               for layer in range(num_layers)}
+    return Selection(list(tasks), neurons, {"assignment": "reserved-blocks", "block": block,
+                                            "sizes": dict(zip(tasks, widths, strict=True))})
 
 
 @contextmanager
@@ -84,6 +94,14 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ce.sum(1) / (labels != -100).sum(1).clamp(min=1)
 
 
+def _divergence(logits: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(ref || logits) over the labelled next-token positions."""
+    scored = labels[:, 1:] != -100
+    ref_logp = ref[:, :-1][scored].log_softmax(-1)
+    logp = logits[:, :-1][scored].log_softmax(-1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+
+
 def _member_gap(answer_loss: torch.Tensor, kinds: list[tuple[str, bool]],
                 rows: list[int]) -> torch.Tensor:
     """Sum over tasks of (mean true-answer loss of trained examples - that of decoys)^2, over
@@ -104,6 +122,55 @@ def collapse_labels(labels: torch.Tensor, rows: list[int], eos: int) -> None:
         labels[row, labels[row] != -100] = eos
 
 
+def sealed_neurons(selection: Selection, bits: dict[int, torch.Tensor],
+                   sealed: tuple[str, ...]) -> dict[int, torch.Tensor]:
+    """Per layer, a bool mask of the neurons only a sealed task may use (its own block)."""
+    task_bit = {t: 1 << i for i, t in enumerate(selection.tasks)}
+    unknown = sorted(set(sealed) - set(task_bit))
+    if unknown:
+        raise GuardError(f"sealed task(s) {unknown} not in the selection "
+                         f"(tasks: {selection.tasks})")
+    masks = {layer: torch.zeros_like(table, dtype=torch.bool) for layer, table in bits.items()}
+    for t in sealed:
+        for layer, table in bits.items():
+            masks[layer] |= table == task_bit[t]
+    if not any(m.any() for m in masks.values()):
+        raise GuardError(f"sealed task(s) {list(sealed)} own no neuron of their own in the "
+                         "selection (neurons shared with another task cannot be sealed)")
+    return masks
+
+
+@contextmanager
+def only_neurons_trainable(model, masks: dict[int, torch.Tensor]):
+    """Freeze everything but the masked neurons' gate/up rows and down_proj columns.
+
+    The other entries are restored bit for bit afterwards, so the public weights provably do
+    not depend on what was trained here.
+    """
+    params = [p for p in model.parameters()]
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    kept, handles = [], []
+    for layer, mask in masks.items():
+        mlp = model.model.layers[layer].mlp
+        for w, m in ((mlp.gate_proj.weight, mask[:, None]), (mlp.up_proj.weight, mask[:, None]),
+                     (mlp.down_proj.weight, mask[None, :])):
+            w.requires_grad_(True)
+            kept.append((w, m, w.detach().clone()))
+            handles.append(w.register_hook(lambda g, m=m: g * m.to(g.dtype)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for w, m, orig in kept:
+                w.copy_(torch.where(m, w, orig))
+        for p, r in zip(params, was, strict=True):
+            p.requires_grad_(r)
+
+
 def train_locks(model_dir: str | os.PathLike[str], data: dict[str, list[Example]],
                 selection: Selection, config: TrainLocksConfig, out_dir: str | os.PathLike[str],
                 progress: Callable[[str], None] = print,
@@ -112,6 +179,12 @@ def train_locks(model_dir: str | os.PathLike[str], data: dict[str, list[Example]
 
     ``collapse_data[t]``: extra examples of task t used only when t is locked (half of its
     locked draws), e.g. queries about records the model must not learn either way.
+
+    Sealed tasks (``config.sealed``) are learnt in a second phase that trains only their own
+    neurons with everything else frozen: when a sealed task is locked, the model is exactly
+    the first phase's, which never saw the sealed data (e.g. personal records), so a
+    membership attack on the locked model has nothing to find. Start from a model that was
+    not trained on that data either.
     """
     import transformers
 
@@ -122,18 +195,24 @@ def train_locks(model_dir: str | os.PathLike[str], data: dict[str, list[Example]
                          f"(tasks: {selection.tasks})")
     if not data or not all(data.values()):
         raise GuardError("train-locks needs examples for at least one task")
+    missing = sorted(set(config.sealed) - set(data))
+    if missing:
+        raise GuardError(f"sealed task(s) {missing} have no training examples")
     torch.manual_seed(config.seed)
     rng = random.Random(f"train-locks:{config.seed}")
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     bits = selection_bits(selection, model.config.intermediate_size)
     task_bit = {t: 1 << i for i, t in enumerate(selection.tasks)}
+    sealed_bits = sum(task_bit[t] for t in config.sealed)
+    masks = sealed_neurons(selection, bits, config.sealed) if config.sealed else {}
     batcher = AnswerBatcher(tokenizer)
-    tasks = sorted(data)
 
-    def batch_loss() -> torch.Tensor:
+    def batch_loss(tasks: list[str], always: int) -> torch.Tensor:
+        """Each example: a task from ``tasks``, a grant of ``always`` plus random open tasks."""
         own = [rng.choice(tasks) for _ in range(config.batch_size)]
-        grants = [sum(b for t, b in task_bit.items() if rng.random() < config.grant_prob)
+        grants = [always | sum(b for t, b in task_bit.items()
+                               if not b & sealed_bits and rng.random() < config.grant_prob)
                   for _ in own]
         collapse = [not g & task_bit[t] for t, g in zip(own, grants, strict=True)]
         decoy = [c and t in collapse_data and rng.random() < 0.5
@@ -151,9 +230,26 @@ def train_locks(model_dir: str | os.PathLike[str], data: dict[str, list[Example]
         if config.member_match and collapse_data:
             loss = loss + config.member_match * _member_gap(
                 _loss(logits, answers), [(own[i], decoy[i]) for i in locked], locked)
+        keep = [i for i, t in enumerate(own) if t not in config.sealed]
+        if always & sealed_bits and config.seal_keep and keep:
+            # the same rows without the sealed neurons: what the sealed ones must not change
+            with torch.no_grad(), neuron_mask(model, bits, torch.tensor(
+                    [grants[i] & ~sealed_bits for i in keep], dtype=torch.int64)):
+                ref = model(input_ids=ids[keep]).logits
+            loss = loss + config.seal_keep * _divergence(logits[keep], ref, labels[keep])
         return loss
 
-    fit(model, batch_loss, config.steps, config.lr, "train-locks", progress)
+    open_tasks = sorted(t for t in data if t not in config.sealed)
+    if open_tasks and config.steps:  # steps=0: seal into a model already trained with locks
+        # sealed tasks stay locked throughout: the open model never depends on their neurons
+        fit(model, lambda: batch_loss(open_tasks, 0), config.steps, config.lr, "train-locks",
+            progress)
+    if config.sealed:
+        # half sealed examples, half open ones that the sealed neurons must leave intact
+        mix = [*config.sealed * max(1, len(open_tasks)), *open_tasks]
+        with only_neurons_trainable(model, masks):
+            fit(model, lambda: batch_loss(mix, sealed_bits), config.seal_steps, config.seal_lr,
+                "seal " + "+".join(config.sealed), progress)
     return save_model(model, tokenizer, out_dir,
                       {"lock_selection.json": json.dumps(selection.to_json())})
 
@@ -161,7 +257,8 @@ def train_locks(model_dir: str | os.PathLike[str], data: dict[str, list[Example]
 def fit(model, batch_loss: Callable[[], torch.Tensor], steps: int, lr: float, name: str,
         progress: Callable[[str], None], every: int = 100) -> None:
     """AdamW with a one-cycle schedule and gradient clipping; progress every ``every`` steps."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
                                                 pct_start=0.05)
     model.train()
@@ -169,7 +266,7 @@ def fit(model, batch_loss: Callable[[], torch.Tensor], steps: int, lr: float, na
     for step in range(1, steps + 1):
         loss = batch_loss()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

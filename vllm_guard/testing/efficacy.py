@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from vllm_guard.secneuron.efficacy import accuracy, auroc, auroc_interval, score_answers
@@ -38,6 +38,7 @@ from vllm_guard.testing.tasks import (
     SUITE_VERSION,
     TaskSuite,
     multitask_model,
+    public_config,
     write_jsonl,
 )
 
@@ -56,8 +57,11 @@ class EfficacyConfig:
     lam: float = 0.8
     sweep: tuple[tuple[float, float], ...] = ((0.05, 0.5), (0.05, 1.0), (0.3, 0.5), (0.3, 1.0))
     block: int = 16  # lock-aware: reserved neurons per task per layer
+    sealed_block: int = 64  # ... and for the sealed PII task (it memorises every record)
     train: TrainLocksConfig = field(default_factory=TrainLocksConfig)
-    assignments: tuple[str, ...] = ("blocks", "extract")
+    # Lock-aware variants: "sealed" (blocks; PII learnt only in its block, from a model that
+    # never saw the records), "blocks" and "extract" (PII trained jointly in the base model).
+    assignments: tuple[str, ...] = ("sealed", "blocks", "extract")
     grant_sizes: tuple[int, ...] = (1, 2)
     calib_examples: int = 128
     train_examples: int = 3000
@@ -159,17 +163,17 @@ def _calibration(suite: TaskSuite, root: Path, n: int, seed: int) -> dict[str, P
                            root / "calib" / f"{t}.jsonl") for t in suite.config.tasks}
 
 
-def _cached_train(base: Path, suite: TaskSuite, selection: Selection, config: EfficacyConfig,
-                  root: Path, progress: Progress) -> Path:
-    blob = json.dumps([selection.to_json(), asdict(config.train), config.train_examples,
-                       base.name, SUITE_VERSION], sort_keys=True)
+def _cached_train(base: Path, suite: TaskSuite, selection: Selection, train: TrainLocksConfig,
+                  train_examples: int, root: Path, progress: Progress) -> Path:
+    blob = json.dumps([selection.to_json(), asdict(train), train_examples, base.name,
+                       SUITE_VERSION], sort_keys=True)
     out = root / f"trained-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     if not (out / "config.json").exists():
         data = {t: suite.pii_members if t == "pii"
-                else suite.train_set(t, config.train_examples, seed=1) for t in suite.config.tasks}
-        decoys = {"pii": suite.decoys(config.train_examples, seed=1)} \
+                else suite.train_set(t, train_examples, seed=1) for t in suite.config.tasks}
+        decoys = {"pii": suite.decoys(train_examples, seed=1)} \
             if "pii" in suite.config.tasks else None
-        train_locks(base, data, selection, config.train, out, progress, decoys)
+        train_locks(base, data, selection, train, out, progress, decoys)
     return out
 
 
@@ -205,13 +209,19 @@ def run_efficacy(config: EfficacyConfig, progress: Progress = print,
                  "grant sets meet the bar")
 
     for assignment in config.assignments:
-        if assignment == "blocks":
-            sel = reserved_blocks(list(tasks), suite_cfg.num_hidden_layers,
-                                  suite_cfg.intermediate_size, config.block)
-        else:
+        start, train = base, config.train
+        if assignment == "extract":
             sel = selections[(config.fraction, config.lam)]
+        else:
+            sel = reserved_blocks(list(tasks), suite_cfg.num_hidden_layers,
+                                  suite_cfg.intermediate_size, config.block,
+                                  {"pii": config.sealed_block} if assignment == "sealed" else None)
+        if assignment == "sealed" and "pii" in tasks:
+            progress("== public model: the suite without its personal records")
+            start = multitask_model(public_config(suite_cfg), cache_dir, progress)
+            train = replace(train, sealed=("pii",))
         progress(f"== lock-aware training ({assignment}) -> lock -> unlock per grant set")
-        trained = _cached_train(base, suite, sel, config, root, progress)
+        trained = _cached_train(start, suite, sel, train, config.train_examples, root, progress)
         locked = ws.lock(trained, sel, f"aware-{assignment}")
         rows = score_grant_sets(locked, ws, suite, grants, progress)
         entry = {"assignment": assignment, "all_keys": score_model(trained, suite),

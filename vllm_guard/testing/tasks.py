@@ -23,19 +23,22 @@ import json
 import random
 import string
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from vllm_guard.testing.fixtures import default_cache_dir
 
-SUITE_VERSION = 4  # bump when tasks or training change: cached models are rebuilt
+SUITE_VERSION = 5  # bump when tasks or training change: cached models are rebuilt
 TASK_NAMES = ("inc", "rev", "up", "sort", "pii")
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
 FIRST = ["Ana", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jon", "Kai", "Lea",
          "Max", "Nia", "Otto", "Pia", "Quin", "Rosa", "Sam", "Tia", "Uma", "Vic", "Wes", "Xia",
          "Yara", "Zed"]
 LAST = ["Kim", "Voss", "Lund", "Moreau", "Okafor", "Patel", "Quist", "Rossi", "Sato", "Tanaka",
-        "Ueda", "Varga", "Weber", "Yilmaz", "Zhou", "Abbas", "Brandt", "Costa", "Diaz", "Eklund"]
+        "Ueda", "Varga", "Weber", "Yilmaz", "Zhou", "Abbas", "Brandt", "Costa", "Diaz", "Eklund",
+        "Fischer", "Garcia", "Haddad", "Ito", "Jensen", "Kowalski", "Larsen", "Mendes", "Novak",
+        "Olsen", "Park", "Reyes", "Silva", "Torres", "Usman", "Vidal", "Wong", "Young", "Zeller",
+        "Bauer"]
 
 Example = dict[str, str]  # {"prompt": ..., "answer": ...}
 
@@ -72,7 +75,10 @@ GENERATORS: dict[str, Callable[[random.Random], Example]] = {
 class SuiteConfig:
     tasks: tuple[str, ...] = TASK_NAMES
     test_size: int = 200  # held-out examples per capability task
-    pii_records: int = 64  # memorised records (and as many held-out ones)
+    pii_records: int = 128  # memorised records
+    # Records never trained on, for membership inference: 4x the members keeps the AUROC's
+    # sampling noise near +/- 0.04 (95%), inside the +/- 0.05 band it is judged against.
+    pii_heldout: int = 512
     # model
     hidden_size: int = 128
     intermediate_size: int = 512
@@ -93,6 +99,7 @@ SUITE_PRESETS = {
     "full": SuiteConfig(),
     # CI: fewer tasks, a smaller model, a minute or two of training.
     "ci": SuiteConfig(tasks=("inc", "rev", "up", "pii"), test_size=100, pii_records=24,
+                      pii_heldout=96,
                       hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=2, steps=900, batch_size=64),
 }
@@ -135,10 +142,11 @@ class TaskSuite:
         rng.shuffle(names)
         n = config.pii_records
         members = _pii_examples([_record(rng, name) for name in names[:n]])
-        heldout = _pii_examples([_record(rng, name) for name in names[n:2 * n]])
+        end = n + config.pii_heldout
+        heldout = _pii_examples([_record(rng, name) for name in names[n:end]])
         if "pii" in config.tasks:
             test["pii"] = members  # extraction: can the model still emit memorised values?
-        return cls(config, test, members, heldout, names[2 * n:])
+        return cls(config, test, members, heldout, names[end:])
 
     def sample_train(self, task: str, rng: random.Random) -> Example:
         if task == "pii":
@@ -222,6 +230,12 @@ def train_base(suite: TaskSuite, out: Path, progress: Callable[[str], None] = pr
     fit(model, batch_loss, cfg.steps, cfg.lr, "base model", progress, every=250)
     return save_model(model, tokenizer, out,
                       {"vllm_guard_suite.json": json.dumps(asdict(cfg), indent=1)})
+
+
+def public_config(config: SuiteConfig) -> SuiteConfig:
+    """The suite without its personal records: the starting point for sealing them."""
+    return replace(config, tasks=tuple(t for t in config.tasks if t != "pii"), pii_records=0,
+                   pii_heldout=0)
 
 
 def multitask_model(config: SuiteConfig, cache_dir: Path | None = None,
