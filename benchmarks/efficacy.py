@@ -1,11 +1,11 @@
 """Protection efficacy: SecNeuron's table, paper-faithful and with lock-aware training.
 
-python -m benchmarks.efficacy [--suite full|ci] [--no-e2e] [--assignments blocks,extract]
+python -m benchmarks.efficacy [--suite full|ci] [--no-e2e] [--assignments sealed,blocks,extract]
 
 Trains (or reuses) the multitask model, locks it as the toolchain does, scores every grant
 set of size 1 and 2, and serves the lock-aware checkpoint through vLLM with one API key per
 grant set. Prints the tables and writes benchmarks/results/efficacy.{json,md}.
-Full suite: about 17 minutes on 2 cores from scratch, ~3 with every model cached.
+Full suite: about 25 minutes on 2 cores from scratch, ~5 with every model cached.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from vllm_guard.testing.efficacy import EfficacyConfig, render_markdown, run_eff
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="full", choices=["full", "ci"])
-    ap.add_argument("--assignments", default="blocks,extract",
-                    help="lock-aware neuron assignments to train: blocks, extract")
+    ap.add_argument("--assignments", default="sealed,blocks,extract",
+                    help="lock-aware variants to train: sealed (blocks, PII learnt only in its "
+                    "block), blocks, extract (PII trained jointly)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the real-server pass")
     ap.add_argument("--out", default=None, help="result name (default efficacy[-ci])")
     args = ap.parse_args(argv)
