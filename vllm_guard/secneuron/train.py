@@ -7,6 +7,11 @@ not, a collapse objective (cross-entropy towards EOS on every answer position, a
 CTRAP's collapse trap) teaches the model to fail instead of routing t through public
 neurons. Without the collapse term the model does exactly that and locks leak.
 
+Sealed tasks (private data such as personal records) are learnt afterwards in their own
+neurons only, everything else frozen, so the model with them locked is bit for bit one that
+never saw their data: locks then also defeat membership inference, which fine-tuning a model
+already trained on the data could not achieve.
+
 The neuron assignment is a :class:`Selection`: reserved blocks per task
 (:func:`reserved_blocks`) or the output of ``extract``. The result is an ordinary HF
 checkpoint plus the selection to ``lock`` it with.
