@@ -258,6 +258,11 @@ def test_stream_holds_back_only_possible_placeholders():
     assert r.feed((0, "c"), "_ADDRESS_1> and 3 < 4") == "a@b.co and 3 < 4"
     assert r.feed((0, "c"), " x <") == " x "
     assert r.feed((0, "c"), "b") == "<b"
+    # not the start of any placeholder of this session: released at once, not at the end
+    assert r.feed((0, "c"), " <EMAIL_ADDRESS_2") == " <EMAIL_ADDRESS_2"
+    assert r.feed((0, "c"), " <PHONE") == " <PHONE"
+    assert r.feed((0, "c"), " <EMAIL_ADDRESS_") == " "
+    assert r.flush((0, "c")) == "<EMAIL_ADDRESS_"
 
 
 # --- vaults --------------------------------------------------------------------------------

@@ -17,8 +17,6 @@ from vllm_guard.masking.detector import PLACEHOLDER, Detector
 from vllm_guard.masking.vault import Vault
 
 # A trailing fragment that may still grow into a placeholder: "<", "<PER", "<PERSON_1".
-PARTIAL = re.compile(r"<(?:[A-Z][A-Z0-9_]*)?$")
-
 METRICS: Counter[str] = Counter()  # masked_<ENTITY>, unknown_placeholders, vault_unavailable
 
 
@@ -110,19 +108,23 @@ def _restore_message(msg: dict, mapping: dict[str, str]) -> None:
 
 @dataclass
 class StreamRestorer:
-    """Incremental restoration: holds back only a trailing fragment that could still become a
-    placeholder; everything else is released at once."""
+    """Incremental restoration: holds back only a trailing fragment that could still become one
+    of this session's placeholders; everything else is released at once (so output such as
+    ``<ABC...`` that can never be restored does not stall the stream until the end)."""
 
     mapping: dict[str, str]
     held: dict[tuple[int, str], str] = field(default_factory=dict)  # (choice, field) -> text
 
     def feed(self, key: tuple[int, str], text: str) -> str:
         buf = self.held.pop(key, "") + text
-        m = PARTIAL.search(buf)
-        if m:
-            self.held[key] = buf[m.start():]
-            buf = buf[:m.start()]
+        cut = buf.rfind("<")
+        if cut >= 0 and self._could_become_placeholder(buf[cut:]):
+            self.held[key] = buf[cut:]
+            buf = buf[:cut]
         return restore(buf, self.mapping)
+
+    def _could_become_placeholder(self, fragment: str) -> bool:
+        return any(p.startswith(fragment) and p != fragment for p in self.mapping)
 
     def flush(self, key: tuple[int, str]) -> str:
         return restore(self.held.pop(key, ""), self.mapping)
