@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from vllm_guard.masking.detector import PLACEHOLDER, Detector
 from vllm_guard.masking.vault import Vault
 
-# A trailing fragment that may still grow into a placeholder: "<", "<PER", "<PERSON_1".
 METRICS: Counter[str] = Counter()  # masked_<ENTITY>, unknown_placeholders, vault_unavailable
 
 

@@ -127,21 +127,16 @@ def collapse_labels(labels: torch.Tensor, rows: list[int], eos: int) -> None:
         labels[row, labels[row] != -100] = eos
 
 
-def sealed_neurons(selection: Selection, bits: dict[int, torch.Tensor],
-                   sealed: tuple[str, ...]) -> dict[int, torch.Tensor]:
-    """Per layer, a bool mask of the neurons only a sealed task may use (its own block)."""
-    task_bit = {t: 1 << i for i, t in enumerate(selection.tasks)}
-    unknown = sorted(set(sealed) - set(task_bit))
-    if unknown:
-        raise GuardError(f"sealed task(s) {unknown} not in the selection "
-                         f"(tasks: {selection.tasks})")
+def sealed_neurons(bits: dict[int, torch.Tensor],
+                   sealed_bits: list[int]) -> dict[int, torch.Tensor]:
+    """Per layer, a bool mask of the neurons only one sealed task may use (its own block)."""
     masks = {layer: torch.zeros_like(table, dtype=torch.bool) for layer, table in bits.items()}
-    for t in sealed:
+    for bit in sealed_bits:
         for layer, table in bits.items():
-            masks[layer] |= table == task_bit[t]
+            masks[layer] |= table == bit
     if not any(m.any() for m in masks.values()):
-        raise GuardError(f"sealed task(s) {list(sealed)} own no neuron of their own in the "
-                         "selection (neurons shared with another task cannot be sealed)")
+        raise GuardError("the sealed task(s) own no neuron of their own in the selection "
+                         "(neurons shared with another task cannot be sealed)")
     return masks
 
 
@@ -152,7 +147,7 @@ def only_neurons_trainable(model, masks: dict[int, torch.Tensor]):
     The other entries are restored bit for bit afterwards, so the public weights provably do
     not depend on what was trained here.
     """
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     was = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
@@ -210,7 +205,7 @@ def train_locks(model_dir: str | os.PathLike[str], data: dict[str, list[Example]
     bits = selection_bits(selection, model.config.intermediate_size)
     task_bit = {t: 1 << i for i, t in enumerate(selection.tasks)}
     sealed_bits = sum(task_bit[t] for t in config.sealed)
-    masks = sealed_neurons(selection, bits, config.sealed) if config.sealed else {}
+    masks = sealed_neurons(bits, [task_bit[t] for t in config.sealed]) if config.sealed else {}
     batcher = AnswerBatcher(tokenizer)
 
     def batch_loss(tasks: list[str], always: int) -> torch.Tensor:
