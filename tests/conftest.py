@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from vllm_guard.testing.fixtures import fixture_model
-from vllm_guard.testing.server import VllmServer, post
+from vllm_guard.testing.server import VllmServer, free_port, post
 
 LOG_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test-logs"
 
@@ -48,3 +51,50 @@ def complete(server: VllmServer, prompt: str, max_tokens: int = 8) -> str:
                          "temperature": 0})
     assert status == 200, body
     return body["choices"][0]["text"]
+
+
+# --- real redis-server ---------------------------------------------------------------------
+
+
+class Redis:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> Redis:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        for _ in range(100):
+            try:
+                redis.Redis(port=self.port).ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    r = Redis().start()
+    yield r
+    r.stop()

@@ -7,8 +7,6 @@ import asyncio
 import base64
 import json
 import os
-import shutil
-import subprocess
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -28,50 +26,6 @@ from vllm_guard.testing.server import VllmServer, free_port, post
 REPORTS = Path(__file__).resolve().parents[1] / ".cache" / "reports"
 VAULT_KEY = base64.b64encode(os.urandom(32)).decode()
 os.environ["VLLM_GUARD_VAULT_KEY"] = VAULT_KEY  # before any RedisVault; inherited by servers
-
-
-class Redis:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> Redis:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        for _ in range(100):
-            try:
-                redis.Redis(port=self.port).ping()
-                return self
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def client(self):
-        import redis
-
-        return redis.Redis(port=self.port)
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    r = Redis().start()
-    yield r
-    r.stop()
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,12 @@ TEST_DELAY_S = float(os.environ.get("VLLM_GUARD_TEST_DELAY_MS", "0") or 0) / 100
 async def test_only_delay() -> None:
     if TEST_DELAY_S:
         await asyncio.sleep(TEST_DELAY_S)
+
+
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions")
+# Set by the grant middleware on the ASGI scope: the authenticated caller. Middlewares inside
+# it (masking) key per-user state by it; absent means nobody was authenticated.
+PRINCIPAL_KEY = "vllm_guard.principal"
 
 
 class RequestError(Exception):
@@ -80,6 +85,8 @@ def parse_json_object(body: bytes) -> dict:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise RequestError(400, "request body is not valid JSON", "invalid_json") from None
+    except RecursionError:
+        raise RequestError(400, "request body is nested too deeply", "invalid_json") from None
     if not isinstance(doc, dict):
         raise RequestError(400, "request body must be a JSON object", "invalid_json")
     return doc
@@ -101,9 +108,18 @@ def replay(scope: Scope, receive: Receive, body: bytes) -> tuple[Scope, Receive]
     return {**scope, "headers": headers}, new_receive
 
 
+def route_path(scope: Scope) -> str:
+    """The path vLLM's router matches: ``path`` without ``root_path`` (as Starlette does),
+    without a trailing slash."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        path = path[len(root):]
+    return path.rstrip("/") or "/"
+
+
 def is_openai_generation(scope: Scope) -> bool:
     return (scope.get("type") == "http" and scope.get("method") == "POST"
-            and scope.get("path", "").rstrip("/") in OPENAI_ROUTES)
+            and route_path(scope) in OPENAI_ROUTES)
 
 
 class JsonRequestMiddleware(ABC):
@@ -122,15 +138,23 @@ class JsonRequestMiddleware(ABC):
     async def rewrite(self, scope: Scope, body: dict, send: Send) -> tuple[dict, Send]:
         """Return the body to forward and the ``send`` the response goes through."""
 
+    async def admit(self, scope: Scope) -> None:  # noqa: B027 - optional hook
+        """Checks from the headers alone, before the body is read (raise RequestError)."""
+
+    def handles(self, scope: Scope) -> bool:
+        """Whether :meth:`rewrite` sees this request's body."""
+        return is_openai_generation(scope)
+
     async def other(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http":
             return await self.app(scope, receive, send)
-        if not is_openai_generation(scope):
+        if not self.handles(scope):
             return await self.other(scope, receive, send)
         try:
+            await self.admit(scope)
             body = parse_json_object(await read_body(receive, self.max_body_bytes))
             body, send = await self.rewrite(scope, body, send)
         except RequestError as e:
