@@ -17,8 +17,9 @@ import pytest
 from tests.conftest import LOG_DIR
 from vllm_guard.masking.config import STRUCTURED, MaskingConfig
 from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.fields import ROUTES
 from vllm_guard.masking.masker import METRICS, StreamRestorer, restore
-from vllm_guard.masking.middleware import MaskingMiddleware
+from vllm_guard.masking.middleware import BODYLESS_POSTS, MaskingMiddleware
 from vllm_guard.masking.vault import InMemoryVault, RedisVault, VaultUnavailable
 from vllm_guard.testing.pii_corpus import generate, score
 from vllm_guard.testing.server import VllmServer, free_port, post
@@ -26,6 +27,7 @@ from vllm_guard.testing.server import VllmServer, free_port, post
 REPORTS = Path(__file__).resolve().parents[1] / ".cache" / "reports"
 VAULT_KEY = base64.b64encode(os.urandom(32)).decode()
 os.environ["VLLM_GUARD_VAULT_KEY"] = VAULT_KEY  # before any RedisVault; inherited by servers
+os.environ["VLLM_GUARD_SESSION_KEY"] = base64.b64encode(os.urandom(32)).decode()
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +266,8 @@ def server(tiny_model, redis_server, tmp_path_factory):
         "vault": "redis", "redis_url": redis_server.url, "terms_file": "terms.txt"}))
     srv = VllmServer(str(tiny_model), ["--enforce-eager", "--enable-log-requests",
                                        "--max-num-seqs", "64"],
-                     LOG_DIR / "masking_server.log", masking=str(d / "masking.json"))
+                     LOG_DIR / "masking_server.log", {"VLLM_LOGGING_LEVEL": "DEBUG"},
+                     masking=str(d / "masking.json"))
     srv.start()
     try:
         yield srv.wait_ready()
@@ -273,19 +276,23 @@ def server(tiny_model, redis_server, tmp_path_factory):
 
 
 def echo(server, prompt: str, session: str | None = None, stream: bool = False,
-         ids: bool = False) -> tuple:
+         ids: bool = False, with_session: bool = False) -> tuple:
     """echo=True returns the (restored) prompt; ids=True instead returns the prompt's token ids
-    as the engine saw them (vLLM ignores echo when token ids are requested)."""
+    as the engine saw them (vLLM ignores echo when token ids are requested). with_session
+    adds the session token the server issued."""
     body = {"model": "test", "prompt": prompt, "max_tokens": 1, "temperature": 0,
             **({"return_token_ids": True} if ids else {"echo": True})}
-    headers = {"x-vllm-guard-session": session} if session else {}
-    if not stream:
-        return post(server.url + "/v1/completions", body, headers)
+    headers = {"Content-Type": "application/json",
+               **({"x-vllm-guard-session": session} if session else {})}
     req = urllib.request.Request(server.url + "/v1/completions",
-                                 json.dumps({**body, "stream": True}).encode(),
-                                 {"Content-Type": "application/json", **headers})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return r.status, r.read()
+                                 json.dumps({**body, "stream": stream}).encode(), headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, raw, token = r.status, r.read(), r.headers.get("x-vllm-guard-session")
+    except urllib.error.HTTPError as e:
+        status, raw, token = e.code, e.read(), None
+    out = raw if stream else json.loads(raw or b"{}")
+    return (status, out, token) if with_session else (status, out)
 
 
 def engine_prompt(tokenizer, body: dict) -> str:
@@ -318,13 +325,37 @@ def test_engine_sees_only_placeholders_and_client_gets_values(server, tokenizer)
     assert status == 200 and _content(raw).startswith(SECRET)
 
 
-def test_multi_turn_reuses_placeholders(server, tokenizer):
-    _, first = echo(server, "mail jane.roe@example.com please", session="conv-1", ids=True)
-    assert "<EMAIL_ADDRESS_1>" in engine_prompt(tokenizer, first)
-    turn2 = "again: jane.roe@example.com and bob@x.example"
-    seen = engine_prompt(tokenizer, echo(server, turn2, session="conv-1", ids=True)[1])
-    assert "again: <EMAIL_ADDRESS_1> and <EMAIL_ADDRESS_2>" in seen
-    assert echo(server, turn2, session="conv-1")[1]["choices"][0]["text"].startswith(turn2)
+def test_multi_turn_reuses_placeholders_in_a_server_issued_session(server, tokenizer):
+    _, first, token = echo(server, "mail jane.roe@example.com please", ids=True,
+                           with_session=True)
+    assert "<EMAIL_ADDRESS_1>" in engine_prompt(tokenizer, first) and token
+    turn2 = "again: bob@x.example and jane.roe@example.com"
+    seen = engine_prompt(tokenizer, echo(server, turn2, session=token, ids=True)[1])
+    assert "again: <EMAIL_ADDRESS_2> and <EMAIL_ADDRESS_1>" in seen
+    assert echo(server, turn2, session=token)[1]["choices"][0]["text"].startswith(turn2)
+    # a session id the server did not issue is a fresh session: numbering starts again
+    for forged in (token.split(".")[0], token[:-2] + "xx", "conv-1"):
+        seen = engine_prompt(tokenizer, echo(server, turn2, session=forged, ids=True)[1])
+        assert "again: <EMAIL_ADDRESS_1> and <EMAIL_ADDRESS_2>" in seen, forged
+
+
+def test_every_post_route_but_the_masked_ones_is_refused(server):
+    with urllib.request.urlopen(server.url + "/openapi.json", timeout=30) as r:
+        paths = json.loads(r.read())["paths"]
+    posts = [p for p, ops in paths.items() if "post" in ops]
+    assert len(posts) > 10
+    body = {"model": "test", "prompt": SECRET, "input": SECRET, "text": SECRET,
+            "messages": [{"role": "user", "content": SECRET}]}
+    refused = 0
+    for path in posts:
+        if path in ROUTES or path in BODYLESS_POSTS or "{" in path:
+            continue
+        status, resp = post(server.url + path, body)
+        assert status == 403 and resp["error"]["code"] == "endpoint_not_allowed", path
+        refused += 1
+    assert refused >= 10
+    log = server.log_text()
+    assert all(v not in log for v in RAW) and "details: prompt:" in log
 
 
 def test_200_concurrent_sessions_never_cross(server):

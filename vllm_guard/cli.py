@@ -84,8 +84,9 @@ def middleware_args(grants: str | None, masking: str | None) -> list[str]:
     args = []
     if masking:
         from vllm_guard.masking.config import MaskingConfig
+        from vllm_guard.masking.middleware import check_secrets
 
-        MaskingConfig.load(masking)
+        check_secrets(MaskingConfig.load(masking))
         args += ["--middleware", MASKING_MIDDLEWARE]
     if grants:
         from vllm_guard.grants.credentials import GrantsConfig

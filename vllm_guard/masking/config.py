@@ -1,17 +1,20 @@
-"""Masking configuration (``configs/masking.json``), typed and validated up front."""
+"""Masking configuration (``configs/masking.json``): a frozen dataclass, strict on load
+(unknown keys, unknown entities and wrong types are startup errors naming the key)."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from vllm_guard.config import ConfigError, from_dict
 from vllm_guard.errors import GuardError
 
 STRUCTURED = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS",
               "CN_RESIDENT_ID", "US_SSN")
 NER_ENTITIES = ("PERSON", "LOCATION")
+ENTITIES = (*STRUCTURED, *NER_ENTITIES, "SENSITIVE_TERM")
 
 
 @dataclass(frozen=True)
@@ -37,32 +40,53 @@ class MaskingConfig:
     vault: str = "memory"  # "memory" | "redis"
     redis_url: str = "redis://127.0.0.1:6379/0"
     vault_key_env: str = "VLLM_GUARD_VAULT_KEY"  # base64 AES-256 key for Redis values
+    # base64 32-byte key binding sessions to principals; required with Redis (shared by
+    # replicas), random per start with the in-memory vault
+    session_key_env: str = "VLLM_GUARD_SESSION_KEY"
     ttl_seconds: int = 3600
     max_sessions: int = 10_000
     session_header: str = "x-vllm-guard-session"
     max_body_bytes: int = 8 << 20
+    max_placeholders_per_request: int = 1_000
+    max_placeholders_per_session: int = 2_000
+    # detector processes, off the event loop; 0 detects in a thread of the API server
+    detector_workers: int = 2
+    detect_timeout_seconds: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.vault not in ("memory", "redis"):
+            raise ValueError(f"'vault' must be 'memory' or 'redis', not {self.vault!r}")
+        unknown = sorted(set(self.entities) - set(ENTITIES))
+        if unknown:
+            raise ValueError(f"unknown entity {unknown[0]!r} in 'entities' (known: "
+                             f"{list(ENTITIES)})")
+        for name in ("ttl_seconds", "max_sessions", "max_body_bytes",
+                     "max_placeholders_per_request", "max_placeholders_per_session"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name!r} must be positive")
+        if self.detector_workers < 0 or self.detect_timeout_seconds <= 0:
+            raise ValueError("'detector_workers' must be >= 0 and 'detect_timeout_seconds' > 0")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MaskingConfig:
         p = Path(path)
         try:
             doc = json.loads(p.read_text())
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(doc) - known)
-            if unknown:
-                raise ValueError(f"unknown option(s) {unknown}")
-            entities = default_entities()
-            for name, rule in doc.pop("entities", {}).items():
-                entities[name] = EntityRule(**rule)
-            if doc.get("terms_file") and not os.path.isabs(doc["terms_file"]):
-                doc["terms_file"] = str(p.parent / doc["terms_file"])
-            doc["allow_list"] = tuple(doc.get("allow_list", ()))
-            cfg = cls(entities=entities, **doc)
-            if cfg.vault not in ("memory", "redis"):
-                raise ValueError(f"vault must be 'memory' or 'redis', not {cfg.vault!r}")
-            return cfg
-        except (OSError, ValueError, TypeError) as e:
+        except (OSError, ValueError) as e:
             raise GuardError(f"cannot load masking config {p}: {e}") from None
+        try:
+            cfg = from_dict(cls, doc, f"masking config {p}")
+        except ConfigError as e:
+            raise GuardError(str(e)) from None
+        entities = {**default_entities(), **cfg.entities}
+        cfg = replace(cfg, entities=entities)
+        if cfg.terms_file:
+            terms = Path(cfg.terms_file)
+            terms = terms if terms.is_absolute() else p.parent / terms
+            if not terms.is_file():  # a missing list would silently turn term masking off
+                raise GuardError(f"masking config {p}: terms_file {str(terms)!r} not found")
+            cfg = replace(cfg, terms_file=str(terms))
+        return cfg
 
     def enabled(self) -> dict[str, float]:
         return {e: r.threshold for e, r in self.entities.items() if r.enabled}

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 from abc import ABC, abstractmethod
@@ -131,7 +132,10 @@ class TermListDetector(Detector):
         try:
             mtime = self.path.stat().st_mtime
         except OSError:
-            self._pattern = None
+            if self._mtime != -2.0:  # keep masking the last list: never fall open
+                logger.error("vllm-guard masking: terms file %s unreadable; still masking the "
+                             "last %d terms", self.path, len(self._entities))
+                self._mtime = -2.0
             return
         if mtime == self._mtime:
             return
@@ -159,8 +163,7 @@ class TermListDetector(Detector):
 
 
 class CompositeDetector(Detector):
-    """All detectors, overlaps resolved (longest, then highest score), allow-list and existing
-    placeholders skipped. An NER span that runs into a pattern hit is trimmed, not dropped:
+    """All detectors, overlaps resolved (longest, then highest score), allow-list skipped. An NER span that runs into a pattern hit is trimmed, not dropped:
     spaCy's small model often swallows a neighbour ("Eric Gibson - 881-06-5657")."""
 
     def __init__(self, detectors: list[Detector], allow_list: tuple[str, ...] = ()):
@@ -169,7 +172,8 @@ class CompositeDetector(Detector):
 
     def detect(self, text: str) -> list[Span]:
         spans = [s for d in self.detectors for s in d.detect(text)]
-        taken = [(m.start(), m.end()) for m in PLACEHOLDER.finditer(text)]
+        # no placeholder is exempt: callers neutralise look-alikes before detecting
+        taken = Intervals()
         out: list[Span] = []
         # pattern/checksum hits win over NER guesses, then longer spans, then higher scores
         order = sorted(spans, key=lambda s: (s.entity in NER_ENTITIES, -(s.end - s.start),
@@ -177,13 +181,36 @@ class CompositeDetector(Detector):
         for s in order:
             if text[s.start:s.end].lower() in self.allow:
                 continue
-            if any(s.start < e and b < s.end for b, e in taken):
-                s = _trimmed(text, s, taken) if s.entity in NER_ENTITIES else None
+            hits = taken.overlapping(s.start, s.end)
+            if hits:
+                s = _trimmed(text, s, hits) if s.entity in NER_ENTITIES else None
                 if s is None:
                     continue
             out.append(s)
-            taken.append((s.start, s.end))
+            taken.add(s.start, s.end)
         return sorted(out, key=lambda s: s.start)
+
+
+class Intervals:
+    """Disjoint half-open intervals, sorted: overlap queries in O(log n) (many spans in a
+    large body made the pairwise check quadratic)."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def overlapping(self, start: int, end: int) -> list[tuple[int, int]]:
+        i = bisect.bisect_left(self.ends, start + 1)  # first interval ending after start
+        out = []
+        while i < len(self.starts) and self.starts[i] < end:
+            out.append((self.starts[i], self.ends[i]))
+            i += 1
+        return out
+
+    def add(self, start: int, end: int) -> None:
+        i = bisect.bisect_left(self.starts, start)
+        self.starts.insert(i, start)
+        self.ends.insert(i, end)
 
 
 def _trimmed(text: str, span: Span, taken: list[tuple[int, int]]) -> Span | None:

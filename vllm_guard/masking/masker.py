@@ -1,7 +1,7 @@
-"""request -> detector -> vault -> masked request; response -> restorer -> response.
+"""request -> fields -> detector pool -> vault -> masked request; response -> restorer.
 
-Masking walks the OpenAI request fields the model reads (chat message contents and text
-parts, tool-call arguments in the history, completion prompts). Restoration is exact:
+Masking walks every string of the request (:mod:`vllm_guard.masking.fields`): prompt text is
+rewritten, other strings must hold no sensitive value, the rest is refused. Restoration is exact:
 ``<TYPE_N>`` placeholders known to the session are replaced, longest first by construction
 (one regex pass over complete tokens, so ``<PERSON_1>`` never touches ``<PERSON_10>``);
 unknown ones are left as they are and counted.
@@ -13,66 +13,81 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from vllm_guard.masking.detector import PLACEHOLDER, Detector
-from vllm_guard.masking.vault import Vault
+from vllm_guard.asgi import RequestError
+from vllm_guard.masking.detector import PLACEHOLDER
+from vllm_guard.masking.fields import collect
+from vllm_guard.masking.pool import DetectorPool
+from vllm_guard.masking.vault import Vault, VaultFull
+from vllm_guard.masking.worker import Analysis
 
 METRICS: Counter[str] = Counter()  # masked_<ENTITY>, unknown_placeholders, vault_unavailable
 
 
+def entity_of(placeholder_text: str) -> str:
+    m = PLACEHOLDER.fullmatch(placeholder_text)
+    return m.group(1) if m else ""
+
+
+class TooManyValues(RequestError):
+    def __init__(self, message: str, code: str):
+        super().__init__(413, message, code)
+
+
 @dataclass
 class Masker:
-    detector: Detector
+    """Orchestrates one request: fields -> detector pool -> vault -> rewritten body."""
+
+    pool: DetectorPool
     vault: Vault
+    max_per_request: int = 1_000
 
-    async def mask_text(self, session: str, text: str, known: dict[str, str]) -> str:
-        spans = self.detector.detect(text)
-        # values already seen in the session are masked even where detection misses them
-        seen = {v: p for p, v in known.items() if v and v in text}
-        out, pos = [], 0
-        for s in spans:
-            value = text[s.start:s.end]
-            ph = await self.vault.assign(session, s.entity, value)
+    async def mask_request(self, namespace: str, route: str, body: dict) -> dict[str, str]:
+        """Mask ``body`` in place; return the session's placeholder -> value map.
+
+        Raises :class:`RequestError` (4xx) for what cannot be masked, for a sensitive value in
+        a field that cannot be rewritten, and when the caps on placeholders are reached."""
+        slots = collect(route, body)
+        known = await self.vault.mapping(namespace)
+        pairs = [(v, entity_of(p)) for p, v in known.items()]
+        results = await self.pool.analyse([s.holder[s.key] for s in slots],
+                                          [s.mask for s in slots], pairs)
+        wanted: dict[tuple[str, str], None] = {}
+        for slot, res in zip(slots, results, strict=True):
+            if res.spans and not slot.mask:
+                raise RequestError(400, f"'{slot.path}' contains a sensitive value "
+                                   f"({res.spans[0].entity}) and cannot be masked there",
+                                   "sensitive_value_in_control_field")
+            for sp in res.spans:
+                wanted[(sp.entity, res.text[sp.start:sp.end])] = None
+        by_value = {(entity_of(p), v): p for p, v in known.items()}
+        new = [k for k in wanted if k not in by_value]
+        if len(new) > self.max_per_request:
+            raise TooManyValues(f"request has {len(new)} new sensitive values, more than the "
+                                f"{self.max_per_request} allowed per request",
+                                "too_many_sensitive_values")
+        try:
+            placeholders = await self.vault.assign_many(namespace, list(wanted))
+        except VaultFull as e:
+            raise TooManyValues(str(e), "session_full") from None
+        table = dict(zip(wanted, placeholders, strict=True))
+        for slot, res in zip(slots, results, strict=True):
+            if slot.mask:
+                slot.holder[slot.key] = _apply(res, table)
+        for (entity, value), ph in table.items():
+            METRICS[f"masked_{entity}"] += 1
             known[ph] = value
-            METRICS[f"masked_{s.entity}"] += 1
-            out.append(self._mask_seen(text[pos:s.start], seen))
-            out.append(ph)
-            pos = s.end
-        out.append(self._mask_seen(text[pos:], seen))
-        return "".join(out)
-
-    @staticmethod
-    def _mask_seen(text: str, seen: dict[str, str]) -> str:
-        for value in sorted(seen, key=len, reverse=True):
-            text = text.replace(value, seen[value])
-        return text
-
-    async def mask_request(self, session: str, body: dict) -> dict[str, str]:
-        """Mask ``body`` in place; return the session's placeholder -> value map."""
-        known = await self.vault.mapping(session)
-
-        async def m(text: object) -> object:
-            return await self.mask_text(session, text, known) if isinstance(text, str) else text
-
-        for msg in body.get("messages") or []:
-            if not isinstance(msg, dict):
-                continue
-            content = msg.get("content")
-            if isinstance(content, list):
-                for part in content:
-                    if isinstance(part, dict) and part.get("type") == "text":
-                        part["text"] = await m(part.get("text"))
-            else:
-                msg["content"] = await m(content)
-            for call in msg.get("tool_calls") or []:
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict):
-                    fn["arguments"] = await m(fn.get("arguments"))
-        prompt = body.get("prompt")
-        if isinstance(prompt, list):
-            body["prompt"] = [await m(p) for p in prompt]
-        elif prompt is not None:
-            body["prompt"] = await m(prompt)
         return known
+
+
+def _apply(res: Analysis, table: dict[tuple[str, str], str]) -> str:
+    """One pass: the text with each span replaced by its placeholder."""
+    out, pos = [], 0
+    for sp in res.spans:
+        out.append(res.text[pos:sp.start])
+        out.append(table[(sp.entity, res.text[sp.start:sp.end])])
+        pos = sp.end
+    out.append(res.text[pos:])
+    return "".join(out)
 
 
 def restore(text: str, mapping: dict[str, str]) -> str:

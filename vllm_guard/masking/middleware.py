@@ -1,35 +1,38 @@
 """ASGI middleware (``--middleware vllm_guard.masking.middleware.MaskingMiddleware``).
 
-request -> detector -> vault -> masked request -> vLLM -> restorer -> response.
-Streamed (SSE) responses are restored event by event; non-streamed bodies are buffered
-(they are complete JSON documents anyway). Vault outage: 503, nothing forwarded.
+request -> session (principal + id) -> fields -> detector pool -> vault -> masked request ->
+vLLM -> restorer -> response. Fail closed: every POST route other than completions, chat
+completions and responses is refused while masking is on (vLLM would render or tokenize its
+text unmasked), WebSockets too; whatever the masker cannot read is refused with a 4xx; a vault
+or detector outage is a 503 and nothing is forwarded.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 
 from vllm_guard.asgi import (
+    PRINCIPAL_KEY,
     ASGIApp,
     JsonRequestMiddleware,
     Message,
+    Receive,
     RequestError,
     Scope,
     Send,
     header,
+    route_path,
+    send_error,
 )
 from vllm_guard.errors import GuardError
 from vllm_guard.log import get_logger
 from vllm_guard.masking.config import MaskingConfig
 from vllm_guard.masking.detector import build_detector
-from vllm_guard.masking.masker import (
-    METRICS,
-    Masker,
-    StreamRestorer,
-    restore_response,
-)
+from vllm_guard.masking.fields import ROUTES
+from vllm_guard.masking.masker import METRICS, Masker
+from vllm_guard.masking.pool import DetectionFailed, DetectorPool
+from vllm_guard.masking.restorer import ResponseRestorer
+from vllm_guard.masking.sessions import SessionBinder, load_session_key
 from vllm_guard.masking.vault import (
     InMemoryVault,
     RedisVault,
@@ -39,129 +42,82 @@ from vllm_guard.masking.vault import (
 )
 
 MASKING_ENV = "VLLM_GUARD_MASKING"  # path of the masking config file
+# methods that carry no body vLLM would render; everything else must be a masked route
+READ_ONLY = ("GET", "HEAD", "OPTIONS")
+BODYLESS_POSTS = ("/ping",)  # SageMaker's health check
 logger = get_logger(__name__)
 
 
 def make_vault(config: MaskingConfig) -> Vault:
     if config.vault == "redis":
         return RedisVault(config.redis_url, load_vault_key(config.vault_key_env),
-                          config.ttl_seconds)
-    return InMemoryVault(config.ttl_seconds, config.max_sessions)
+                          config.ttl_seconds, config.max_placeholders_per_session)
+    return InMemoryVault(config.ttl_seconds, config.max_sessions,
+                         config.max_placeholders_per_session)
 
 
-def check_shape(body: dict) -> None:
-    """Reject shapes we could not mask (vLLM's validation errors would echo raw input)."""
-    messages = body.get("messages")
-    if messages is not None:
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise RequestError(400, "'messages' must be a list of objects", "invalid_messages")
-        for m in messages:
-            if not isinstance(m.get("content"), str | list | type(None)):
-                raise RequestError(400, "message 'content' must be a string or a list of parts",
-                                   "invalid_content")
-    prompt = body.get("prompt")
-    if prompt is not None and not isinstance(prompt, str | list):
-        raise RequestError(400, "'prompt' must be a string or a list", "invalid_prompt")
+def check_secrets(config: MaskingConfig) -> None:
+    """The keys the config needs are in the environment (one-line startup errors)."""
+    if config.vault == "redis":
+        load_vault_key(config.vault_key_env)
+        load_session_key(config.session_key_env, required=True)
 
 
-class _ResponseRestorer:
-    """Wraps ``send``: restores placeholders in the response before it leaves the server."""
-
-    def __init__(self, send: Send, mapping: dict[str, str]):
-        self.send_downstream = send
-        self.mapping = mapping
-        self.start: Message | None = None
-        self.streaming = False
-        self.stream = StreamRestorer(mapping)
-        self.pending = b""
-        self.body = []
-        self.last_chunk: dict | None = None
-
-    async def __call__(self, message: Message) -> None:
+def with_header(send: Send, name: bytes, value: str) -> Send:
+    async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
-            ctype = dict(message.get("headers", [])).get(b"content-type", b"")
-            self.streaming = ctype.startswith(b"text/event-stream")
-            self.ok = message.get("status", 200) == 200
-            if self.streaming or not self.ok:
-                await self.send_downstream(message)
-            else:
-                self.start = message  # sent with the restored body's length
-            return
-        if message["type"] != "http.response.body" or not self.ok:
-            return await self.send_downstream(message)
-        if self.streaming:
-            return await self._stream(message)
-        self.body.append(message.get("body", b""))
-        if message.get("more_body"):
-            return
-        raw = b"".join(self.body)
-        try:
-            doc = json.loads(raw)
-            restore_response(doc, self.mapping)
-            raw = json.dumps(doc).encode()
-        except ValueError:
-            pass
-        headers = [(k, v) for k, v in self.start.get("headers", []) if k != b"content-length"]
-        headers.append((b"content-length", str(len(raw)).encode()))
-        await self.send_downstream({**self.start, "headers": headers})
-        await self.send_downstream({"type": "http.response.body", "body": raw})
-
-    async def _stream(self, message: Message) -> None:
-        data = self.pending + message.get("body", b"")
-        events = data.split(b"\n\n")
-        self.pending = events.pop()
-        out = [self._event(e) for e in events]
-        if not message.get("more_body"):
-            if self.pending:
-                out.append(self._event(self.pending))
-            self.pending = b""
-        await self.send_downstream({"type": "http.response.body",
-                                    "body": b"".join(out), "more_body": message.get("more_body",
-                                                                                      False)})
-
-    def _event(self, event: bytes) -> bytes:
-        line = event.strip()
-        if not line.startswith(b"data:"):
-            return event + b"\n\n"
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            tail = self.stream.pending()
-            prefix = b""
-            if tail and self.last_chunk is not None:  # stream ended inside a held fragment
-                chunk = {**self.last_chunk, "choices": [
-                    {"index": 0, "delta": {"content": tail}, "text": tail,
-                     "finish_reason": None}]}
-                prefix = b"data: " + json.dumps(chunk).encode() + b"\n\n"
-            return prefix + b"data: [DONE]\n\n"
-        try:
-            chunk = json.loads(payload)
-        except ValueError:
-            return event + b"\n\n"
-        self.stream.restore_chunk(chunk)
-        self.last_chunk = chunk
-        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            message = {**message, "headers": [*message.get("headers", []),
+                                              (name, value.encode("latin-1"))]}
+        await send(message)
+    return wrapped
 
 
 class MaskingMiddleware(JsonRequestMiddleware):
-    def __init__(self, app: ASGIApp, config_path: str | None = None):
+    def __init__(self, app: ASGIApp, config_path: str | None = None,
+                 config: MaskingConfig | None = None):
         super().__init__(app)
         path = config_path or os.environ.get(MASKING_ENV)
-        if not path:
-            raise GuardError(f"MaskingMiddleware needs a config file: set {MASKING_ENV}")
-        self.config = MaskingConfig.load(path)
-        self.max_body_bytes = self.config.max_body_bytes
-        self.masker = Masker(build_detector(self.config), make_vault(self.config))
-        self.session_header = self.config.session_header.lower().encode()
-        logger.info("vllm-guard masking on: vault=%s, entities=%s", self.config.vault,
-                    sorted(self.config.enabled()))
+        if config is None:
+            if not path:
+                raise GuardError(f"MaskingMiddleware needs a config file: set {MASKING_ENV}")
+            config = MaskingConfig.load(path)
+        self.config = config
+        self.max_body_bytes = config.max_body_bytes
+        self.sessions = SessionBinder(load_session_key(config.session_key_env,
+                                                       required=config.vault == "redis"))
+        pool = DetectorPool(lambda: build_detector(config), path, config.detector_workers,
+                            config.detect_timeout_seconds)
+        self.masker = Masker(pool, make_vault(config), config.max_placeholders_per_request)
+        self.session_header = config.session_header.lower().encode()
+        logger.info("vllm-guard masking on: vault=%s, entities=%s, detector workers=%d",
+                    config.vault, sorted(config.enabled()), config.detector_workers)
+
+    def handles(self, scope: Scope) -> bool:
+        return scope.get("method") == "POST" and route_path(scope) in ROUTES
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") == "websocket":
+            return await send({"type": "websocket.close", "code": 1008,
+                               "reason": "not available with masking on"})
+        if scope.get("type") == "http" and not self.handles(scope) and not (
+                scope.get("method") in READ_ONLY or route_path(scope) in BODYLESS_POSTS):
+            return await send_error(send, RequestError(
+                403, f"{scope.get('method')} {route_path(scope)} is not available with masking "
+                "on (its input would reach vLLM unmasked)", "endpoint_not_allowed",
+                "permission_error"))
+        await super().__call__(scope, receive, send)
 
     async def rewrite(self, scope: Scope, body: dict, send: Send) -> tuple[dict, Send]:
-        check_shape(body)
-        session = header(scope, self.session_header) or "req-" + secrets.token_hex(16)
+        principal = scope.get(PRINCIPAL_KEY)
+        namespace, token = self.sessions.resolve(principal, header(scope, self.session_header))
+        route = route_path(scope)
         try:
-            mapping = await self.masker.mask_request(session, body)
-        except VaultUnavailable as e:
-            METRICS["vault_unavailable"] += 1
+            mapping = await self.masker.mask_request(namespace, route, body)
+        except (VaultUnavailable, DetectionFailed) as e:
+            METRICS["vault_unavailable" if isinstance(e, VaultUnavailable)
+                    else "detection_failed"] += 1
             logger.error("vllm-guard masking: %s; request refused (fail closed)", e)
-            raise RequestError(503, f"{e}; request not forwarded", "vault_unavailable") from None
-        return body, _ResponseRestorer(send, mapping)
+            code = "vault_unavailable" if isinstance(e, VaultUnavailable) else "masking_failed"
+            raise RequestError(503, f"{e}; request not forwarded", code) from None
+        send = with_header(send, self.session_header, token)
+        return body, ResponseRestorer(send, mapping, route)

@@ -1,10 +1,12 @@
-"""The vault: per session, value <-> placeholder. In memory (default) or Redis.
+"""The vault: per namespace (principal + session), value <-> placeholder. In memory or Redis.
 
-Redis layout, all keys namespaced ``vg:<sha256(session)>:`` and expiring after the TTL:
-- ``...:p2v`` hash: placeholder -> AES-256-GCM(value), AAD = session digest + placeholder;
-- ``...:v2p`` hash: HMAC-SHA256(value) -> placeholder (same value, same placeholder, and no
-  plaintext or unkeyed hash of a value ever stored);
-- ``...:n`` hash: entity -> last number used.
+Redis: ONE hash per session, ``vg:<sha256(namespace)[:32]>``, expiring after the TTL as a
+whole (so a placeholder number is never reused while a value under it survives):
+- ``n:<ENTITY>`` last number used for the entity; ``t`` placeholders in the session (the cap);
+- ``p:<placeholder>`` nonce + AES-256-GCM(value), AAD = key | entity | MAC;
+- ``v:<MAC>`` -> placeholder, MAC = HMAC-SHA256(key namespace, entity, value) under a key
+  derived from the server key (no plaintext or unkeyed hash of a value is ever stored).
+All writes of a request and the EXPIRE run in one Lua script (atomic, all or nothing).
 """
 
 from __future__ import annotations
@@ -14,29 +16,44 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vllm_guard.errors import GuardError
 
+T = TypeVar("T")
+
 
 class VaultUnavailable(GuardError):
     """The vault cannot be reached: fail closed (503), never forward the unmasked prompt."""
 
 
+class VaultFull(GuardError):
+    """The session would exceed its cap of placeholders; nothing of the request was stored."""
+
+
 class Vault(ABC):
     @abstractmethod
-    async def assign(self, session: str, entity: str, value: str) -> str:
-        """The placeholder for ``value`` in ``session`` (a new one if unseen)."""
+    async def assign_many(self, namespace: str, items: list[tuple[str, str]]) -> list[str]:
+        """Placeholders for (entity, value) pairs, in order; new values get the next number.
+
+        Raises :class:`VaultFull` (and stores nothing) past the per-session cap."""
+
+    async def assign(self, namespace: str, entity: str, value: str) -> str:
+        """The placeholder for one value (a new one if unseen)."""
+        return (await self.assign_many(namespace, [(entity, value)]))[0]
 
     @abstractmethod
-    async def mapping(self, session: str) -> dict[str, str]:
-        """placeholder -> value for the session."""
+    async def mapping(self, namespace: str) -> dict[str, str]:
+        """placeholder -> value for the session (empty once expired); refreshes its TTL."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -44,6 +61,13 @@ class Vault(ABC):
 
 def placeholder(entity: str, number: int) -> str:
     return f"<{entity}_{number}>"
+
+
+_PLACEHOLDER = re.compile(r"<(.+)_([1-9][0-9]*)>")
+
+
+def _full(cap: int) -> VaultFull:
+    return VaultFull(f"the session would exceed its cap of {cap} placeholders")
 
 
 @dataclass
@@ -55,38 +79,53 @@ class _Session:
 
 
 class InMemoryVault(Vault):
-    """Per process; TTL per session and a bound on the number of sessions (LRU)."""
+    """Per process; TTL per session, a cap per session, and a bound on sessions (LRU)."""
 
-    def __init__(self, ttl_seconds: int = 3600, max_sessions: int = 10_000):
-        self.ttl, self.max_sessions = ttl_seconds, max_sessions
+    def __init__(self, ttl_seconds: float = 3600, max_sessions: int = 10_000,
+                 max_entries: int = 2_000):
+        self.ttl, self.max_sessions, self.max_entries = ttl_seconds, max_sessions, max_entries
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._lock = asyncio.Lock()
 
-    def _get(self, session: str) -> _Session:
-        now = time.monotonic()
-        s = self._sessions.get(session)
-        if s is None or s.expires < now:
-            s = self._sessions[session] = _Session()
-        self._sessions.move_to_end(session)
+    def _live(self, namespace: str, now: float) -> _Session | None:
+        # LRU order is also expiry order (every touch sets now + ttl): purge from the front.
+        while self._sessions:
+            oldest = next(iter(self._sessions.values()))
+            if oldest.expires > now:
+                break
+            self._sessions.popitem(last=False)
+        return self._sessions.get(namespace)
+
+    def _touch(self, namespace: str, s: _Session, now: float) -> None:
         s.expires = now + self.ttl
+        self._sessions[namespace] = s
+        self._sessions.move_to_end(namespace)
         while len(self._sessions) > self.max_sessions:
             self._sessions.popitem(last=False)
-        return s
 
-    async def assign(self, session: str, entity: str, value: str) -> str:
+    async def assign_many(self, namespace: str, items: list[tuple[str, str]]) -> list[str]:
         async with self._lock:
-            s = self._get(session)
-            found = s.by_value.get((entity, value))
-            if found is None:
+            now = time.monotonic()
+            s = self._live(namespace, now) or _Session()
+            new = [k for k in dict.fromkeys(items) if k not in s.by_value]
+            if len(s.values) + len(new) > self.max_entries:
+                raise _full(self.max_entries)  # before any write, not even a new session
+            for entity, value in new:
                 s.counters[entity] = s.counters.get(entity, 0) + 1
-                found = placeholder(entity, s.counters[entity])
-                s.by_value[(entity, value)] = found
-                s.values[found] = value
-            return found
+                ph = placeholder(entity, s.counters[entity])
+                s.by_value[(entity, value)] = ph
+                s.values[ph] = value
+            self._touch(namespace, s, now)
+            return [s.by_value[k] for k in items]
 
-    async def mapping(self, session: str) -> dict[str, str]:
+    async def mapping(self, namespace: str) -> dict[str, str]:
         async with self._lock:
-            return dict(self._get(session).values)
+            now = time.monotonic()
+            s = self._live(namespace, now)
+            if s is None:
+                return {}  # reading never creates (nor evicts for) a session
+            self._touch(namespace, s, now)
+            return dict(s.values)
 
 
 def load_vault_key(env_name: str) -> bytes:
@@ -102,61 +141,109 @@ def load_vault_key(env_name: str) -> bytes:
     return key
 
 
+# KEYS[1]: the session hash. ARGV: ttl, cap, then (entity, mac, sealed) per distinct item.
+# Returns the placeholders in order, or -1 (nothing written) past the cap.
+_ASSIGN_LUA = """
+local key, ttl, cap = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local out, new = {}, {}
+for i = 3, #ARGV, 3 do
+  local ph = redis.call('HGET', key, 'v:' .. ARGV[i + 1])
+  out[#out + 1] = ph
+  if not ph then new[#new + 1] = i end
+end
+if #new > 0 then
+  if tonumber(redis.call('HGET', key, 't') or '0') + #new > cap then
+    return -1
+  end
+  for _, i in ipairs(new) do
+    local n = redis.call('HINCRBY', key, 'n:' .. ARGV[i], 1)
+    local ph = '<' .. ARGV[i] .. '_' .. n .. '>'  -- as placeholder() in Python
+    redis.call('HSET', key, 'p:' .. ph, ARGV[i + 2], 'v:' .. ARGV[i + 1], ph)
+    out[(i - 3) / 3 + 1] = ph
+  end
+  redis.call('HINCRBY', key, 't', #new)
+end
+redis.call('EXPIRE', key, ttl)
+return out
+"""
+
+
 class RedisVault(Vault):
     """Shared by API-server processes and replicas; values encrypted under a server key."""
 
-    def __init__(self, url: str, key: bytes, ttl_seconds: int = 3600):
+    def __init__(self, url: str, key: bytes, ttl_seconds: int = 3600, max_entries: int = 2_000):
         import redis.asyncio as aioredis
 
         self.redis = aioredis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        self._assign = self.redis.register_script(_ASSIGN_LUA)
         self.aead = AESGCM(key)
         self.mac_key = hmac.new(key, b"vllm-guard vault value mac", hashlib.sha256).digest()
-        self.ttl = ttl_seconds
+        self.ttl, self.max_entries = int(ttl_seconds), max_entries
 
     @staticmethod
-    def _ns(session: str) -> str:
-        return "vg:" + hashlib.sha256(session.encode()).hexdigest()[:32]
+    def _key(namespace: str) -> str:
+        return "vg:" + hashlib.sha256(namespace.encode()).hexdigest()[:32]
 
-    async def _call(self, coro):
+    def _mac(self, key: str, entity: str, value: str) -> str:
+        # Keyed by session too: the same value in two sessions is not linkable in Redis.
+        msg = f"{key}\x00{entity}\x00{value}".encode()
+        return hmac.new(self.mac_key, msg, hashlib.sha256).hexdigest()
+
+    @staticmethod
+    async def _call(aw: Awaitable[T]) -> T:
         from redis.exceptions import RedisError
 
         try:
-            return await coro
+            return await aw
         except (RedisError, OSError) as e:
             raise VaultUnavailable(f"vault (Redis) unavailable: {type(e).__name__}") from None
 
-    async def assign(self, session: str, entity: str, value: str) -> str:
-        ns = self._ns(session)
-        mac = hmac.new(self.mac_key, f"{entity}\x00{value}".encode(), hashlib.sha256).hexdigest()
-        found = await self._call(self.redis.hget(f"{ns}:v2p", mac))
-        if found is not None:
-            return found.decode()
-        number = await self._call(self.redis.hincrby(f"{ns}:n", entity, 1))
-        ph = placeholder(entity, number)
-        nonce = os.urandom(12)
-        sealed = nonce + self.aead.encrypt(nonce, value.encode(), f"{ns}|{ph}".encode())
-        # HSETNX: two racing requests with the same new value keep one placeholder.
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(f"{ns}:v2p", mac, ph)
-            pipe.hget(f"{ns}:v2p", mac)
-            for k in ("p2v", "v2p", "n"):
-                pipe.expire(f"{ns}:{k}", self.ttl)
-            _, winner, *_ = await self._call(pipe.execute())
-        ph = winner.decode()
-        await self._call(self.redis.hsetnx(f"{ns}:p2v", ph, sealed))
-        return ph
+    async def assign_many(self, namespace: str, items: list[tuple[str, str]]) -> list[str]:
+        if not items:
+            return []
+        key = self._key(namespace)
+        distinct = list(dict.fromkeys(items))
+        args: list[str | bytes | int] = [self.ttl, self.max_entries]
+        for entity, value in distinct:
+            mac = self._mac(key, entity, value)
+            nonce = os.urandom(12)
+            # The number is only known inside the script, so the AAD binds the MAC instead.
+            sealed = nonce + self.aead.encrypt(nonce, value.encode(),
+                                               f"{key}|{entity}|{mac}".encode())
+            args += [entity, mac, sealed]
+        res = await self._call(self._assign(keys=[key], args=args))
+        if not isinstance(res, list):
+            raise _full(self.max_entries)
+        table = {k: ph.decode() for k, ph in zip(distinct, res, strict=True)}
+        return [table[k] for k in items]
 
-    async def mapping(self, session: str) -> dict[str, str]:
-        ns = self._ns(session)
-        raw = await self._call(self.redis.hgetall(f"{ns}:p2v"))
+    async def mapping(self, namespace: str) -> dict[str, str]:
+        key = self._key(namespace)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(key)
+            pipe.expire(key, self.ttl)
+            raw, _ = await self._call(pipe.execute())
+        macs: dict[str, str | None] = {}  # placeholder -> the MAC pointing to it
+        for f, v in raw.items():
+            if f.startswith(b"v:"):
+                ph = v.decode()
+                macs[ph] = None if ph in macs else f[2:].decode()  # two MACs: tampered
         out = {}
-        for ph, sealed in raw.items():
-            ph = ph.decode()
+        for f, sealed in raw.items():
+            if not f.startswith(b"p:"):
+                continue
+            ph = f[2:].decode()
+            m, mac = _PLACEHOLDER.fullmatch(ph), macs.get(ph)
+            if m is None or mac is None:
+                continue
+            entity = m.group(1)
             try:
-                plain = self.aead.decrypt(sealed[:12], sealed[12:], f"{ns}|{ph}".encode())
-                out[ph] = plain.decode()
+                value = self.aead.decrypt(sealed[:12], sealed[12:],
+                                          f"{key}|{entity}|{mac}".encode()).decode()
             except (InvalidTag, ValueError):
                 continue  # tampered or foreign entry: never restore it
+            if hmac.compare_digest(self._mac(key, entity, value), mac):
+                out[ph] = value
         return out
 
     async def close(self) -> None:

@@ -1,0 +1,303 @@
+"""Fail-closed masking in process: every vLLM request field classified, every text field
+masked, unreadable shapes refused, sessions bound to principals (fake engine, no server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from vllm_guard.asgi import PRINCIPAL_KEY
+from vllm_guard.masking import fields
+from vllm_guard.masking.config import MaskingConfig
+from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.fields import CHAT, COMPLETIONS, RESPONSES, Unmaskable, collect
+from vllm_guard.masking.masker import Masker
+from vllm_guard.masking.middleware import MaskingMiddleware
+from vllm_guard.masking.pool import DetectorPool
+from vllm_guard.masking.sessions import SessionBinder
+from vllm_guard.masking.vault import InMemoryVault
+
+EMAIL, SSN = "jane.roe@example.com", "078-05-1120"
+SECRET = f"mail {EMAIL} ssn {SSN}"
+FAST = MaskingConfig(ner="off", name_lists=False, detector_workers=0)
+
+
+def vllm_models() -> dict[str, type]:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    return {COMPLETIONS: CompletionRequest, CHAT: ChatCompletionRequest,
+            RESPONSES: ResponsesRequest}
+
+
+@pytest.mark.parametrize("route", fields.ROUTES)
+def test_every_field_of_vllms_request_models_is_classified(route):
+    """Fails when a vLLM upgrade adds a request field we neither mask, check nor refuse."""
+    known = set(fields.TEXT[route]) | set(fields.REFUSED) | set(fields.SCALARS) | set(
+        fields.CONTROLS)
+    missing = sorted(set(vllm_models()[route].model_fields) - known)
+    assert not missing, f"{route}: vLLM request fields not handled by the masker: {missing}"
+
+
+def test_chat_text_part_types_are_vllms():
+    from vllm.renderers.chat_utils import MM_PARSER_MAP, TEXT_PART_TYPES
+
+    assert set(fields.CHAT_TEXT_PARTS) == set(TEXT_PART_TYPES)
+    assert not set(fields.CHAT_TEXT_PARTS) & (set(MM_PARSER_MAP) - set(TEXT_PART_TYPES))
+
+
+@pytest.fixture(scope="module")
+def masker():
+    pool = DetectorPool(lambda: build_detector(FAST), None, 0, 30)
+    return Masker(pool, InMemoryVault(max_entries=50), max_per_request=20)
+
+
+def mask(masker: Masker, route: str, body: dict, ns: str = "ns") -> dict:
+    asyncio.run(masker.mask_request(ns, route, body))
+    return body
+
+
+TEXT_BODIES = [
+    (COMPLETIONS, {"prompt": SECRET}),
+    (COMPLETIONS, {"prompt": [SECRET, "x"], "suffix": SECRET}),
+    (COMPLETIONS, {"prompt": "a", "structured_outputs": {"choice": [SECRET, "no"]}}),
+    (CHAT, {"messages": [{"role": "user", "content": SECRET}]}),
+    *[(CHAT, {"messages": [{"role": "user", "content": [
+        {"type": t, fields.CHAT_TEXT_PARTS[t]: SECRET}]}]}) for t in fields.CHAT_TEXT_PARTS],
+    (CHAT, {"messages": [{"role": "user", "content": [SECRET]}]}),
+    (CHAT, {"messages": [{"role": "assistant", "content": None, "reasoning": SECRET,
+                          "reasoning_content": SECRET, "name": "x"}]}),
+    (CHAT, {"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": SECRET}}]}]}),
+    (CHAT, {"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "f", "arguments": {"to": EMAIL, "n": [SSN, 1]}}}]}]}),
+    (CHAT, {"messages": [], "documents": [{"title": "t", "text": SECRET}]}),
+    (CHAT, {"messages": [], "tools": [{"type": "function", "function": {
+        "name": "f", "description": SECRET, "parameters": {
+            "type": "object", "properties": {"a": {"type": "string",
+                                                   "description": SECRET}}}}}]}),
+    (CHAT, {"messages": [], "chat_template_kwargs": {"system_hint": SECRET}}),
+    (RESPONSES, {"input": SECRET, "instructions": SECRET}),
+    (RESPONSES, {"input": [{"role": "user", "content": [{"type": "input_text",
+                                                          "text": SECRET}]},
+                           {"type": "function_call", "call_id": "c", "name": "f",
+                            "arguments": SECRET},
+                           {"type": "function_call_output", "call_id": "c", "output": SECRET},
+                           {"type": "reasoning", "id": "r", "summary": [
+                               {"type": "summary_text", "text": SECRET}]}]}),
+    (RESPONSES, {"input": "a", "tools": [{"type": "function", "name": "f",
+                                          "description": SECRET, "parameters": {}}]}),
+]
+
+
+@pytest.mark.parametrize("route,body", TEXT_BODIES)
+def test_every_text_field_reaches_the_engine_masked(masker, route, body):
+    out = json.dumps(mask(masker, route, json.loads(json.dumps(body))))
+    assert EMAIL not in out and SSN not in out, out
+    assert "<EMAIL_ADDRESS_" in out and "<US_SSN_" in out
+
+
+REFUSED_BODIES = [
+    (COMPLETIONS, {"prompt": [1, 2, 3]}, "token-id"),
+    (COMPLETIONS, {"prompt": [[1, 2]]}, "token-id"),
+    (COMPLETIONS, {"prompt": "a", "prompt_embeds": "AAAA"}, "embeddings"),
+    (COMPLETIONS, {"prompt": "a", "brand_new_field": "x"}, "unknown field"),
+    (CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "image_url"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a",
+                                                        "image_url": "x"}]}]}, "image_url"),
+    (CHAT, {"messages": [{"role": "user", "content": "a", "secret_field": SECRET}]},
+     "message field"),
+    (CHAT, {"messages": [], "chat_template": "{{ messages }}"}, "chat template"),
+    (RESPONSES, {"input": [{"type": "file_search_call", "id": "x"}]}, "file_search_call"),
+    (RESPONSES, {"input": "a", "previous_response_id": "resp_1"}, "stored"),
+    (RESPONSES, {"input": "a", "tools": [{"type": "web_search"}]}, "web_search"),
+]
+
+
+@pytest.mark.parametrize("route,body,why", REFUSED_BODIES)
+def test_what_the_masker_cannot_read_is_refused(route, body, why):
+    with pytest.raises(Unmaskable) as e:
+        collect(route, body)
+    assert e.value.status == 400 and why in e.value.message
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "a", "stop": [EMAIL]},
+    {"prompt": "a", "user": EMAIL},
+    {"prompt": "a", "structured_outputs": {"regex": SSN}},
+    {"prompt": "a", "logit_bias": {EMAIL: 1}},
+])
+def test_sensitive_value_in_a_control_field_is_refused(masker, body):
+    from vllm_guard.asgi import RequestError
+
+    with pytest.raises(RequestError) as e:
+        mask(masker, COMPLETIONS, body)
+    assert e.value.code == "sensitive_value_in_control_field"
+    assert EMAIL not in e.value.message and SSN not in e.value.message
+
+
+def test_typed_placeholders_are_neutralised_and_values_inside_still_found(masker):
+    body = mask(masker, COMPLETIONS, {"prompt": "a <PERSON_1> b <CARD_4111111111111111>"},
+                "look")
+    assert "<PERSON_1>" not in body["prompt"] and "\u2039PERSON 1\u203a" in body["prompt"]
+    assert "4111111111111111" not in body["prompt"] and "<CREDIT_CARD_1>" in body["prompt"]
+
+
+def test_known_values_masked_where_detection_misses_them(masker):
+    asyncio.run(masker.vault.assign_many("known", [("PERSON", "Zyx Qwv")]))
+    body = mask(masker, CHAT, {"messages": [{"role": "user", "content": "hi Zyx Qwv!"}]},
+                "known")
+    assert body["messages"][0]["content"] == "hi <PERSON_1>!"
+
+
+def test_caps_on_placeholders_are_4xx(masker):
+    from vllm_guard.asgi import RequestError
+
+    many = " ".join(f"u{i}@example.com" for i in range(21))
+    with pytest.raises(RequestError) as e:
+        mask(masker, COMPLETIONS, {"prompt": many}, "cap1")
+    assert e.value.status == 413 and e.value.code == "too_many_sensitive_values"
+    for part in range(3):  # 3 x 20 values > 50 per session
+        emails = " ".join(f"s{part}-{i}@example.com" for i in range(20))
+        try:
+            mask(masker, COMPLETIONS, {"prompt": emails}, "cap2")
+        except RequestError as err:
+            assert part == 2 and err.status == 413 and err.code == "session_full"
+
+
+def test_session_binder_ties_sessions_to_principals():
+    b = SessionBinder(b"k" * 32)
+    alice, _ = b.resolve("key:alice", "s1")
+    assert b.resolve("key:alice", "s1")[0] == alice
+    assert b.resolve("key:bob", "s1")[0] != alice
+    ns, token = b.resolve(None, None)
+    assert b.resolve(None, token) == (ns, token)  # an issued id continues its session
+    sid = token.split(".")[0]
+    for forged in (sid, f"{sid}.AAAA", f"{sid}x.{token.split('.')[1]}", "guess"):
+        assert b.resolve(None, forged)[0] != ns
+    assert SessionBinder(b"j" * 32).resolve(None, token)[0] != ns  # another server key
+
+
+# --- the middleware with a fake engine that answers with placeholders ---------------------
+
+
+def run_app(app, path: str, body: dict, headers: dict[str, str],
+            principal: str | None) -> tuple[int, dict, dict, list]:
+    seen: list[dict] = []
+
+    async def engine(scope, receive, send):
+        msg = await receive()
+        seen.append(json.loads(msg["body"]))
+        out = json.dumps({"choices": [{"index": 0, "text": "<EMAIL_ADDRESS_1> <US_SSN_1>"}]})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": out.encode()})
+
+    app.app = engine
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": "",
+             "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+    if principal:
+        scope[PRINCIPAL_KEY] = principal
+    sent: list[dict] = []
+    data = json.dumps(body).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    async def send(m):
+        sent.append(m)
+
+    asyncio.run(app(scope, receive, send))
+    start = sent[0]
+    resp = json.loads(b"".join(m.get("body", b"") for m in sent[1:]) or b"{}")
+    return start["status"], dict(start["headers"]), resp, seen
+
+
+@pytest.fixture(scope="module")
+def middleware():
+    return MaskingMiddleware(None, config=FAST)
+
+
+def test_other_principal_with_the_same_session_id_restores_nothing(middleware):
+    h = {"x-vllm-guard-session": "shared"}
+    status, _, resp, _ = run_app(middleware, "/v1/completions",
+                                 {"model": "m", "prompt": SECRET}, h, "key:alice")
+    assert status == 200 and resp["choices"][0]["text"] == f"{EMAIL} {SSN}"
+    status, _, resp, seen = run_app(middleware, "/v1/completions",
+                                    {"model": "m", "prompt": "hello"}, h, "key:bob")
+    assert status == 200 and EMAIL not in json.dumps(resp) and SSN not in json.dumps(resp)
+    # and a raw value tells Bob nothing about Alice's session: he gets his own first number
+    _, _, _, seen = run_app(middleware, "/v1/completions",
+                            {"model": "m", "prompt": f"bob@x.org {EMAIL}"}, h, "key:bob")
+    assert seen[0]["prompt"] == "<EMAIL_ADDRESS_1> <EMAIL_ADDRESS_2>"
+
+
+def test_without_grants_only_server_issued_sessions_restore(middleware):
+    status, headers, resp, _ = run_app(middleware, "/v1/completions",
+                                       {"model": "m", "prompt": SECRET}, {}, None)
+    token = headers[b"x-vllm-guard-session"].decode()
+    assert status == 200 and resp["choices"][0]["text"] == f"{EMAIL} {SSN}"
+    _, _, resp, _ = run_app(middleware, "/v1/completions", {"model": "m", "prompt": "x"},
+                            {"x-vllm-guard-session": token}, None)
+    assert resp["choices"][0]["text"] == f"{EMAIL} {SSN}"  # the issued id continues
+    sid = token.split(".")[0]
+    for forged in (sid, f"{sid}.forged", "guessed-session"):
+        _, _, resp, _ = run_app(middleware, "/v1/completions", {"model": "m", "prompt": "x"},
+                                {"x-vllm-guard-session": forged}, None)
+        assert EMAIL not in json.dumps(resp) and SSN not in json.dumps(resp)
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/tokenize", "/v1/messages",
+                                  "/invocations", "/pooling", "/v1/chat/completions/render",
+                                  "/api/v1/embeddings"])
+def test_other_post_routes_are_refused(middleware, path):
+    status, _, resp, seen = run_app(middleware, path, {"model": "m", "input": SECRET}, {},
+                                    None)
+    assert status == 403 and not seen and resp["error"]["code"] == "endpoint_not_allowed"
+
+
+def test_routes_match_after_root_path(middleware):
+    async def go():
+        sent: list[dict] = []
+        seen: list[dict] = []
+
+        async def engine(scope, receive, send):
+            seen.append(json.loads((await receive())["body"]))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        middleware.app = engine
+        data = json.dumps({"model": "m", "prompt": SECRET}).encode()
+
+        async def receive():
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        async def send(m):
+            sent.append(m)
+
+        await middleware({"type": "http", "method": "POST", "path": "/api/v1/completions",
+                          "root_path": "/api", "headers": []}, receive, send)
+        return seen
+
+    seen = asyncio.run(go())
+    assert seen and EMAIL not in json.dumps(seen)
+
+
+def test_websockets_are_refused(middleware):
+    sent: list[dict] = []
+
+    async def send(m):
+        sent.append(m)
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    asyncio.run(middleware({"type": "websocket", "path": "/v1/realtime", "headers": []},
+                           receive, send))
+    assert sent == [{"type": "websocket.close", "code": 1008,
+                     "reason": "not available with masking on"}]

@@ -1,0 +1,106 @@
+"""A pool of detector processes, so masking a large body never stalls the event loop.
+
+Each worker is ``python -m vllm_guard.masking.worker CONFIG`` (no vLLM import, lower CPU
+priority). A request takes an idle worker, sends its texts and waits in a thread (blocking
+pipe I/O releases the GIL). A worker that dies, errs or times out is replaced and the request
+is refused (fail closed). ``workers=0`` detects in a thread of this process instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from vllm_guard.errors import GuardError
+from vllm_guard.log import get_logger
+from vllm_guard.masking.detector import Detector, Span
+from vllm_guard.masking.worker import Analysis, analyse, encode, read_frame
+
+logger = get_logger(__name__)
+
+
+class DetectionFailed(GuardError):
+    """No verdict from the detector: the request is refused, never forwarded."""
+
+
+class _Worker:
+    def __init__(self, config_path: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "vllm_guard.masking.worker",
+                                      config_path], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+        self.ready = False
+
+    def call(self, payload: bytes) -> dict:
+        assert self.proc.stdin and self.proc.stdout
+        if not self.ready:
+            hello = read_frame(self.proc.stdout)
+            if not isinstance(hello, dict) or not hello.get("ready"):
+                raise DetectionFailed(f"detector worker failed to start: "
+                                      f"{(hello or {}).get('error', 'exited')}")
+            self.ready = True
+        self.proc.stdin.write(payload)
+        self.proc.stdin.flush()
+        reply = read_frame(self.proc.stdout)
+        if not isinstance(reply, dict) or "results" not in reply:
+            raise DetectionFailed(f"detector worker failed: {(reply or {}).get('error', 'exited')}")
+        return reply
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class DetectorPool:
+    def __init__(self, detector_factory, config_path: str | None, workers: int,
+                 timeout_s: float):
+        self.workers, self.timeout_s = workers, timeout_s
+        self.config_path = config_path
+        if workers == 0:
+            self._detector: Detector = detector_factory()
+            self._lock = threading.Lock()
+            return
+        if config_path is None:
+            raise GuardError("detector workers need the masking config file's path")
+        # started now, so spaCy loads while vLLM loads the model
+        self._idle = [_Worker(config_path) for _ in range(workers)]
+        self._free: asyncio.Semaphore | None = None
+        self._threads = ThreadPoolExecutor(workers, thread_name_prefix="vllm-guard-detect")
+
+    def _detect_inline(self, texts, rewrite, known) -> list[Analysis]:
+        with self._lock:
+            return analyse(self._detector, texts, rewrite, known)
+
+    async def analyse(self, texts: list[str], rewrite: list[bool],
+                      known: list[tuple[str, str]]) -> list[Analysis]:
+        if not texts:
+            return []
+        if self.workers == 0:
+            return await asyncio.to_thread(self._detect_inline, texts, rewrite, known)
+        if self._free is None:
+            self._free = asyncio.Semaphore(self.workers)
+        payload = encode({"texts": texts, "rewrite": rewrite, "known": known})
+        async with self._free:
+            worker = self._idle.pop()
+            loop = asyncio.get_running_loop()
+            try:
+                reply = await asyncio.wait_for(
+                    loop.run_in_executor(self._threads, worker.call, payload), self.timeout_s)
+            except (DetectionFailed, OSError, asyncio.TimeoutError, ValueError) as e:
+                logger.error("vllm-guard masking: detector worker replaced (%s)",
+                             type(e).__name__ if not isinstance(e, DetectionFailed) else e)
+                worker.kill()  # unblocks the thread if it is still waiting
+                worker = _Worker(self.config_path)  # type: ignore[arg-type]
+                raise DetectionFailed("sensitive-value detection failed") from None
+            finally:
+                self._idle.append(worker)
+        return [Analysis(r["text"], [Span(s, e, ent, 1.0) for s, e, ent in r["spans"]])
+                for r in reply["results"]]
+
+    def close(self) -> None:
+        if self.workers:
+            for w in self._idle:
+                w.kill()
+            self._threads.shutdown(wait=False)

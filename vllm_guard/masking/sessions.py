@@ -1,0 +1,67 @@
+"""Sessions belong to a principal: the vault namespace is a MAC, under a server secret, of
+(authenticated principal, session id), so nobody can name another user's session.
+
+- With an authenticated principal (grant middleware in front), the client picks its session
+  ids freely: the same id under another principal is another namespace.
+- Without one, session ids are issued by the server as ``<id>.<mac>``; an id the server did
+  not issue (guessed, forged, edited) starts a fresh session instead.
+The secret comes from the environment (base64, 32 bytes; required with the Redis vault,
+whose replicas must agree) or is random per start (in-memory vault).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+
+from vllm_guard.errors import GuardError
+
+SESSION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def load_session_key(env_name: str, required: bool) -> bytes:
+    raw = os.environ.get(env_name)
+    if not raw:
+        if required:
+            raise GuardError(f"the Redis vault needs a session key shared by all API servers: "
+                             f"set ${env_name} to 32 random bytes, base64")
+        return os.urandom(32)
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except ValueError:
+        raise GuardError(f"${env_name} is not valid base64") from None
+    if len(key) != 32:
+        raise GuardError(f"${env_name} must decode to 32 bytes, got {len(key)}")
+    return key
+
+
+class SessionBinder:
+    def __init__(self, key: bytes):
+        self._ns_key = hmac.new(key, b"vllm-guard session namespace", hashlib.sha256).digest()
+        self._id_key = hmac.new(key, b"vllm-guard issued session id", hashlib.sha256).digest()
+
+    def _mac(self, sid: str) -> str:
+        digest = hmac.new(self._id_key, sid.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+    def _issued(self, token: str | None) -> str | None:
+        sid, _, mac = (token or "").partition(".")
+        if sid and mac and hmac.compare_digest(mac.encode(), self._mac(sid).encode()):
+            return sid
+        return None
+
+    def resolve(self, principal: str | None, presented: str | None) -> tuple[str, str]:
+        """(vault namespace, session token to hand back to the client)."""
+        if principal is not None:
+            sid = presented if presented and SESSION_ID.fullmatch(presented) else (
+                secrets.token_urlsafe(18))
+            token, who = sid, f"principal:{principal}"
+        else:
+            sid = self._issued(presented) or secrets.token_urlsafe(18)
+            token, who = f"{sid}.{self._mac(sid)}", "anonymous"
+        ns = hmac.new(self._ns_key, f"{who}\x00{sid}".encode(), hashlib.sha256).hexdigest()
+        return ns, token

@@ -1,0 +1,136 @@
+"""Detection off the API server's event loop: text -> (neutralised text, spans).
+
+:func:`analyse` is the whole per-request detection step: placeholder look-alikes typed by the
+user are neutralised (never restored to a vault value; digits inside them still detected),
+then the detectors run and every occurrence of a value already in the session is found in one
+Aho-Corasick pass. ``python -m vllm_guard.masking.worker CONFIG`` runs it in a process of its
+own (see :mod:`vllm_guard.masking.pool`): length-prefixed JSON frames on stdin/stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from dataclasses import dataclass
+
+from vllm_guard.masking.detector import PLACEHOLDER, Detector, Intervals, Span
+
+FRAME = struct.Struct("!Q")
+WINDOW, OVERLAP = 32_768, 512  # characters; no value we detect is longer than OVERLAP
+
+
+def neutralise(text: str) -> str:
+    """``<PERSON_1>`` typed by a client becomes ``‹PERSON 1›``: not a placeholder, and the
+    digits are a word of their own (so ``<CARD_4111111111111111>`` is still a card)."""
+    return PLACEHOLDER.sub(lambda m: f"\u2039{m.group(1)} {m.group(2)}\u203a", text)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    text: str  # the text detection ran on (look-alikes neutralised)
+    spans: list[Span]  # non-overlapping, sorted
+
+
+def _known_spans(text: str, automaton) -> list[Span]:
+    if automaton is None:
+        return []
+    return [Span(end + 1 - len(value), end + 1, entity, 1.0)
+            for end, (value, entity) in automaton.iter(text)]
+
+
+def _automaton(known: list[tuple[str, str]]):
+    if not known:
+        return None
+    import ahocorasick
+
+    auto = ahocorasick.Automaton()
+    for value, entity in known:
+        if value:
+            auto.add_word(value, (value, entity))
+    auto.make_automaton()
+    return auto
+
+
+def _merge(spans: list[Span]) -> list[Span]:
+    """Longest first, then earliest; drop anything overlapping a span already taken."""
+    taken = Intervals()
+    out: list[Span] = []
+    for s in sorted(spans, key=lambda s: (-(s.end - s.start), s.start)):
+        if not taken.overlapping(s.start, s.end):
+            out.append(s)
+            taken.add(s.start, s.end)
+    return sorted(out, key=lambda s: s.start)
+
+
+def analyse(detector: Detector, texts: list[str], rewrite: list[bool],
+            known: list[tuple[str, str]]) -> list[Analysis]:
+    """``rewrite[i]``: text i will be rewritten (prompt text), so look-alikes are neutralised;
+    ``known``: the session's (value, entity) pairs, found wherever they occur."""
+    automaton = _automaton(known)
+    out = []
+    for text, rw in zip(texts, rewrite, strict=True):
+        text = neutralise(text) if rw else text
+        spans = _detect_windows(detector, text) + _known_spans(text, automaton)
+        out.append(Analysis(text, _merge(spans)))
+    return out
+
+
+def _detect_windows(detector: Detector, text: str) -> list[Span]:
+    """Large texts in overlapping windows: bounded work per detector call (spaCy refuses
+    texts over 1M characters); a value cut at a window's end is whole in the next one and
+    wins the merge by length."""
+    if len(text) <= WINDOW + OVERLAP:
+        return detector.detect(text)
+    spans = []
+    for off in range(0, len(text), WINDOW):
+        spans += [Span(s.start + off, s.end + off, s.entity, s.score)
+                  for s in detector.detect(text[off:off + WINDOW + OVERLAP])]
+    return spans
+
+
+def encode(doc: object) -> bytes:
+    data = json.dumps(doc, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return FRAME.pack(len(data)) + data
+
+
+def read_frame(stream) -> object | None:
+    head = stream.read(FRAME.size)
+    if len(head) < FRAME.size:
+        return None
+    (size,) = FRAME.unpack(head)
+    return json.loads(stream.read(size).decode("utf-8", "surrogatepass"))
+
+
+def main(config_path: str) -> None:
+    # the protocol owns the original stdout; anything a library prints goes to stderr
+    proto_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    proto_in = sys.stdin.buffer
+    os.nice(10)  # the API server and the engine come first on a busy machine
+    from vllm_guard.masking.config import MaskingConfig
+    from vllm_guard.masking.detector import build_detector
+
+    try:
+        detector = build_detector(MaskingConfig.load(config_path))
+        proto_out.write(encode({"ready": True}))
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which refuses requests
+        proto_out.write(encode({"error": f"{type(e).__name__}: {e}"}))
+        proto_out.flush()
+        return
+    proto_out.flush()
+    while (req := read_frame(proto_in)) is not None:
+        try:
+            res = analyse(detector, req["texts"], req["rewrite"],
+                          [tuple(k) for k in req["known"]])
+            doc = {"results": [{"text": a.text, "spans": [[s.start, s.end, s.entity]
+                                                          for s in a.spans]} for a in res]}
+        except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
+            doc = {"error": f"{type(e).__name__}"}
+        proto_out.write(encode(doc))
+        proto_out.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
