@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +31,7 @@ LONG = format_example("reverse " + " ".join(["stone cloud apple"] * 12))
 PROMPTS = [format_example(ex["prompt"]) for t in ("add", "capital", "reverse")
            for ex in task_examples(t, 3, seed=5)] + [LONG]
 PLAIN_ENV = {"VLLM_PLUGINS": "__no_plugin__"}
+ISSUER = "https://idp.test"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,8 @@ def grants(tmp_path_factory) -> dict:
            "api_keys": [{"name": n, "sha256": hash_api_key(tok),
                          "tasks": GRANT_SETS.get(n, ["add"] if n == "revoked" else [])}
                         for n, tok in tokens.items()],
-           "jwt": {"hs256_secret_file": "hs.secret", "eddsa_public_key": "ed.pub"},
+           "jwt": {"hs256_secret_file": "hs.secret", "eddsa_public_key": "ed.pub",
+                   "issuer": ISSUER},
            "revoked": ["revoked", "jti-revoked"]}
     (d / "grants.json").write_text(json.dumps(doc))
     return {"file": str(d / "grants.json"), "tokens": tokens, "ed": priv,
@@ -60,6 +64,27 @@ def gen(url: str, prompt: str, token: str | None, extra: dict | None = None,
     h = {"Authorization": f"Bearer {token}"} if token else {}
     body = {"model": "test", "prompt": prompt, "max_tokens": 8, "temperature": 0, **(extra or {})}
     return post(url + "/v1/completions", body, {**h, **(headers or {})})
+
+
+def claims(sub: str | None = "svc", tasks: list[str] | None = None, life: int = 600,
+           **extra) -> dict:
+    """JWT claims the server accepts: iss, sub, iat and exp within the 3600 s maximum."""
+    now = int(time.time())
+    doc = {"iss": ISSUER, "sub": sub, "iat": now, "exp": now + life,
+           "tasks": ["add"] if tasks is None else tasks, **extra}
+    return {k: v for k, v in doc.items() if v is not None}
+
+
+def request(url: str, method: str = "GET", body: dict | None = None,
+            headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode() if body is not None else None,
+                                 {"Content-Type": "application/json", **(headers or {})},
+                                 method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
 
 
 def text(url: str, prompt: str, token: str, **kw) -> str:
@@ -138,10 +163,8 @@ def test_narrowing_header_and_jwts(server, grants, expected):
     tok, i = grants["tokens"], 0
     assert text(server.url, PROMPTS[i], tok["both"], headers={"X-VLLM-Guard-Tasks": "add"}) == \
         expected["add"][i]
-    exp = int(time.time()) + 600
-    hs = jwt.encode({"sub": "svc", "tasks": ["reverse"], "exp": exp}, grants["hs"], "HS256")
-    ed = jwt.encode({"sub": "svc2", "tasks": ["add", "capital"], "exp": exp}, grants["ed"],
-                    "EdDSA")
+    hs = jwt.encode(claims("svc", ["reverse"]), grants["hs"], "HS256")
+    ed = jwt.encode(claims("svc2", ["add", "capital"]), grants["ed"], "EdDSA")
     assert text(server.url, PROMPTS[i], hs) == expected["reverse"][i]
     assert text(server.url, PROMPTS[i], ed) == expected["both"][i]
 
@@ -150,15 +173,25 @@ def test_error_paths_are_clear_4xx(server, grants):
     if "eager" not in str(server.log_path):
         pytest.skip("credential paths are mode independent; checked once")
     url, tok, p = server.url, grants["tokens"], PROMPTS[0]
-    expired = jwt.encode({"tasks": ["add"], "exp": int(time.time()) - 10}, grants["hs"], "HS256")
-    revoked_jwt = jwt.encode({"tasks": ["add"], "jti": "jti-revoked",
-                              "exp": int(time.time()) + 60}, grants["hs"], "HS256")
+    now = int(time.time())
+    hs = {name: jwt.encode(c, grants["hs"], "HS256") for name, c in {
+        "expired": claims(iat=now - 100, exp=now - 10),
+        "revoked": claims(jti="jti-revoked"),
+        "no sub": claims(sub=None),
+        "too long": claims(life=3601),
+        "wrong iss": claims(iss="https://other.test"),
+        "smuggled task": claims(tasks=["add,capital"]),
+    }.items()}
     cases = [
         (None, {}, 401, "missing_credentials"),
         ("vg-unknown", {}, 401, "invalid_credentials"),
         (tok["revoked"], {}, 401, "revoked_credentials"),
-        (expired, {}, 401, "expired_credentials"),
-        (revoked_jwt, {}, 401, "revoked_credentials"),
+        (hs["expired"], {}, 401, "expired_credentials"),
+        (hs["revoked"], {}, 401, "revoked_credentials"),
+        (hs["no sub"], {}, 401, "invalid_credentials"),
+        (hs["too long"], {}, 401, "invalid_credentials"),
+        (hs["wrong iss"], {}, 401, "invalid_credentials"),
+        (hs["smuggled task"], {}, 403, "unknown_task"),
         ("a.b.c", {}, 401, "invalid_credentials"),
         (tok["none"], {}, 403, "missing_grant"),
         (tok["add"], {"X-VLLM-Guard-Tasks": "reverse"}, 403, "missing_grant"),
@@ -173,8 +206,6 @@ def test_error_paths_are_clear_4xx(server, grants):
         assert got == 401 and body["error"]["code"] == "malformed_credentials", auth
     got, body = gen(url, p, tok["add"], extra={"vllm_xargs": [1, 2]})
     assert got == 400 and body["error"]["code"] == "invalid_vllm_xargs"
-    import urllib.request
-
     req = urllib.request.Request(url + "/v1/completions", b"{not json",
                                  {"Authorization": f"Bearer {tok['add']}",
                                   "Content-Type": "application/json"})
@@ -183,9 +214,35 @@ def test_error_paths_are_clear_4xx(server, grants):
         pytest.fail("malformed JSON accepted")
     except urllib.error.HTTPError as e:
         assert e.code == 400
-    got, body = post(url + "/v1/responses", {"model": "test", "input": "hi"},
+    got, body = post(url + "/v1/embeddings", {"model": "test", "input": "hi"},
                      {"Authorization": f"Bearer {tok['add']}"})
     assert got == 403 and body["error"]["code"] == "endpoint_not_allowed"
+
+
+def test_every_route_needs_credentials_except_public(server, grants):
+    if "eager" not in str(server.log_path):
+        pytest.skip("credential paths are mode independent; checked once")
+    url, auth = server.url, {"Authorization": f"Bearer {grants['tokens']['none']}"}
+    tokenize = {"model": "test", "prompt": "add 3 and 4"}
+    for method, path, body in (("GET", "/v1/models", None), ("POST", "/tokenize", tokenize),
+                               ("POST", "/detokenize", {"model": "test", "tokens": [1, 2]}),
+                               ("GET", "/metrics", None),
+                               ("POST", "/v1/responses", {"model": "test", "input": "hi"})):
+        got, err = request(url + path, method, body)
+        assert (got, err["error"]["code"]) == (401, "missing_credentials"), path
+    assert request(url + "/health")[0] == 200
+    # authenticated: reads and tokenize pass (no task needed), the body reaches vLLM
+    got, models = request(url + "/v1/models", headers=auth)
+    assert got == 200 and models["data"][0]["id"] == "test"
+    got, toks = request(url + "/tokenize", "POST", tokenize, auth)
+    assert got == 200 and toks["count"] > 0
+    # /v1/responses is a generation route now: rewritten with the grant, not refused
+    add = {"Authorization": f"Bearer {grants['tokens']['add']}"}
+    got, resp = request(url + "/v1/responses", "POST",
+                        {"model": "test", "input": "add 3 and 4", "max_output_tokens": 4}, add)
+    assert got == 200 and resp["output"][0]["content"][0]["type"] == "output_text", resp
+    got, resp = request(url + "/v1/responses", "POST", {"model": "test", "input": "hi"}, auth)
+    assert (got, resp["error"]["code"]) == (403, "missing_grant")
 
 
 def test_default_deny_in_the_engine_state():

@@ -38,7 +38,30 @@ def test_loader_config_from_extra_and_env(tmp_path):
     cfg = SecNeuronLoadConfig.from_extra({"keys": ["a.key"], "key_dir": "kd",
                                           "publisher_key": "p.pub"}, env={})
     assert cfg.keys == ("a.key", "kd") and cfg.publisher_key == "p.pub"
-    env_cfg = SecNeuronLoadConfig.from_extra({}, env={"VLLM_GUARD_KEYS": "x.key:y.key"})
-    assert env_cfg.keys == ("x.key", "y.key")
-    with pytest.raises(GuardError, match="unknown secneuron loader option"):
-        SecNeuronLoadConfig.from_extra({"key": "typo"}, env={})
+    assert cfg.allow_unsigned is False and cfg.workers is None
+    env_cfg = SecNeuronLoadConfig.from_extra(
+        {}, env={"VLLM_GUARD_KEYS": "x.key:y.key", "VLLM_GUARD_PUBLISHER_KEY": "e.pub"})
+    assert env_cfg.keys == ("x.key", "y.key") and env_cfg.publisher_key == "e.pub"
+    one = SecNeuronLoadConfig.from_extra({"keys": "k.key", "allow_unsigned": True,
+                                          "workers": 2}, env={"VLLM_GUARD_KEYS": "x.key"})
+    assert (one.keys, one.allow_unsigned, one.workers) == (("k.key",), True, 2)
+
+
+@pytest.mark.parametrize("extra,key", [
+    ({"allow_unsigned": "false"}, "'allow_unsigned'"),  # a truthy string must not mean true
+    ({"allow_unsigned": 0}, "'allow_unsigned'"),
+    ({"workers": "2"}, "'workers'"),
+    ({"workers": 2.0}, "'workers'"),
+    ({"workers": 0}, "'workers'"),
+    ({"key": "typo"}, "'key'"),
+    ({"keys": ["a.key", 3]}, "'keys'"),
+    ({"keys": {"a": "b"}}, "'keys'"),
+    ({"key_dir": ["kd"]}, "'key_dir'"),
+    ({"publisher_key": True}, "'publisher_key'"),
+    ({"keys": [""]}, "'keys'"),
+])
+def test_loader_config_refuses_bad_options_naming_the_key(extra, key):
+    with pytest.raises(GuardError) as e:
+        SecNeuronLoadConfig.from_extra(extra, env={})
+    msg = str(e.value)
+    assert key in msg and "--model-loader-extra-config" in msg and "\n" not in msg, msg

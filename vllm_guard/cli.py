@@ -129,8 +129,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_grants_add_key(args: argparse.Namespace) -> int:
-    from vllm_guard.grants.credentials import hash_api_key, new_api_key
+    from vllm_guard.grants.credentials import TASK_NAME, hash_api_key, new_api_key
 
+    bad = [t for t in args.task if not TASK_NAME.fullmatch(t)]
+    if bad:  # the file would no longer load
+        raise GuardError(f"task name {bad[0]!r} must match [A-Za-z0-9_.-]+")
     path = Path(args.file)
     doc = json.loads(path.read_text()) if path.exists() else {"mode": "required",
                                                               "api_keys": [], "revoked": []}

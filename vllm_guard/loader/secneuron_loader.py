@@ -22,6 +22,7 @@ from vllm.config import ModelConfig
 from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
+from vllm_guard.config import from_dict
 from vllm_guard.errors import EncryptedWeightsError, GuardError, ManifestError
 from vllm_guard.grants.engine import STATE as GRANT_STATE
 from vllm_guard.kernels.layer import NEURON_BITS_ATTR
@@ -45,6 +46,26 @@ PUBLISHER_ENV = "VLLM_GUARD_PUBLISHER_KEY"
 
 
 @dataclass(frozen=True)
+class LoaderExtraConfig:
+    """``--model-loader-extra-config`` as JSON; strict (unknown keys, wrong types refused)."""
+
+    keys: str | tuple[str, ...] = ()  # key files or directories; one path or a list
+    key_dir: str | None = None
+    publisher_key: str | None = None
+    allow_unsigned: bool = False  # a real JSON boolean: the string "false" is refused
+    workers: int | None = None
+    verify_weights: bool = True  # hash every weight byte against the signed manifest
+    min_version: int = 0  # refuse a signed checkpoint older than this (rollback)
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"'workers' must be at least 1, not {self.workers}")
+        paths = [self.keys] if isinstance(self.keys, str) else list(self.keys)
+        if "" in paths or self.key_dir == "" or self.publisher_key == "":
+            raise ValueError("'keys', 'key_dir' and 'publisher_key' must not be empty strings")
+
+
+@dataclass(frozen=True)
 class SecNeuronLoadConfig:
     """Our part of ``--model-loader-extra-config``."""
 
@@ -53,27 +74,26 @@ class SecNeuronLoadConfig:
     allow_unsigned: bool = False
     workers: int | None = None
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    verify_weights: bool = True
+    min_version: int = 0
 
-    FIELDS = ("keys", "key_dir", "publisher_key", "allow_unsigned", "workers")
+    WHERE = "secneuron loader option (--model-loader-extra-config)"
 
     @classmethod
     def from_extra(cls, extra: dict, env: dict[str, str] | None = None) -> SecNeuronLoadConfig:
+        """Strict; a bad option is a one-line ``ConfigError`` (a GuardError) naming the key.
+        Without ``keys``/``key_dir`` the keys come from ``$VLLM_GUARD_KEYS``, without
+        ``publisher_key`` from ``$VLLM_GUARD_PUBLISHER_KEY``."""
         env = os.environ if env is None else env
-        unknown = sorted(set(extra) - set(cls.FIELDS))
-        if unknown:
-            raise GuardError(f"unknown secneuron loader option(s) {unknown}; "
-                             f"known: {list(cls.FIELDS)}")
-        keys = extra.get("keys", [])
-        if isinstance(keys, str):
-            keys = [keys]
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise GuardError('"keys" must be a list of key file paths')
-        if extra.get("key_dir"):
-            keys = [*keys, str(extra["key_dir"])]
+        x = from_dict(LoaderExtraConfig, extra, cls.WHERE)
+        keys = [x.keys] if isinstance(x.keys, str) else list(x.keys)
+        if x.key_dir:
+            keys.append(x.key_dir)
         if not keys and env.get(KEYS_ENV):
             keys = [p for p in env[KEYS_ENV].split(os.pathsep) if p]
-        return cls(tuple(keys), extra.get("publisher_key") or env.get(PUBLISHER_ENV),
-                   bool(extra.get("allow_unsigned", False)), extra.get("workers"))
+        return cls(tuple(keys), x.publisher_key or env.get(PUBLISHER_ENV) or None,
+                   x.allow_unsigned, x.workers, verify_weights=x.verify_weights,
+                   min_version=x.min_version)
 
 
 def tp_shard(bits: torch.Tensor, rank: int, world: int) -> torch.Tensor:

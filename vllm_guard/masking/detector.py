@@ -163,7 +163,8 @@ class TermListDetector(Detector):
 
 
 class CompositeDetector(Detector):
-    """All detectors, overlaps resolved (longest, then highest score), allow-list skipped. An NER span that runs into a pattern hit is trimmed, not dropped:
+    """All detectors, overlaps resolved (longest, then highest score), allow-list skipped.
+    An NER span that runs into a pattern hit is trimmed, not dropped:
     spaCy's small model often swallows a neighbour ("Eric Gibson - 881-06-5657")."""
 
     def __init__(self, detectors: list[Detector], allow_list: tuple[str, ...] = ()):
