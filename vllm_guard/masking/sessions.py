@@ -18,25 +18,15 @@ import os
 import re
 import secrets
 
-from vllm_guard.errors import GuardError
+from vllm_guard.masking.vault import load_env_key
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 def load_session_key(env_name: str, required: bool) -> bytes:
-    raw = os.environ.get(env_name)
-    if not raw:
-        if required:
-            raise GuardError(f"the Redis vault needs a session key shared by all API servers: "
-                             f"set ${env_name} to 32 random bytes, base64")
+    if not required and not os.environ.get(env_name):
         return os.urandom(32)
-    try:
-        key = base64.b64decode(raw, validate=True)
-    except ValueError:
-        raise GuardError(f"${env_name} is not valid base64") from None
-    if len(key) != 32:
-        raise GuardError(f"${env_name} must decode to 32 bytes, got {len(key)}")
-    return key
+    return load_env_key(env_name, "binding sessions to principals across Redis-vault replicas")
 
 
 class SessionBinder:

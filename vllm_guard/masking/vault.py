@@ -128,10 +128,11 @@ class InMemoryVault(Vault):
             return dict(s.values)
 
 
-def load_vault_key(env_name: str) -> bytes:
+def load_env_key(env_name: str, purpose: str) -> bytes:
+    """A 32-byte key, base64, from ``$env_name`` (one-line errors saying what it is for)."""
     raw = os.environ.get(env_name)
     if not raw:
-        raise GuardError(f"the Redis vault needs a 32-byte AES key, base64, in ${env_name}")
+        raise GuardError(f"{purpose} needs 32 random bytes, base64, in ${env_name}")
     try:
         key = base64.b64decode(raw, validate=True)
     except ValueError:
@@ -139,6 +140,10 @@ def load_vault_key(env_name: str) -> bytes:
     if len(key) != 32:
         raise GuardError(f"${env_name} must decode to 32 bytes, got {len(key)}")
     return key
+
+
+def load_vault_key(env_name: str) -> bytes:
+    return load_env_key(env_name, "the Redis vault's AES key")
 
 
 # KEYS[1]: the session hash. ARGV: ttl, cap, then (entity, mac, sealed) per distinct item.
