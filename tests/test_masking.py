@@ -18,8 +18,9 @@ from tests.conftest import LOG_DIR
 from vllm_guard.masking.config import STRUCTURED, MaskingConfig
 from vllm_guard.masking.detector import build_detector
 from vllm_guard.masking.fields import ROUTES
-from vllm_guard.masking.masker import METRICS, StreamRestorer, restore
+from vllm_guard.masking.masker import METRICS
 from vllm_guard.masking.middleware import BODYLESS_POSTS, MaskingMiddleware
+from vllm_guard.masking.restorer import StreamRestorer, restore
 from vllm_guard.masking.vault import InMemoryVault, RedisVault, VaultUnavailable
 from vllm_guard.testing.pii_corpus import generate, score
 from vllm_guard.testing.server import VllmServer, free_port, post
