@@ -79,3 +79,39 @@ def test_train_locks_cli_writes_a_lockable_model(tmp_path, tiny_model):
     assert too_big.returncode != 0 and "do not fit" in too_big.stderr
     assert "Traceback" not in both.stderr + too_big.stderr + unknown.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_serve_refuses_config_typos_and_missing_secrets_in_one_line(tmp_path, tiny_model):
+    """Each typo or wrong type from the review, at startup, before vLLM starts."""
+    import json
+    import os
+
+    cases = {
+        "grants": [({"mode": "required", "tasks": ["add"], "revoke": ["bob"]}, "'revoke'"),
+                   ({"mode": 1}, "'mode'")],
+        "masking": [({"vault": "memory", "ttl_seconds": "60"}, "'ttl_seconds'"),
+                    ({"vualt": "redis"}, "'vualt'"),
+                    ({"terms_file": "missing.txt"}, "terms_file"),
+                    ({"vault": "redis"}, "VLLM_GUARD_")],
+    }
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_GUARD_VAULT_KEY", "VLLM_GUARD_SESSION_KEY")}
+    for flag, docs in cases.items():
+        for doc, named in docs:
+            path = tmp_path / f"{flag}.json"
+            path.write_text(json.dumps(doc))
+            out = subprocess.run([sys.executable, "-m", "vllm_guard.cli", "serve",
+                                  str(tiny_model), f"--{flag}", str(path)],
+                                 capture_output=True, text=True, timeout=120, env=env)
+            lines = out.stderr.strip().splitlines()
+            assert out.returncode == 1 and len(lines) == 1 and named in lines[0], out.stderr
+    extra = json.dumps({"allow_unsigned": "false"})
+    from vllm_guard.errors import GuardError
+    from vllm_guard.loader.secneuron_loader import SecNeuronLoadConfig
+
+    try:
+        SecNeuronLoadConfig.from_extra(json.loads(extra))
+    except GuardError as e:
+        assert "'allow_unsigned'" in str(e) and "\n" not in str(e)
+    else:
+        raise AssertionError("'allow_unsigned': 'false' was accepted")

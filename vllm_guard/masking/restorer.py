@@ -1,225 +1,438 @@
 """response -> restorer -> client: this session's placeholders back to their values.
 
 Exact: only ``<TYPE_N>`` placeholders in the session's mapping are replaced, in one regex pass
-over complete tokens (``<PERSON_1>`` never touches ``<PERSON_10>``); unknown ones stay and
-are counted. Non-streamed bodies are restored everywhere. Streams (SSE) are restored per
-choice and field, per tool call, and per Responses output part: only a trailing fragment
-that is still the start of one of the session's placeholders is held back, and whatever is
-held goes out in its own field when that part finishes or the stream ends, for any reason.
+over complete tokens (``<PERSON_1>`` never touches ``<PERSON_10>``); unknown ones stay as they
+are and are counted (``METRICS["unknown_placeholders"]``).
+
+Non-streamed bodies: every text the model produced or the response echoes (choices' text and
+messages, Responses output items, ``output_text``, ``instructions``, ``input``, ``tools``);
+never ids, enums or token lists (logprobs). Streams (SSE) are restored incrementally, per
+choice and field, per tool call, and per Responses output part: only a trailing fragment that
+is still a proper prefix of one of the session's placeholders is held back, and what is held
+goes out in its own choice and field (tool-call arguments as arguments of the same call) when
+that choice or part finishes, at ``[DONE]``, or at the last body message, whatever ends the
+stream. Non-200 responses and bodies that are not a JSON object pass through unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
+import re
+from bisect import bisect_left
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_guard.asgi import Message, Send
 from vllm_guard.masking.detector import PLACEHOLDER
-from vllm_guard.masking.masker import METRICS
+from vllm_guard.masking.fields import RESPONSES, ROUTES
+from vllm_guard.masking.masker import METRICS  # one counter for the whole masking package
 
-Key = tuple  # (choice index, field name) or (event family, output index, part index)
-CHOICE_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+# fields of a streamed chat delta that carry text, each restored on its own
+CHAT_DELTA_FIELDS = ("content", "reasoning", "reasoning_content", "refusal")
+# subtrees that are token lists (logprobs): tokens are pieces, never restored
+TOKEN_KEYS = frozenset({"logprobs", "top_logprobs", "prompt_logprobs", "tokens", "token_ids",
+                        "prompt_token_ids", "text_offset", "token_logprobs"})
+# strings that name or classify things; never text the model wrote
+ID_KEYS = frozenset({"id", "call_id", "item_id", "type", "object", "role", "status", "model",
+                     "finish_reason", "stop_reason", "encrypted_content"})
+# Responses: the top-level fields that are generated or echo the (masked) request
+RESPONSE_TEXT_KEYS = ("output", "output_text", "instructions", "input", "tools",
+                      "input_messages", "output_messages")
+# Responses stream events: what names the part a delta belongs to
+PART_INDEXES = ("output_index", "content_index", "summary_index")
+# Responses stream events after which nothing of the response follows
+TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed",
+                             "error"})
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
-def restore(text: str, mapping: dict[str, str]) -> str:
-    def sub(match) -> str:
+def restore(text: str, mapping: dict[str, str], *, count: bool = True) -> str:
+    """``text`` with each placeholder of ``mapping`` replaced; unknown ones stay (and are
+    counted unless ``count`` is false: full texts re-sent after their deltas)."""
+    if "<" not in text:
+        return text
+
+    def sub(match: re.Match[str]) -> str:
         value = mapping.get(match.group(0))
         if value is None:
-            METRICS["unknown_placeholders"] += 1
+            if count:
+                METRICS["unknown_placeholders"] += 1
             return match.group(0)
         return value
 
     return PLACEHOLDER.sub(sub, text)
 
 
-def restore_all(doc: Any, mapping: dict[str, str]) -> Any:
-    """Every string in a JSON document (a complete response: nothing is held back)."""
+def restore_all(doc: Any, mapping: dict[str, str], *, count: bool = True) -> Any:
+    """Every text string inside a JSON value, in place (the restored value is returned for a
+    bare string); token lists and identifiers are left alone."""
     if isinstance(doc, str):
-        return restore(doc, mapping)
+        return restore(doc, mapping, count=count)
     if isinstance(doc, list):
-        return [restore_all(v, mapping) for v in doc]
-    if isinstance(doc, dict):
-        return {k: restore_all(v, mapping) for k, v in doc.items()}
+        for i, v in enumerate(doc):
+            if isinstance(v, str | list | dict):
+                doc[i] = restore_all(v, mapping, count=count)
+    elif isinstance(doc, dict):
+        for k, v in doc.items():
+            if k in TOKEN_KEYS or (k in ID_KEYS and isinstance(v, str)):
+                continue
+            if isinstance(v, str | list | dict):
+                doc[k] = restore_all(v, mapping, count=count)
     return doc
+
+
+def restore_body(route: str, doc: dict, mapping: dict[str, str], *,
+                 count: bool = True) -> None:
+    """A complete response object of ``route`` (also the ``response`` of Responses stream
+    events), in place."""
+    if route == RESPONSES:
+        for key in RESPONSE_TEXT_KEYS:
+            if key in doc:
+                doc[key] = restore_all(doc[key], mapping, count=count)
+        return
+    for choice in _list(doc.get("choices")):  # text, message: content, reasoning, tools
+        restore_all(choice, mapping, count=count)
+    if isinstance(doc.get("prompt_text"), str):  # the rendered prompt, echoed
+        doc["prompt_text"] = restore(doc["prompt_text"], mapping, count=False)
 
 
 @dataclass
 class StreamRestorer:
-    """Incremental restoration, one held fragment per key."""
+    """Incremental restoration, one held fragment per key (choice and field, tool call,
+    Responses part). Holds back only a trailing fragment that can still become one of this
+    session's placeholders; everything else is released at once (so ``<ABC...`` that can
+    never be restored does not stall the stream until the end)."""
 
     mapping: dict[str, str]
-    held: dict[Key, str] = field(default_factory=dict)
+    held: dict[Hashable, str] = field(default_factory=dict)
+    _sorted: list[str] | None = field(default=None, repr=False)
 
-    def feed(self, key: Key, text: str) -> str:
+    def feed(self, key: Hashable, text: str) -> str:
         buf = self.held.pop(key, "") + text
+        # a placeholder holds one '<', its first character: only the last '<' can start one
         cut = buf.rfind("<")
         if cut >= 0 and self._could_become_placeholder(buf[cut:]):
             self.held[key] = buf[cut:]
             buf = buf[:cut]
         return restore(buf, self.mapping)
 
-    def _could_become_placeholder(self, fragment: str) -> bool:
-        return any(p.startswith(fragment) and p != fragment for p in self.mapping)
-
-    def flush(self, key: Key) -> str:
+    def flush(self, key: Hashable) -> str:
+        """What is held for ``key`` (restored as it stands: it never became a placeholder)."""
         return restore(self.held.pop(key, ""), self.mapping)
+
+    def _could_become_placeholder(self, fragment: str) -> bool:
+        if self._sorted is None:  # sorted once, only for streams that need it
+            self._sorted = sorted(self.mapping)
+        keys = self._sorted
+        i = bisect_left(keys, fragment)  # the keys starting with fragment follow it
+        if i < len(keys) and keys[i] == fragment:
+            i += 1
+        return i < len(keys) and keys[i].startswith(fragment)
+
+
+class _ChoiceStream:
+    """``chat.completion.chunk`` / ``text_completion`` chunks: per choice, field, tool call."""
+
+    def __init__(self, mapping: dict[str, str]):
+        self.mapping = mapping
+        self.text = StreamRestorer(mapping)
+        self.base: dict[str, Any] = {}  # id, object, created, model of the stream's chunks
+
+    def busy(self) -> bool:
+        return bool(self.text.held)
+
+    def data(self, doc: Any) -> list[Any]:
+        if not isinstance(doc, dict):
+            return [doc]
+        self.base = {k: doc[k] for k in ("id", "object", "created", "model") if k in doc}
+        for choice in _list(doc.get("choices")):
+            if isinstance(choice, dict):
+                self._choice(choice)
+        if isinstance(doc.get("prompt_text"), str):  # echoed once, whole
+            doc["prompt_text"] = restore(doc["prompt_text"], self.mapping, count=False)
+        return [doc]
+
+    def _choice(self, choice: dict) -> None:
+        idx = choice.get("index", 0)
+        if not isinstance(idx, int | str):  # not vLLM's: left as it is rather than fail
+            return
+        # by shape, not by route: a completion-shaped chunk on the chat route is restored too
+        if isinstance(choice.get("text"), str):
+            choice["text"] = self.text.feed((idx, "text"), choice["text"])
+        if isinstance(choice.get("delta"), dict):
+            delta = choice["delta"]
+            for name in CHAT_DELTA_FIELDS:
+                if isinstance(delta.get(name), str):
+                    delta[name] = self.text.feed((idx, name), delta[name])
+            for call in _list(delta.get("tool_calls")):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if (isinstance(fn, dict) and isinstance(fn.get("arguments"), str)
+                        and isinstance(call.get("index", 0), int | str)):
+                    key = (idx, "tool", call.get("index", 0))
+                    fn["arguments"] = self.text.feed(key, fn["arguments"])
+        if choice.get("finish_reason") is not None:  # the choice is over: nothing may stay
+            for key in [k for k in self.text.held if k[0] == idx]:
+                self._put(choice, key, self.text.flush(key))
+
+    def _put(self, choice: dict, key: Any, tail: str) -> None:
+        """Append held text to its own field of ``choice``."""
+        if key[1] == "text":
+            choice["text"] = (choice.get("text") or "") + tail
+            return
+        if not isinstance(choice.get("delta"), dict):
+            choice["delta"] = {}
+        delta = choice["delta"]
+        if key[1] != "tool":
+            delta[key[1]] = (delta.get(key[1]) or "") + tail
+            return
+        if not isinstance(delta.get("tool_calls"), list):
+            delta["tool_calls"] = []
+        for call in reversed(delta["tool_calls"]):  # the call's own entry in this chunk
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and call.get("index", 0) == key[2]:
+                fn["arguments"] = (fn.get("arguments") or "") + tail
+                return
+        delta["tool_calls"].append({"index": key[2], "function": {"arguments": tail}})
+
+    def end(self) -> list[Any]:
+        """One more chunk with what is still held, each in its own choice and field."""
+        if not self.text.held:
+            return []
+        choices: dict[Any, dict] = {}
+        for key in list(self.text.held):
+            idx = key[0]
+            if idx not in choices:  # _put adds "text" or "delta", as the held field was
+                choices[idx] = {"index": idx, "logprobs": None, "finish_reason": None}
+            self._put(choices[idx], key, self.text.flush(key))
+        order = sorted(choices, key=lambda i: (0, i) if _is_int(i) else (1, 0))
+        return [{**self.base, "choices": [choices[i] for i in order]}]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _list(v: Any) -> list:
+    return v if isinstance(v, list) else []
+
+
+def _index(doc: dict, name: str) -> int | None:
+    v = doc.get(name)
+    return v if _is_int(v) else None
+
+
+class _EventStream:
+    """Responses API events: ``*.delta`` restored per (event family, output_index,
+    content_index, summary_index); whole texts (``*.done``, parts, items, the response)
+    restored whole, after the held fragment of their part went out as one more delta."""
+
+    def __init__(self, mapping: dict[str, str]):
+        self.mapping = mapping
+        self.text = StreamRestorer(mapping)
+        self.last_delta: dict[Hashable, dict] = {}  # template for a synthetic delta event
+        self.shift = 0  # synthetic events inserted so far: later sequence numbers move on
+        self.last_seq: int | None = None
+
+    def busy(self) -> bool:
+        return bool(self.text.held) or self.shift > 0
+
+    def data(self, doc: Any) -> list[Any]:
+        if not isinstance(doc, dict):
+            return [doc]
+        kind = doc.get("type")
+        kind = kind if isinstance(kind, str) else ""
+        synth: list[dict] = []
+        if kind.endswith(".delta") and isinstance(doc.get("delta"), str):
+            key = (kind, *(_index(doc, name) for name in PART_INDEXES))
+            self.last_delta[key] = {k: v for k, v in doc.items() if k != "delta"}
+            doc["delta"] = self.text.feed(key, doc["delta"])
+        else:
+            if kind in TERMINAL_EVENTS:
+                synth = self._flush(lambda key: True)
+            elif kind.endswith(".done"):  # a part or item is complete: flush what is its
+                where = {i: _index(doc, name) for i, name in enumerate(PART_INDEXES, 1)
+                         if _index(doc, name) is not None}
+                synth = self._flush(lambda key: all(key[i] == v for i, v in where.items()))
+            # full texts repeat what the deltas carried: restored, but not counted again
+            if isinstance(doc.get("response"), dict):
+                restore_body(RESPONSES, doc["response"], self.mapping, count=False)
+            else:
+                restore_all(doc, self.mapping, count=False)
+        self._number(synth, doc)
+        return [*synth, doc]
+
+    def _flush(self, match: Any) -> list[dict]:
+        """Synthetic delta events (copies of each part's last delta) with the held text."""
+        out = []
+        for key in [k for k in self.text.held if match(k)]:
+            ev = {**self.last_delta[key], "delta": self.text.flush(key)}
+            if "logprobs" in ev:
+                ev["logprobs"] = []  # belonged to the copied delta's tokens
+            out.append(ev)
+        return out
+
+    def _number(self, synth: list[dict], doc: dict | None) -> None:
+        """Synthetic events take the numbers after the last one sent and later events move
+        on, so ``sequence_number`` stays unique and increasing."""
+        seq = doc.get("sequence_number") if doc is not None else None
+        if _is_int(seq):
+            nxt = seq + self.shift
+        elif self.last_seq is not None:
+            nxt = self.last_seq + 1
+        else:
+            return
+        for ev in synth:
+            ev["sequence_number"] = self.last_seq = nxt
+            nxt += 1
+        self.shift += len(synth)
+        if doc is not None and _is_int(seq):
+            doc["sequence_number"] = self.last_seq = nxt
+
+    def end(self) -> list[Any]:
+        synth = self._flush(lambda key: True)
+        self._number(synth, None)
+        return synth
+
+
+def _dumps(doc: Any) -> bytes:
+    try:  # as vLLM writes it: compact, UTF-8
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate from a \\ud8xx escape: keep it escaped
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _maybe_placeholder(raw: bytes) -> bool:
+    return b"<" in raw or b"\\u003c" in raw or b"\\u003C" in raw
 
 
 class ResponseRestorer:
-    """An ASGI ``send`` wrapper for one response of ``route``."""
+    """An ASGI ``send`` wrapper: restores the response of one masked request on ``route``
+    (``/v1/completions``, ``/v1/chat/completions`` or ``/v1/responses``) before it leaves
+    the server. ``mapping`` is the session's placeholder -> value map."""
 
     def __init__(self, send: Send, mapping: dict[str, str], route: str):
+        if route not in ROUTES:
+            raise ValueError(f"no restorer for route {route!r}")
         self.send_downstream, self.mapping, self.route = send, mapping, route
-        self.responses = route.rstrip("/").endswith("/responses")
-        self.stream = StreamRestorer(mapping)
-        self.start: Message | None = None
-        self.streaming = self.ok = False
-        self.pending = b""
+        self.stream: _ChoiceStream | _EventStream = (
+            _EventStream(mapping) if route == RESPONSES else _ChoiceStream(mapping))
+        self.mode = ""  # "pass" | "stream" | "whole", set by http.response.start
+        self.start: Message | None = None  # whole bodies: sent with the restored length
         self.body: list[bytes] = []
-        self.last: dict | None = None  # last chunk (chat/completions) for synthetic chunks
-        self.last_delta: dict[Key, tuple[bytes, dict]] = {}  # Responses: last delta event
-        self.ended = False
+        self.pending = b""  # a stream's incomplete event
+        self.named = route == RESPONSES  # whether events carry an ``event:`` line
+        self.sep = b"\n\n"
 
     async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            ctype = dict(message.get("headers", [])).get(b"content-type", b"")
-            self.streaming = ctype.startswith(b"text/event-stream")
-            self.ok = message.get("status", 200) == 200
-            if self.streaming or not self.ok:
-                await self.send_downstream(message)
-            else:
-                self.start = message  # sent with the restored body's length
-            return
-        if message["type"] != "http.response.body" or not self.ok:
-            return await self.send_downstream(message)
-        if self.streaming:
+        kind = message.get("type")
+        if kind == "http.response.start":
+            return await self._start(message)
+        if kind == "http.response.body" and self.mode == "stream":
             return await self._stream(message)
+        if kind == "http.response.body" and self.mode == "whole":
+            return await self._whole(message)
+        if self.start is not None:  # not a body (a file, trailers): nothing to restore
+            start, self.start, self.mode = self.start, None, "pass"
+            await self.send_downstream(start)
+            if self.body:
+                await self.send_downstream({"type": "http.response.body",
+                                            "body": b"".join(self.body), "more_body": True})
+                self.body = []
+        await self.send_downstream(message)
+
+    async def _start(self, message: Message) -> None:
+        headers = list(message.get("headers") or [])
+        ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"").lower()
+        if message.get("status", 200) != 200:
+            self.mode = "pass"
+        elif ctype.startswith(b"text/event-stream"):
+            self.mode = "stream"  # restored event by event: the length changes
+            message = {**message, "headers": [(k, v) for k, v in headers
+                                              if k.lower() != b"content-length"]}
+        else:
+            self.mode, self.start = "whole", message
+            return
+        await self.send_downstream(message)
+
+    async def _whole(self, message: Message) -> None:
         self.body.append(message.get("body", b""))
         if message.get("more_body"):
             return
-        raw = b"".join(self.body)
-        with contextlib.suppress(ValueError):  # not JSON: passes through as it is
-            raw = json.dumps(restore_all(json.loads(raw), self.mapping)).encode()
+        raw = self._document(b"".join(self.body))
+        self.body = []
         assert self.start is not None
-        headers = [(k, v) for k, v in self.start.get("headers", []) if k != b"content-length"]
+        start, self.start = self.start, None
+        headers = [(k, v) for k, v in start.get("headers") or []
+                   if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(raw)).encode()))
-        await self.send_downstream({**self.start, "headers": headers})
-        await self.send_downstream({"type": "http.response.body", "body": raw})
+        await self.send_downstream({**start, "headers": headers})
+        await self.send_downstream({"type": "http.response.body", "body": raw,
+                                    "more_body": False})
+
+    def _document(self, raw: bytes) -> bytes:
+        if not _maybe_placeholder(raw):
+            return raw
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict):
+                return raw  # not a response object: as it is
+            restore_body(self.route, doc, self.mapping)
+        except (ValueError, RecursionError):  # not JSON (or too deep to walk): as it is
+            return raw
+        return _dumps(doc)
 
     # --- streams --------------------------------------------------------------------------
 
     async def _stream(self, message: Message) -> None:
+        old = len(self.pending)
         data = self.pending + message.get("body", b"")
-        events = data.split(b"\n\n")
-        self.pending = events.pop()
-        out = [self._event(e) for e in events]
-        more = message.get("more_body", False)
+        more = bool(message.get("more_body", False))
+        out, pos = [], 0
+        # a separator the last message left incomplete starts at most 3 bytes before its end
+        for m in _EVENT_END.finditer(data, max(0, old - 3)):
+            out.append(self._event(data[pos:m.start()], m.group()))
+            pos = m.end()
+        self.pending = data[pos:]
         if not more:  # the stream ends here, [DONE] or not: nothing may stay held
             if self.pending.strip():
-                out.append(self._event(self.pending))
+                out.append(self._event(self.pending, self.sep))
             self.pending = b""
-            if not self.ended:
-                out.append(self._tail())
+            out.append(self._frames(self.stream.end()))
         await self.send_downstream({"type": "http.response.body", "body": b"".join(out),
                                     "more_body": more})
 
-    def _event(self, event: bytes) -> bytes:
-        lines = event.strip(b"\r\n").split(b"\n")
-        data_i = next((i for i, ln in enumerate(lines) if ln.startswith(b"data:")), None)
-        if data_i is None:
-            return event + b"\n\n"
-        payload = lines[data_i][5:].strip()
-        if payload == b"[DONE]":
-            self.ended = True
-            return self._tail() + event + b"\n\n"
+    def _event(self, event: bytes, sep: bytes) -> bytes:
+        self.sep = sep
+        if not self.stream.busy() and not _maybe_placeholder(event):
+            return event + sep  # nothing held, nothing to restore: as it is
+        lines = event.split(b"\n")
+        data_at = [i for i, ln in enumerate(lines) if ln.startswith(b"data:")]
+        if not data_at:
+            return event + sep
+        payload = b"\n".join(_value(lines[i]) for i in data_at)
+        if payload.strip() == b"[DONE]":
+            return self._frames(self.stream.end()) + event + sep
         try:
             doc = json.loads(payload)
-        except ValueError:
-            return event + b"\n\n"
-        prefix = b"\n".join(lines[:data_i])
-        if self.responses:
-            return self._responses_event(prefix, doc)
-        self._chunk(doc)
-        self.last = doc
-        return _frame(prefix, doc)
+        except (ValueError, RecursionError):
+            return event + sep
+        self.named = any(ln.startswith(b"event:") for ln in lines)
+        docs = self.stream.data(doc)
+        kept = [ln for i, ln in enumerate(lines) if i not in data_at[1:]]
+        kept[data_at[0]] = b"data: " + _dumps(docs[-1])
+        return self._frames(docs[:-1]) + b"\n".join(kept) + sep
 
-    def _chunk(self, chunk: dict) -> None:
-        """Chat or completion chunk, in place."""
-        for choice in chunk.get("choices") or []:
-            idx = choice.get("index", 0)
-            done = choice.get("finish_reason") is not None
-            if isinstance(choice.get("text"), str) or (done and (idx, "text") in
-                                                       self.stream.held):
-                choice["text"] = self._field((idx, "text"), choice.get("text") or "", done)
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                for name in CHOICE_FIELDS:
-                    if isinstance(delta.get(name), str) or (done and (idx, name) in
-                                                            self.stream.held):
-                        delta[name] = self._field((idx, name), delta.get(name) or "", done)
-                for call in delta.get("tool_calls") or []:
-                    fn = call.get("function") or {}
-                    if isinstance(fn.get("arguments"), str):
-                        key = (idx, "tool", call.get("index", 0))
-                        fn["arguments"] = self._field(key, fn["arguments"], done)
-                if done:  # tool arguments still held go out as arguments of their call
-                    for key in [k for k in self.stream.held if k[:2] == (idx, "tool")]:
-                        delta.setdefault("tool_calls", []).append(
-                            {"index": key[2], "function": {"arguments": self.stream.flush(key)}})
-            for k, v in choice.items():
-                if k not in ("text", "delta"):
-                    choice[k] = restore_all(v, self.mapping)
-
-    def _field(self, key: Key, text: str, done: bool) -> str:
-        out = self.stream.feed(key, text)
-        return out + self.stream.flush(key) if done else out
-
-    def _tail(self) -> bytes:
-        """Synthetic events carrying every held fragment in its own field and choice."""
-        if not self.stream.held:
-            return b""
-        if self.responses:
-            out = b""
-            for key in list(self.stream.held):
-                prefix, doc = self.last_delta[key]
-                out += _frame(prefix, {**doc, "delta": self.stream.flush(key)})
-            return out
-        base = {k: v for k, v in (self.last or {}).items() if k != "choices"}
-        out = b""
-        for key in sorted(self.stream.held, key=str):
-            idx, name = key[0], key[1]
-            tail = self.stream.flush(key)
-            if name == "text":
-                choice = {"index": idx, "text": tail, "finish_reason": None}
-            elif name == "tool":
-                choice = {"index": idx, "delta": {"tool_calls": [
-                    {"index": key[2], "function": {"arguments": tail}}]}, "finish_reason": None}
-            else:
-                choice = {"index": idx, "delta": {name: tail}, "finish_reason": None}
-            out += _frame(b"", {**base, "choices": [choice]})
-        return out
-
-    def _responses_event(self, prefix: bytes, doc: dict) -> bytes:
-        kind = doc.get("type", "")
-        if kind.endswith(".delta") and isinstance(doc.get("delta"), str):
-            key = (kind[:-len(".delta")], doc.get("output_index", 0),
-                   doc.get("content_index", doc.get("summary_index", 0)))
-            self.last_delta[key] = (prefix, copy.deepcopy(doc))
-            doc["delta"] = self.stream.feed(key, doc["delta"])
-            return _frame(prefix, doc)
-        head = b""
-        if kind.endswith(".done"):  # the part is complete: its held fragment goes first
-            key = (kind[:-len(".done")], doc.get("output_index", 0),
-                   doc.get("content_index", doc.get("summary_index", 0)))
-            if key in self.stream.held:
-                last_prefix, last = self.last_delta[key]
-                head = _frame(last_prefix, {**last, "delta": self.stream.flush(key)})
-        return head + _frame(prefix, restore_all(doc, self.mapping))
+    def _frames(self, docs: list[Any]) -> bytes:
+        out = []
+        for doc in docs:
+            kind = doc.get("type") if isinstance(doc, dict) else None
+            head = f"event: {kind}\n".encode() if self.named and isinstance(kind, str) else b""
+            out.append(head + b"data: " + _dumps(doc) + self.sep)
+        return b"".join(out)
 
 
-def _frame(prefix: bytes, doc: dict) -> bytes:
-    data = b"data: " + json.dumps(doc).encode() + b"\n\n"
-    return prefix + b"\n" + data if prefix else data
+def _value(line: bytes) -> bytes:
+    """An SSE field's value: after the colon, without one leading space; CR of CRLF off."""
+    value = line[5:].rstrip(b"\r")
+    return value[1:] if value.startswith(b" ") else value
