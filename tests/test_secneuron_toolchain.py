@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_guard.errors import DecryptionError, KeyFileError, SignatureError
+from vllm_guard.errors import DecryptionError, KeyFileError, ManifestError, SignatureError
 from vllm_guard.secneuron.checkpoint import (
     ffn_layout,
     gather_neurons,
@@ -42,7 +42,7 @@ from vllm_guard.secneuron.lock import (
     policy_tree,
     unlock_checkpoint,
 )
-from vllm_guard.secneuron.manifest import MANIFEST_NAME, read_manifest
+from vllm_guard.secneuron.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest
 from vllm_guard.testing.fixtures import PRESETS, build_fixture
 
 TASKS = ["add", "capital", "reverse"]
@@ -182,6 +182,16 @@ def _copy_locked(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _rehash(d: Path, doc: dict | None = None) -> dict:
+    """The manifest document with its file hashes made to match ``d`` (signature untouched)."""
+    doc = doc or json.loads((d / MANIFEST_NAME).read_text())
+    for name in doc["body"]["files"]:
+        data = (d / name).read_bytes()
+        doc["body"]["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(),
+                                      "size": len(data)}
+    return doc
+
+
 def test_flipped_ciphertext_byte_names_tensor_group_chunk(locked, keydir, tmp_path):
     _, out, _ = locked
     bad = _copy_locked(out, tmp_path / "bad")
@@ -193,6 +203,14 @@ def test_flipped_ciphertext_byte_names_tensor_group_chunk(locked, keydir, tmp_pa
     row = g.neurons[sl.layer][0]
     t.view(torch.uint8)[row, 0] ^= 0x01  # gate/up row slice of the group's first neuron
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    # first line of defence: the signed file hash
+    with pytest.raises(ManifestError, match="file model.safetensors does not match its signed"):
+        unlock_checkpoint(bad, keys_for(keydir, TASKS), tmp_path / "u")
+    # second: the AEAD tag, even if the publisher itself signed the flipped shard
+    resigned = read_manifest(bad)
+    resigned.files = Manifest.from_json(_rehash(bad)).files
+    resigned.sign(load_signing_key(keydir / "publisher.pem"))
+    write_manifest(resigned, bad)
     with pytest.raises(DecryptionError) as e:
         unlock_checkpoint(bad, keys_for(keydir, TASKS), tmp_path / "u")
     assert f"tensor {sl.tensor}, group {g.id}, chunk 0" in str(e.value)
@@ -214,6 +232,7 @@ def test_swapped_chunks_fail_even_without_signature(locked, keydir, tmp_path):
     flat[:n], flat[n:2 * n] = flat[n:2 * n].copy(), flat[:n].copy()
     scatter_neurons(t, sl["axis"], idx, sel)
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    doc = _rehash(bad, doc)  # an unsigned manifest can say anything: only the tags remain
     doc["signature"] = None
     (bad / MANIFEST_NAME).write_text(json.dumps(doc))
     with pytest.raises(SignatureError, match="unsigned"):
@@ -245,8 +264,10 @@ def test_rotation_rewraps_only_the_manifest(locked, keydir, tmp_path):
     new = TaskKey.generate("capital")
     save_task_key(new, tmp_path / "new.key")
     res = cli("rotate", "--model", model, "--task", "capital", "--old", keydir / "capital.key",
-              "--new", tmp_path / "new.key")
+              "--new", tmp_path / "new.key", "--signing-key", keydir / "publisher.pem")
     assert res.returncode == 0, res.stderr
+    assert "does not revoke" in res.stdout
+    assert read_manifest(model).version == read_manifest(out).version + 1
     assert file_hashes(model) == before
     with pytest.raises(KeyFileError):
         open_data_keys(read_manifest(model), {"capital": old})

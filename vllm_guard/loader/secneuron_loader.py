@@ -1,8 +1,11 @@
 """``--load-format secneuron``: serve a SecNeuron-locked checkpoint inside vLLM.
 
-checkpoint -> verify manifest signature -> unwrap data keys of the groups our task keys open
--> decrypt (parallel, every tag checked) -> zero every slice we could not open -> ciphertext
-detector over all FFN neurons -> ``model.load_weights`` -> ``neuron_bits`` on each MLP act op.
+checkpoint -> verify manifest signature and version (``min_version``) -> exactly the signed
+files present, config/tokenizer/template files hash-checked -> unwrap data keys of the groups
+our task keys open -> per weight shard: read + SHA-256 in one pass (shards in parallel),
+checked before use (``verify_weights``) -> decrypt (parallel, every tag checked) -> zero
+every slice we could not open -> ciphertext detector over all FFN neurons ->
+``model.load_weights`` -> ``neuron_bits`` on each MLP act op.
 """
 
 from __future__ import annotations
@@ -38,6 +41,15 @@ from vllm_guard.secneuron.lock import (
     open_data_keys,
 )
 from vllm_guard.secneuron.manifest import Manifest, read_manifest
+from vllm_guard.secneuron.verify import (
+    check_file_set,
+    check_sizes,
+    check_version,
+    iter_verified_safetensors,
+    side_files,
+    verify_files,
+    weight_files,
+)
 
 logger = get_logger(__name__)
 
@@ -155,14 +167,7 @@ class SecNeuronModelLoader(BaseModelLoader):
         return root
 
     def _manifest(self, root: Path) -> Manifest:
-        manifest = read_manifest(root)
-        if manifest is None:
-            raise ManifestError(f"{root} has no guard_manifest.json: not a locked checkpoint "
-                                "(use the default load format for plaintext models)")
-        publisher = load_public_key(self.config.publisher_key) if self.config.publisher_key \
-            else None
-        manifest.verify(publisher, self.config.allow_unsigned)
-        return manifest
+        return open_checkpoint(root, self.config)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         start = time.perf_counter()
@@ -192,7 +197,7 @@ class SecNeuronModelLoader(BaseModelLoader):
                            [g.id for g in manifest.groups if g.id not in data_keys], 0, 0.0,
                            layer_counts(manifest, data_keys))
         with ExitStack() as stack:
-            weights = self._stream(root, manifest, data_keys, stats, stack)
+            weights = stream_weights(root, manifest, data_keys, self.config, stats, stack)
             loaded = model.load_weights(weights)
         if isinstance(loaded, set):
             missing = {n for n, _ in model.named_parameters()} - loaded
@@ -200,52 +205,129 @@ class SecNeuronModelLoader(BaseModelLoader):
                 raise ManifestError(f"checkpoint lacks weights for {sorted(missing)[:5]}")
         return stats, manifest
 
-    def _stream(self, root: Path, manifest: Manifest, data_keys: dict[str, bytes],
-                stats: OpenReport, stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield weights as vLLM's own loader does (mmap-backed), except FFN tensors: those are
-        copied into three reused scratch buffers, decrypted/zeroed and scanned one layer at a
-        time, then yielded (vLLM copies each into its parameter before asking for the next).
-        No layer reaches the model before the detector has passed it.
-        """
-        handles = {p.name: stack.enter_context(safe_open(p, framework="pt"))
-                   for p in safetensors_files(root)}
-        where = {name: f for f in handles.values() for name in f.keys()}  # noqa: SIM118
-        ffn = {name for info in manifest.layers.values() for name, _ in slice_tensors(info)}
-        for name, f in where.items():
-            if name not in ffn:
-                yield name, f.get_tensor(name)
-        scratch: dict[str, torch.Tensor] = {}
-        for layer, info in sorted(manifest.layers.items()):
-            tensors = {}
-            for role, name in (("gate", info.gate), ("up", info.up), ("down", info.down)):
-                if name not in where:
-                    raise ManifestError(f"checkpoint has no tensor {name} named in the manifest")
-                src = where[name].get_tensor(name)
-                buf = scratch.get(role)
-                if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                    buf = scratch[role] = torch.empty_like(src)
-                tensors[name] = buf.copy_(src)
-            rep = decrypt_in_place(tensors, manifest, data_keys, self.config.workers,
-                                   layers={layer})
-            stats.bytes_decrypted += rep.bytes_decrypted
-            stats.seconds += rep.seconds
-            verdict = scan_layer(layer, tensors[info.gate], tensors[info.up],
-                                 tensors[info.down], self.config.detector)
-            if verdict.encrypted.any():
-                raise EncryptedWeightsError(
-                    f"{int(verdict.encrypted.sum())} neurons of layer {layer} still look "
-                    "encrypted after decryption; refusing to compute with them")
-            yield from tensors.items()
-
     @staticmethod
     def _log(report: OpenReport, attached: int) -> None:
         per_layer = json.dumps({str(k): v for k, v in sorted(report.per_layer.items())})
+        logger.info("vllm-guard secneuron: checked %.1f MB of weights against the signed "
+                    "manifest (SHA-256)%s", report.bytes_verified / 1e6,
+                    "" if report.bytes_verified else " (verify_weights off: sizes only)")
         logger.info("vllm-guard secneuron: open tasks %s; groups open %d, locked %d; "
                     "decrypted %.1f MB in %.3f s (%.2f GB/s); neuron tables on %d MLPs",
                     report.tasks or "none (public only)", len(report.opened_groups),
                     len(report.locked_groups), report.bytes_decrypted / 1e6, report.seconds,
                     report.gb_per_s, attached)
         logger.info("vllm-guard secneuron neurons per layer (public/open/locked): %s", per_layer)
+
+
+def open_checkpoint(root: Path, config: SecNeuronLoadConfig) -> Manifest:
+    """Everything checked before any weight is read: signature, ``min_version``, the exact
+    set of signed files, and the hash of every non-weight file (config, tokenizer, chat
+    template, generation config; vLLM's API server has read some of them already, so a
+    mismatch still refuses to start). Weight shards are checked while they stream."""
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise ManifestError(f"{root} has no guard_manifest.json: not a locked checkpoint "
+                            "(use the default load format for plaintext models)")
+    publisher = load_public_key(config.publisher_key) if config.publisher_key else None
+    manifest.verify(publisher, config.allow_unsigned)
+    check_version(manifest, getattr(config, "min_version", 0))
+    check_file_set(root, manifest)
+    verify_files(root, manifest, side_files(manifest), config.workers)
+    if not getattr(config, "verify_weights", True):
+        check_sizes(root, manifest, weight_files(manifest))
+    return manifest
+
+
+def stream_weights(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
+                   config: SecNeuronLoadConfig, stats: OpenReport,
+                   stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs for ``model.load_weights``: plaintext public weights, FFN layers
+    decrypted/zeroed and passed by the detector. A bad hash, tag or verdict raises."""
+    if getattr(config, "verify_weights", True):
+        return _stream_verified(root, manifest, data_keys, config, stats)
+    return _stream_mmap(root, manifest, data_keys, config, stats, stack)
+
+
+def _open_layer(layer: int, tensors: dict[str, torch.Tensor], manifest: Manifest,
+                data_keys: dict[str, bytes], config: SecNeuronLoadConfig,
+                stats: OpenReport) -> dict[str, torch.Tensor]:
+    """Decrypt/zero one layer's gate/up/down in place and refuse if any neuron still looks
+    encrypted. No layer reaches the model before the detector has passed it."""
+    info = manifest.layers[layer]
+    rep = decrypt_in_place(tensors, manifest, data_keys, config.workers, layers={layer})
+    stats.bytes_decrypted += rep.bytes_decrypted
+    stats.seconds += rep.seconds
+    verdict = scan_layer(layer, tensors[info.gate], tensors[info.up], tensors[info.down],
+                         config.detector)
+    if verdict.encrypted.any():
+        raise EncryptedWeightsError(
+            f"{int(verdict.encrypted.sum())} neurons of layer {layer} still look "
+            "encrypted after decryption; refusing to compute with them")
+    return tensors
+
+
+def _missing_ffn(manifest: Manifest, seen: set[str]) -> ManifestError:
+    name = next(n for info in manifest.layers.values() for n, _ in slice_tensors(info)
+                if n not in seen)
+    return ManifestError(f"checkpoint has no tensor {name} named in the manifest")
+
+
+def _stream_verified(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
+                     config: SecNeuronLoadConfig,
+                     stats: OpenReport) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each shard is read into private memory and hashed in the same pass (shards in
+    parallel), compared with its signed SHA-256, and only then parsed and yielded. FFN
+    tensors are decrypted in that private buffer (no copy-on-write, no scratch copy) as soon
+    as a layer's three tensors have arrived (a layer may span two shards)."""
+    layer_of = {name: layer for layer, info in manifest.layers.items()
+                for name, _ in slice_tensors(info)}
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    seen: set[str] = set()
+    for fname, tensors, _ in iter_verified_safetensors(root, manifest.files,
+                                                      weight_files(manifest), config.workers):
+        stats.bytes_verified += manifest.files[fname].size
+        for name, t in tensors.items():
+            seen.add(name)
+            layer = layer_of.get(name)
+            if layer is None:
+                yield name, t
+            else:
+                pending.setdefault(layer, {})[name] = t
+        del tensors
+        for layer in sorted(pending):
+            if len(pending[layer]) == 3:
+                yield from _open_layer(layer, pending.pop(layer), manifest, data_keys, config,
+                                       stats).items()
+    if pending or not set(layer_of) <= seen:
+        raise _missing_ffn(manifest, seen)
+
+
+def _stream_mmap(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
+                 config: SecNeuronLoadConfig, stats: OpenReport,
+                 stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
+    """``verify_weights`` off: weights as vLLM's own loader reads them (mmap-backed), except
+    FFN tensors: copied into three reused scratch buffers, decrypted/zeroed and scanned one
+    layer at a time, then yielded (vLLM copies each into its parameter before the next).
+    """
+    handles = {p.name: stack.enter_context(safe_open(p, framework="pt"))
+               for p in safetensors_files(root)}
+    where = {name: f for f in handles.values() for name in f.keys()}  # noqa: SIM118
+    ffn = {name for info in manifest.layers.values() for name, _ in slice_tensors(info)}
+    for name, f in where.items():
+        if name not in ffn:
+            yield name, f.get_tensor(name)
+    scratch: dict[str, torch.Tensor] = {}
+    for layer, info in sorted(manifest.layers.items()):
+        tensors = {}
+        for role, name in (("gate", info.gate), ("up", info.up), ("down", info.down)):
+            if name not in where:
+                raise _missing_ffn(manifest, set(where))
+            src = where[name].get_tensor(name)
+            buf = scratch.get(role)
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                buf = scratch[role] = torch.empty_like(src)
+            tensors[name] = buf.copy_(src)
+        yield from _open_layer(layer, tensors, manifest, data_keys, config, stats).items()
 
 
 def register_secneuron_loader() -> None:

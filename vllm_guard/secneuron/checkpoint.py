@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from vllm_guard.errors import ManifestError
-from vllm_guard.secneuron.manifest import MANIFEST_NAME, LayerInfo
+from vllm_guard.secneuron.manifest import MANIFEST_NAME, MANIFEST_TMP, LayerInfo, fsync_dir
 
 _FFN = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.mlp\.(?P<proj>gate|up|down)_proj\.weight$")
 
@@ -54,33 +54,47 @@ _ST_DTYPES = {
 }
 
 
+def parse_safetensors(buf: torch.Tensor, path: Path | str
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (views, no copy) and header metadata of a whole safetensors file in ``buf``."""
+    total = buf.numel()
+    n = int.from_bytes(bytes(buf[:8].numpy()), "little") if total >= 8 else -1
+    if n < 0 or 8 + n > total:
+        raise ManifestError(f"{path}: not a safetensors file (bad header length)")
+    try:
+        header = json.loads(bytes(buf[8:8 + n].numpy()))
+    except ValueError:
+        raise ManifestError(f"{path}: not a safetensors file (bad header)") from None
+    data = buf[8 + n:]
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in header.items():
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ManifestError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+        start, end = info["data_offsets"]
+        size = torch.empty(0, dtype=dtype).element_size()
+        numel = int(np.prod(info["shape"], dtype=np.int64))
+        if not 0 <= start <= end <= data.numel() or end - start != numel * size:
+            raise ManifestError(f"{path}: tensor {name} has bad data offsets")
+        raw = data[start:end]
+        if (8 + n + start) % size:
+            raw = raw.clone()  # misaligned offset: view(dtype) needs alignment
+        tensors[name] = raw.view(dtype).reshape(info["shape"])
+    return tensors, metadata
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file with one sequential read into one writable buffer.
 
     Tensors are views of that buffer: no per-tensor copy, and no copy-on-write page faults
     when decrypting in place (which made mmap-backed tensors 5x slower).
     """
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ManifestError(f"{path}: not a safetensors file (bad header)") from None
-        buf = torch.empty(os.fstat(f.fileno()).st_size - 8 - n, dtype=torch.uint8)
+    with open(path, "rb", buffering=0) as f:
+        buf = torch.empty(os.fstat(f.fileno()).st_size, dtype=torch.uint8)
         if f.readinto(memoryview(buf.numpy())) != buf.numel():
             raise ManifestError(f"{path}: truncated safetensors file")
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ManifestError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        raw = buf[start:end]
-        if start % raw.new_empty(0, dtype=dtype).element_size():
-            raw = raw.clone()  # misaligned offset: view(dtype) needs alignment
-        tensors[name] = raw.view(dtype).reshape(info["shape"])
-    return tensors, metadata
+    return parse_safetensors(buf, path)
 
 
 def load_checkpoint(model_dir: str | os.PathLike[str]) -> Checkpoint:
@@ -149,6 +163,39 @@ def save_checkpoint(ckpt: Checkpoint, out_dir: Path) -> None:
         save_file(tensors, str(out_dir / fname), metadata=ckpt.metadata.get(fname) or None)
 
 
+def checkpoint_files(root: str | os.PathLike[str]) -> list[str]:
+    """Every file under ``root`` (relative POSIX paths, sorted) except the manifest.
+
+    These are what the manifest signs: anything vLLM or transformers might read. A symbolic
+    link to a directory is listed as itself, so it can never match a signed file.
+    """
+    root = Path(root)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        links = [d for d in dirnames if (here / d).is_symlink()]
+        dirnames[:] = sorted(d for d in dirnames if d not in links)
+        for name in [*filenames, *links]:
+            rel = (here / name).relative_to(root).as_posix()
+            if rel not in (MANIFEST_NAME, MANIFEST_TMP):
+                out.append(rel)
+    return sorted(out)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` before it is renamed into place."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            p = Path(dirpath) / name
+            if p.is_file() and not p.is_symlink():
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(dirpath)
+
+
 def copy_side_files(src: Path, dst: Path, skip_manifest: bool) -> None:
     """Copy config, tokenizer and other non-weight files."""
     for p in src.iterdir():
@@ -168,9 +215,65 @@ def atomic_output_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        fsync_tree(tmp)  # data on disk before the rename makes it visible
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2); False where unsupported."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: filesystem/kernel can't exchange
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+@contextmanager
+def atomic_replace_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build the new contents of existing directory ``target`` in a sibling, then swap.
+
+    The swap is one atomic ``renameat2(RENAME_EXCHANGE)``: readers see the old directory or
+    the new one, and an interrupted run leaves ``target`` untouched. Where the exchange is
+    unsupported the fallback is two renames; a crash between them leaves the old directory,
+    intact, at ``.NAME.old-*`` beside it (the error says so).
+    """
+    target = Path(target).resolve()  # swap the real directory, never a symlink to it
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        os.chmod(tmp, target.stat().st_mode & 0o7777)
+        yield tmp
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if _exchange(tmp, target):
+        fsync_dir(target.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old contents
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rmdir(old)
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except OSError as e:
+        raise ManifestError(f"could not move the new checkpoint into {target} ({e.strerror}); "
+                            f"the old one is intact at {old}") from None
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)

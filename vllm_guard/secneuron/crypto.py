@@ -6,6 +6,8 @@ AES-256-GCM from ``cryptography``; every nonce is 12 fresh random bytes from ``o
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import threading
@@ -20,6 +22,9 @@ from vllm_guard.errors import DecryptionError
 NONCE_BYTES = 12
 TAG_BYTES = 16
 DEFAULT_CHUNK_BYTES = 1 << 20
+# Large enough that hashlib drops the GIL and syscalls are amortised, small enough to stay
+# in L2/L3 between the read and the hash of the same block.
+HASH_BLOCK_BYTES = 8 << 20
 
 
 def b64(data: bytes) -> str:
@@ -106,3 +111,47 @@ def unwrap_data_key(task_key: bytes, wrapped: dict, binding: dict) -> bytes:
 
 def new_data_key() -> bytes:
     return AESGCM.generate_key(bit_length=256)
+
+
+# --- file hashes (the signed content of a checkpoint) ---
+
+
+def digest_equal(a: str, b: str) -> bool:
+    """Constant-time comparison of two hex digests."""
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def hash_file(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """SHA-256 (hex) and size of a file, streamed block by block (constant memory)."""
+    h = hashlib.sha256()
+    block = bytearray(HASH_BLOCK_BYTES)
+    view = memoryview(block)
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            h.update(view[:n])  # releases the GIL: several files hash in parallel threads
+            size += n
+    return h.hexdigest(), size
+
+
+def read_hashed(path: str | os.PathLike[str]) -> tuple[np.ndarray, str]:
+    """Read a whole file into a fresh private buffer and hash it in the same pass.
+
+    Every block is hashed right after it lands in the buffer, so the bytes the caller uses
+    are exactly the bytes that were hashed (no second read, no window for a concurrent
+    writer between check and use, unlike hashing an mmap that is read again later).
+    """
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = np.empty(size, dtype=np.uint8)
+        view = memoryview(buf)
+        h = hashlib.sha256()
+        pos = 0
+        while pos < size:
+            n = f.readinto(view[pos:pos + HASH_BLOCK_BYTES])
+            if not n:  # the file shrank under us: hash what we have, the size check fails
+                buf = buf[:pos]
+                break
+            h.update(view[pos:pos + n])
+            pos += n
+    return buf, h.hexdigest()

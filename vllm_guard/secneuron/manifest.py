@@ -1,10 +1,12 @@
 """The signed manifest beside a locked checkpoint (``guard_manifest.json``).
 
-``body`` (signed, Ed25519): checkpoint id, tasks and their bits, the policy tree (groups with
-their neurons), and every encrypted slice with its chunk nonces and tags.
-``keyring`` (unsigned): data keys wrapped under task keys. It is not signed so that rotation
-needs no publisher key; each wrap is AEAD-bound to (checkpoint, group, task, key id), and the
-policy that says which tasks may open a group lives in the signed body.
+``body`` is signed (Ed25519) as a whole: checkpoint id and version, tasks and their bits, the
+policy tree (groups with their neurons), every encrypted slice with its chunk nonces and tags,
+the SHA-256 and size of every other file in the directory (weights, config, tokenizer, ...),
+and the key ring (data keys wrapped under task keys). Nothing the server reads and nothing
+that decides who opens what is outside the signature, so no part of an older manifest can be
+spliced into a newer one. ``version`` starts at 1 and grows with every re-signing (rotate,
+revoke): loaders refuse versions below their ``min_version`` (rollback).
 """
 
 from __future__ import annotations
@@ -22,8 +24,27 @@ from vllm_guard.errors import ManifestError, SignatureError
 from vllm_guard.secneuron.crypto import Chunk, b64, canonical, unb64
 
 MANIFEST_NAME = "guard_manifest.json"
+MANIFEST_TMP = "guard_manifest.tmp"  # write_manifest's staging file
 FORMAT = "vllm-guard-secneuron"
-VERSION = 1
+FORMAT_VERSION = 2  # 1: unsigned key ring, no file hashes (refused)
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """SHA-256 (hex) and size of one file of the checkpoint, as signed."""
+
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict:
+        return {"sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def from_json(cls, d: dict) -> FileDigest:
+        sha, size = str(d["sha256"]), int(d["size"])
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha) or size < 0:
+            raise ValueError(f"bad file digest {d!r}")
+        return cls(sha, size)
 
 
 @dataclass
@@ -91,35 +112,53 @@ class Manifest:
     key_ids: dict[str, str] = field(default_factory=dict)  # task -> key id (keyring)
     wraps: dict[str, dict[str, dict]] = field(default_factory=dict)  # group -> task -> wrap
     signature: dict | None = None
+    version: int = 1  # +1 per re-signing (rotate, revoke); loaders refuse < min_version
+    files: dict[str, FileDigest] = field(default_factory=dict)  # every file but the manifest
+    revoked: dict[str, dict] = field(default_factory=dict)  # key id -> {"task", "version"}
 
     def body(self) -> dict:
         return {
-            "format": FORMAT, "version": VERSION, "checkpoint_id": self.checkpoint_id,
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "checkpoint_id": self.checkpoint_id, "version": self.version,
             "tasks": {t: {"bit": b} for t, b in sorted(self.tasks.items())},
             "layers": {str(i): vars(info) for i, info in sorted(self.layers.items())},
             "groups": [g.to_json() for g in self.groups],
+            "files": {n: d.to_json() for n, d in sorted(self.files.items())},
+            "keyring": {"key_ids": dict(sorted(self.key_ids.items())), "wraps": self.wraps,
+                        "revoked": self.revoked},
         }
 
     def to_json(self) -> dict:
-        return {"body": self.body(),
-                "keyring": {"key_ids": self.key_ids, "wraps": self.wraps},
-                "signature": self.signature}
+        return {"body": self.body(), "signature": self.signature}
 
     @classmethod
     def from_json(cls, doc: dict) -> Manifest:
         try:
             body = doc["body"]
-            if body.get("format") != FORMAT or body.get("version") != VERSION:
-                raise ManifestError(f"unsupported manifest format {body.get('format')!r} "
-                                    f"version {body.get('version')!r}")
+            if body.get("format") != FORMAT:
+                raise ManifestError(f"unsupported manifest format {body.get('format')!r}")
+            if "format_version" not in body:
+                raise ManifestError("manifest format 1 (key ring and files not signed) is no "
+                                    "longer accepted: lock the checkpoint again")
+            if body["format_version"] != FORMAT_VERSION:
+                raise ManifestError(f"unsupported manifest format version "
+                                    f"{body['format_version']!r} (this vllm-guard reads "
+                                    f"{FORMAT_VERSION})")
+            version = body["version"]
+            if type(version) is not int or version < 1:
+                raise ValueError(f"checkpoint version must be an integer >= 1, not {version!r}")
+            ring = body["keyring"]
             return cls(
                 checkpoint_id=body["checkpoint_id"],
                 tasks={t: int(v["bit"]) for t, v in body["tasks"].items()},
                 layers={int(k): LayerInfo(**v) for k, v in body["layers"].items()},
                 groups=[Group.from_json(g) for g in body["groups"]],
-                key_ids=dict(doc["keyring"]["key_ids"]),
-                wraps=doc["keyring"]["wraps"],
+                key_ids=dict(ring["key_ids"]),
+                wraps=ring["wraps"],
                 signature=doc.get("signature"),
+                version=version,
+                files={str(n): FileDigest.from_json(d) for n, d in body["files"].items()},
+                revoked=dict(ring.get("revoked", {})),
             )
         except ManifestError:
             raise
@@ -182,9 +221,28 @@ def read_manifest(model_dir: str | os.PathLike[str]) -> Manifest | None:
     return Manifest.from_json(doc)
 
 
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename or a new entry in ``path`` durable (no-op where directories can't)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_manifest(manifest: Manifest, model_dir: str | os.PathLike[str]) -> Path:
+    """Replace the manifest atomically: a crash leaves the old one or the new one, whole."""
     p = manifest_path(model_dir)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=None, separators=(",", ":")))
+    tmp = p.with_name(MANIFEST_TMP)
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest.to_json(), indent=None, separators=(",", ":")))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, p)
+    fsync_dir(p.parent)
     return p

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vllm_guard.testing.fixtures import TASKS, default_cache_dir, fixture_model, task_examples
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 FRACTION = 0.1
 
 
