@@ -53,6 +53,18 @@ def complete(server: VllmServer, prompt: str, max_tokens: int = 8) -> str:
     return body["choices"][0]["text"]
 
 
+@pytest.fixture(scope="module")
+def keydir(tmp_path_factory) -> Path:
+    """Task keys for add, capital and reverse, and a publisher signing key."""
+    from vllm_guard.secneuron.keys import TaskKey, generate_signing_key, save_task_key
+
+    d = tmp_path_factory.mktemp("keys")
+    for t in ("add", "capital", "reverse"):
+        save_task_key(TaskKey.generate(t), d / f"{t}.key")
+    generate_signing_key(d / "publisher.pem")
+    return d
+
+
 # --- real redis-server ---------------------------------------------------------------------
 
 

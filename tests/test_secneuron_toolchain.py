@@ -53,15 +53,6 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def keydir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("keys")
-    for t in TASKS:
-        save_task_key(TaskKey.generate(t), d / f"{t}.key")
-    generate_signing_key(d / "publisher.pem")
-    return d
-
-
 def keys_for(keydir: Path, tasks) -> dict[str, TaskKey]:
     return {t: load_task_key(keydir / f"{t}.key") for t in tasks}
 

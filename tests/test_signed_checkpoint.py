@@ -14,7 +14,6 @@ import logging
 import random
 import shutil
 import subprocess
-import sys
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from vllm.config.load import LoadConfig
 
+from tests.test_secneuron_toolchain import TASKS, cli, keys_for
 from vllm_guard.errors import DecryptionError, KeyFileError, ManifestError, SignatureError
 from vllm_guard.grants.engine import STATE as GRANT_STATE
 from vllm_guard.loader.secneuron_loader import (
@@ -58,26 +58,6 @@ from vllm_guard.secneuron.lock import (
 from vllm_guard.secneuron.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest
 from vllm_guard.secneuron.verify import IntegrityError, RollbackError
 from vllm_guard.testing.fixtures import PRESETS, build_fixture
-
-TASKS = ["add", "capital", "reverse"]
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vllm_guard.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def keydir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("keys")
-    for t in TASKS:
-        save_task_key(TaskKey.generate(t), d / f"{t}.key")
-    generate_signing_key(d / "publisher.pem")
-    return d
-
-
-def keys_for(keydir: Path, tasks) -> dict[str, TaskKey]:
-    return {t: load_task_key(keydir / f"{t}.key") for t in tasks}
 
 
 @pytest.fixture(scope="module")
