@@ -188,20 +188,6 @@ def load_verified_checkpoint(root: str | os.PathLike[str], manifest: Manifest,
     return ckpt
 
 
-def check_checkpoint(root: str | os.PathLike[str], manifest: Manifest, min_version: int = 0,
-                     weights: bool = True, workers: int | None = None) -> int:
-    """Version, file set and hashes (of weights too unless ``weights=False``); bytes hashed.
-
-    For a check before serving: ``vllm-guard serve`` can refuse before vLLM reads the config.
-    """
-    check_version(manifest, min_version)
-    check_file_set(root, manifest)
-    names = list(manifest.files) if weights else side_files(manifest)
-    if not weights:
-        check_sizes(root, manifest, weight_files(manifest))
-    return verify_files(root, manifest, names, workers)
-
-
 def file_report(root: str | os.PathLike[str], manifest: Manifest | None,
                 workers: int | None = None) -> list[FileCheck]:
     """Signed digest, on-disk digest and status of every signed or present file."""
