@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import timed, write_result
+from benchmarks.common import print_result, timed, write_result
 from vllm_guard.secneuron.checkpoint import ffn_layout, load_checkpoint
 from vllm_guard.secneuron.keys import TaskKey
 from vllm_guard.secneuron.lock import (
@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for k, v in result.items():
-        print(f"{k:>24}: {v:.3f}" if isinstance(v, float) else f"{k:>24}: {v}")
+    print_result(result)
     write_result("crypto", result)
     return result
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.bench_crypto import TASKS, random_selection
-from benchmarks.common import timed, write_result
+from benchmarks.common import print_result, timed, write_result
 from vllm_guard.secneuron.checkpoint import load_checkpoint
 from vllm_guard.secneuron.crypto import read_hashed
 from vllm_guard.secneuron.keys import TaskKey, generate_signing_key, load_signing_key, save_task_key
@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         })
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for k, v in result.items():
-        print(f"{k:>36}: {v:.3f}" if isinstance(v, float) else f"{k:>36}: {v}")
+    print_result(result)
     write_result("verify", result)
     return result
 

@@ -50,3 +50,10 @@ def write_result(name: str, result: dict, out: Path | None = None) -> Path:
     path.write_text(json.dumps({"benchmark": name, "machine": machine_info(), **result}, indent=1))
     print(f"wrote {path}")
     return path
+
+
+def print_result(result: dict) -> None:
+    """One aligned line per figure, floats to 3 decimals."""
+    width = max(map(len, result), default=0)
+    for k, v in result.items():
+        print(f"{k:>{width}}: {v:.3f}" if isinstance(v, float) else f"{k:>{width}}: {v}")
