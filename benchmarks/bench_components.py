@@ -13,17 +13,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import write_result
-
-
-def _p(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q / 100 * len(values)))]
+from benchmarks.common import percentile, write_result
 
 
 def _english_1kb(n: int) -> list:
     """~1 KB English prompts: consecutive corpus examples joined, spans shifted."""
-    from vllm_guard.testing.pii_corpus import Example, generate
+    from tests.support.pii_corpus import LabelledText, generate
 
     out, text, spans = [], "", []
     for ex in generate(n * 8, seed=3):
@@ -32,7 +27,7 @@ def _english_1kb(n: int) -> list:
         spans += [(a + len(text), b + len(text), e) for a, b, e in ex.spans]
         text += ex.text + "\n"
         if len(text) >= 1000:
-            out.append(Example(text, spans, "en"))
+            out.append(LabelledText(text, spans, "en"))
             text, spans = "", []
             if len(out) == n:
                 break
@@ -55,10 +50,10 @@ def masker_timings(n: int = 150) -> dict:
     from presidio_analyzer import AnalyzerEngine
     from presidio_analyzer.nlp_engine import SpacyNlpEngine
 
+    from tests.support.pii_corpus import generate, score
     from vllm_guard.masking.detector import NER_PACKAGE, _offline_tldextract, build_detector
     from vllm_guard.masking.masker import Masker
     from vllm_guard.masking.vault import InMemoryVault
-    from vllm_guard.testing.pii_corpus import generate, score
 
     _offline_tldextract()
     profiles = _profiles()
@@ -86,7 +81,8 @@ def masker_timings(n: int = 150) -> dict:
         result[f"person_recall_by_name_locale_{profile}"] = {
             loc: score(other, det.detect)["entities"]["PERSON"]["recall"]
             for loc, other in elsewhere.items()}
-        result[f"ours_{profile}"] = {"p50_ms": _p(times, 50) * 1e3, "p99_ms": _p(times, 99) * 1e3,
+        result[f"ours_{profile}"] = {"p50_ms": percentile(times, 50) * 1e3,
+                                     "p99_ms": percentile(times, 99) * 1e3,
                                      "micro_recall": rep["micro_recall"],
                                      "micro_precision": rep["micro_precision"],
                                      "person_recall": rep["entities"]["PERSON"]["recall"]}
@@ -111,7 +107,8 @@ def masker_timings(n: int = 150) -> dict:
                     for r in analyzer.analyze(t, language="en")]
 
     rep = score(examples, _Wrap().detect)
-    result["presidio_plain"] = {"p50_ms": _p(times, 50) * 1e3, "p99_ms": _p(times, 99) * 1e3,
+    result["presidio_plain"] = {"p50_ms": percentile(times, 50) * 1e3,
+                                "p99_ms": percentile(times, 99) * 1e3,
                                 "micro_recall": rep["micro_recall"],
                                 "micro_precision": rep["micro_precision"],
                                 "person_recall": rep["entities"]["PERSON"]["recall"]}
@@ -122,8 +119,9 @@ def masker_timings(n: int = 150) -> dict:
 
 
 def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 50) -> dict:
-    from vllm_guard.kernels.masked_silu import PUBLIC_BIT, masked_silu_and_mul_torch
-    from vllm_guard.testing.fixtures import PRESETS
+    from tests.support.fixtures import PRESETS
+    from vllm_guard.kernels.masked_silu import masked_silu_and_mul_torch
+    from vllm_guard.runtime import PUBLIC_BIT
 
     size = PRESETS[preset].intermediate_size
     bits = torch.randint(1, 8, (size,), dtype=torch.int64)

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import print_result, timed, write_result
+from tests.support.fixtures import fixture_model
 from vllm_guard.secneuron.checkpoint import ffn_layout, load_checkpoint
 from vllm_guard.secneuron.keys import TaskKey
 from vllm_guard.secneuron.lock import (
@@ -23,7 +24,6 @@ from vllm_guard.secneuron.lock import (
     open_data_keys,
 )
 from vllm_guard.secneuron.manifest import read_manifest
-from vllm_guard.testing.fixtures import fixture_model
 
 TASKS = ["a", "b", "c"]
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from benchmarks.bench_crypto import TASKS, random_selection
 from benchmarks.common import write_result
+from tests.support.fixtures import fixture_model
+from tests.support.server import VllmServer
 from vllm_guard.secneuron.keys import TaskKey, save_task_key
 from vllm_guard.secneuron.lock import lock_checkpoint
-from vllm_guard.testing.fixtures import fixture_model
-from vllm_guard.testing.server import VllmServer
 
 LOAD_LINE = re.compile(r"Loading weights took ([0-9.]+) seconds")
 PLAIN_ENV = {"VLLM_PLUGINS": "__no_plugin__"}

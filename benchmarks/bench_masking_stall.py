@@ -20,8 +20,8 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks.common import write_result
-from vllm_guard.testing.fixtures import fixture_model
-from vllm_guard.testing.server import VllmServer, post
+from tests.support.fixtures import fixture_model
+from tests.support.server import VllmServer, post
 
 PROFILES = {"default": {}, "fast": {"ner": "off"}}
 

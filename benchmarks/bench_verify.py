@@ -25,12 +25,12 @@ from safetensors.torch import save_file
 
 from benchmarks.bench_crypto import TASKS, random_selection
 from benchmarks.common import print_result, timed, write_result
+from tests.support.fixtures import fixture_model
 from vllm_guard.secneuron.checkpoint import load_checkpoint
 from vllm_guard.secneuron.crypto import read_hashed
 from vllm_guard.secneuron.keys import TaskKey, generate_signing_key, load_signing_key, save_task_key
 from vllm_guard.secneuron.lock import OpenReport, lock_checkpoint, open_data_keys
 from vllm_guard.secneuron.verify import digest_files
-from vllm_guard.testing.fixtures import fixture_model
 
 MB = 1 << 20
 
@@ -63,12 +63,8 @@ def resharded(model: Path, shards: int, out: Path) -> Path:
 
 
 def stream_seconds(locked: Path, key_dir: Path, verify: bool, repeats: int) -> float:
-    from vllm_guard.loader.secneuron_loader import (
-        SecNeuronLoadConfig,
-        open_checkpoint,
-        stream_weights,
-    )
     from vllm_guard.secneuron.keys import load_task_keys
+    from vllm_guard.secneuron.weights import SecNeuronLoadConfig, open_checkpoint, stream_weights
 
     cfg = SecNeuronLoadConfig.from_extra({"key_dir": str(key_dir),
                                           "publisher_key": str(key_dir / "publisher.pub"),

@@ -34,6 +34,18 @@ def machine_info() -> dict:
     return info
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile with linear interpolation (numpy's default; p50 is the median);
+    0 for no values."""
+    if not values:
+        return 0.0
+    values = sorted(values)
+    pos = q / 100 * (len(values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
 def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[float, object]:
     """Median wall time over ``repeats`` runs and the last result."""
     times, out = [], None

@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine_info
+from benchmarks.common import RESULTS, machine_info, percentile
+from tests.support.fixtures import WORDS, fixture_model
+from tests.support.server import VllmServer
 from vllm_guard.grants.credentials import hash_api_key
-from vllm_guard.testing.fixtures import WORDS, fixture_model
-from vllm_guard.testing.server import VllmServer
 
 BASELINE = Path(__file__).resolve().parent / "baseline.json"
 CONFIGS = {
@@ -83,22 +83,17 @@ def stream_request(url: str, prompt: str, output_len: int, headers: dict) -> Sam
     return Sample((first or end) - start, end - start, itl, tokens)
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else 0
-
-
 def summarize(samples: list[Sample]) -> dict:
     itl = [x for s in samples for x in s.itl]
     out = {}
     for name, vals in (("ttft", [s.ttft for s in samples]), ("tpot", [s.tpot for s in samples]),
                        ("itl", itl), ("e2e", [s.e2e for s in samples])):
-        out[f"{name}_p50_ms"] = pct(vals, 50) * 1000
-        out[f"{name}_p99_ms"] = pct(vals, 99) * 1000
+        out[f"{name}_p50_ms"] = percentile(vals, 50) * 1000
+        out[f"{name}_p99_ms"] = percentile(vals, 99) * 1000
     return out
 
 
-class Workspace:
+class BenchWorkspace:
     """Checkpoints, keys and config files the configurations need, built once per run."""
 
     def __init__(self, preset: str, root: Path):
@@ -110,21 +105,20 @@ class Workspace:
     def locked(self) -> tuple[Path, dict]:
         if self._locked is None:
             if self.preset == "tiny":
-                from vllm_guard.testing.demo import locked_fixture
+                from tests.support.locked import locked_fixture
 
                 art = locked_fixture()
                 self._locked = art.locked, art.loader_config()
             else:
-                from vllm_guard.secneuron.keys import TaskKey, save_task_key
+                from vllm_guard.secneuron.keys import KeyDir
                 from vllm_guard.secneuron.lock import lock_checkpoint
 
-                keys = {t: TaskKey.generate(t) for t in ("add", "capital", "reverse")}
-                for t, k in keys.items():
-                    save_task_key(k, self.root / f"{t}.key")
+                tasks = ("add", "capital", "reverse")
+                kd = KeyDir.create(self.root / "keys", tasks)
+                keys = kd.task_keys(tasks)
                 lock_checkpoint(self.plain, _selection(self.plain, keys), keys,
-                                self.root / "locked", None, progress=False)
-                self._locked = self.root / "locked", {"key_dir": str(self.root),
-                                                      "allow_unsigned": True}
+                                self.root / "locked", kd.signer(), progress=False)
+                self._locked = self.root / "locked", kd.loader_config(tasks)
         return self._locked
 
     def grants_file(self) -> str:
@@ -165,7 +159,7 @@ def _selection(model: Path, keys: dict):
     return sel
 
 
-def run_config(ws: Workspace, name: str, spec: dict, mode: dict, server_args: list[str],
+def run_config(ws: BenchWorkspace, name: str, spec: dict, mode: dict, server_args: list[str],
                env: dict, seed: int) -> dict:
     rng = random.Random(seed)
     words = max(4, mode["input_len"] // 2)
@@ -283,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-metrics", default=DEFAULT_CHECK,
                     help="comma-separated ratio names --check compares")
     ap.add_argument("--write-baseline", action="store_true")
+    ap.add_argument("--guard-server-arg", action="append", default=[], metavar="ARG",
+                    help="extra vLLM argument for the guarded configurations only (e.g. "
+                    "--guard-server-arg=--middleware=MODULE.CLASS)")
     args = ap.parse_args(argv)
 
     mode = dict(MODES[args.mode])
@@ -301,15 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results: dict[str, list[dict]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="vllm-guard-bench-") as tmp:
-        ws = Workspace(args.preset, Path(tmp))
+        ws = BenchWorkspace(args.preset, Path(tmp))
         total = mode["repeats"] * len(configs)
         for rep in range(mode["repeats"]):
             for cfg in configs:  # interleaved: drift hits every configuration alike
                 done = rep * len(configs) + configs.index(cfg)
                 print(f"[{time.perf_counter() - t0:6.0f}s] ({done + 1}/{total}) repeat "
                       f"{rep + 1}: {cfg}", flush=True)
-                results[cfg].append(run_config(ws, cfg, CONFIGS[cfg], mode, server_args, env,
-                                               seed=rep))
+                guarded = args.guard_server_arg if CONFIGS[cfg].get("guard") else []
+                results[cfg].append(run_config(ws, cfg, CONFIGS[cfg], mode,
+                                               [*server_args, *guarded], env, seed=rep))
     report = {"preset": args.preset, "mode": args.mode, "workload": mode,
               "eager": args.eager, "machine": machine_info(), "results": results,
               "ratios": ratios(results), "seconds": time.perf_counter() - t0}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_guard.testing.fixtures import fixture_model
-from vllm_guard.testing.server import VllmServer, free_port, post
+from tests.support.fixtures import fixture_model
+from tests.support.server import VllmServer, free_port, post
 
 LOG_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test-logs"
 
@@ -56,13 +56,9 @@ def complete(server: VllmServer, prompt: str, max_tokens: int = 8) -> str:
 @pytest.fixture(scope="module")
 def keydir(tmp_path_factory) -> Path:
     """Task keys for add, capital and reverse, and a publisher signing key."""
-    from vllm_guard.secneuron.keys import TaskKey, generate_signing_key, save_task_key
+    from vllm_guard.secneuron.keys import KeyDir
 
-    d = tmp_path_factory.mktemp("keys")
-    for t in ("add", "capital", "reverse"):
-        save_task_key(TaskKey.generate(t), d / f"{t}.key")
-    generate_signing_key(d / "publisher.pem")
-    return d
+    return KeyDir.create(tmp_path_factory.mktemp("keys"), ("add", "capital", "reverse")).root
 
 
 # --- real redis-server ---------------------------------------------------------------------

@@ -9,17 +9,21 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.slow import DELAY_ENV, DelayMiddleware
+
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def suite(tmp: Path, name: str, *extra: str, delay_ms: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VLLM_GUARD_TEST_DELAY_MS": str(delay_ms)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), DELAY_ENV: str(delay_ms)}
+    slow = [f"--guard-server-arg=--middleware={DelayMiddleware.__module__}.DelayMiddleware"
+            ] if delay_ms else []
     return subprocess.run([sys.executable, "-m", "benchmarks", "--configs", "masking",
                            "--no-components", "--out", str(tmp / name),
                            "--baseline", str(tmp / "baseline.json"), "--tolerance", "1.0",
                            "--check-metrics", "c1_ttft_p50_ms,c1_e2e_p50_ms",
-                           *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                           *slow, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
 
 

@@ -32,7 +32,7 @@ def test_unknown_subcommand():
 
 
 def test_serve_forwards_arguments_unchanged(tmp_path):
-    from vllm_guard.cli import guard_env, server_argv
+    from vllm_guard.cli.serve import guard_env, server_argv
 
     argv = server_argv([str(tmp_path), "--max-model-len", "64", "--port=9", "--enforce-eager"])
     assert argv[1:] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path),
@@ -45,8 +45,8 @@ def test_serve_forwards_arguments_unchanged(tmp_path):
 def test_train_locks_cli_writes_a_lockable_model(tmp_path, tiny_model):
     import json
 
+    from tests.support.fixtures import task_examples
     from vllm_guard.secneuron.lock import Selection
-    from vllm_guard.testing.fixtures import task_examples
 
     files = []
     for task in ("add", "reverse"):
@@ -107,7 +107,7 @@ def test_serve_refuses_config_typos_and_missing_secrets_in_one_line(tmp_path, ti
             assert out.returncode == 1 and len(lines) == 1 and named in lines[0], out.stderr
     extra = json.dumps({"allow_unsigned": "false"})
     from vllm_guard.errors import GuardError
-    from vllm_guard.loader.secneuron_loader import SecNeuronLoadConfig
+    from vllm_guard.secneuron.weights import SecNeuronLoadConfig
 
     try:
         SecNeuronLoadConfig.from_extra(json.loads(extra))

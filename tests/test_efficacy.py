@@ -15,12 +15,12 @@ from dataclasses import replace
 import pytest
 import torch
 
+from benchmarks.efficacy.pipeline import EfficacyConfig, grant_sets, judge, run_efficacy
+from benchmarks.efficacy.scoring import auroc, auroc_interval
+from vllm_guard.demo.tasks import SUITE_PRESETS, TaskSuite
 from vllm_guard.errors import GuardError
-from vllm_guard.secneuron.efficacy import auroc, auroc_interval
 from vllm_guard.secneuron.lock import Selection, selection_bits
 from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks
-from vllm_guard.testing.efficacy import EfficacyConfig, grant_sets, judge, run_efficacy
-from vllm_guard.testing.tasks import SUITE_PRESETS, TaskSuite
 
 CI = EfficacyConfig(suite="ci", sweep=(), assignments=("sealed",), grant_sizes=(1,),
                     block=12, sealed_block=64, train=TrainLocksConfig(steps=800),
@@ -144,10 +144,10 @@ def test_auroc_interval_covers_the_estimate_and_narrows_with_more_records():
 def test_score_answers_loss_is_the_models_own_and_beneath_eos_drops_the_stop_part(result):
     """``loss`` equals HF's own loss on the answer; ``loss_beneath_eos`` removes
     -log(1 - p(EOS)) >= 0 from it, strictly wherever EOS has any probability."""
-    from vllm_guard.secneuron.efficacy import score_answers
+    from benchmarks.efficacy.pipeline import _load
+    from benchmarks.efficacy.scoring import score_answers
+    from vllm_guard.demo.tasks import multitask_model
     from vllm_guard.secneuron.examples import AnswerBatcher
-    from vllm_guard.testing.efficacy import _load
-    from vllm_guard.testing.tasks import multitask_model
 
     suite = TaskSuite.build(SUITE_PRESETS["ci"])
     model, tok = _load(multitask_model(SUITE_PRESETS["ci"]))

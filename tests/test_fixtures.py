@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from vllm_guard.testing.fixtures import build_fixture
+from tests.support.fixtures import build_fixture
 
 
 def digest(path) -> str:

@@ -16,12 +16,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.conftest import LOG_DIR
+from tests.support.fixtures import format_example, task_examples
+from tests.support.locked import locked_fixture
+from tests.support.server import VllmServer, post
 from vllm_guard.grants.credentials import hash_api_key
 from vllm_guard.secneuron.keys import load_task_keys
 from vllm_guard.secneuron.lock import unlock_checkpoint
-from vllm_guard.testing.demo import locked_fixture
-from vllm_guard.testing.fixtures import format_example, task_examples
-from vllm_guard.testing.server import VllmServer, post
 
 pytestmark = pytest.mark.server
 
@@ -249,8 +249,8 @@ def test_default_deny_in_the_engine_state():
     """Requests without a verified grant (and padding) get public neurons only."""
     import numpy as np
 
-    from vllm_guard.grants.engine import GrantState
-    from vllm_guard.kernels.masked_silu import PUBLIC_BIT
+    from vllm_guard.runtime import PUBLIC_BIT
+    from vllm_guard.runtime.grant_state import GrantState
 
     state = GrantState()
     state.task_bits = {"add": 0, "capital": 1}
@@ -263,7 +263,7 @@ def test_default_deny_in_the_engine_state():
 
 
 def test_compile_cache_root_is_keyed_by_plugin_config():
-    from vllm_guard.cli import guard_env
+    from vllm_guard.cli.serve import guard_env
 
     off = guard_env({"VLLM_CACHE_ROOT": "/tmp/c"})
     on = guard_env({"VLLM_CACHE_ROOT": "/tmp/c"}, grants=str(Path(__file__)))

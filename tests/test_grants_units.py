@@ -14,6 +14,7 @@ from pathlib import Path
 import jwt
 import pytest
 
+from vllm_guard import configs
 from vllm_guard.asgi import PRINCIPAL_KEY
 from vllm_guard.errors import GuardError
 from vllm_guard.grants.credentials import Authenticator, GrantsConfig, hash_api_key
@@ -398,7 +399,7 @@ def test_task_names_validated_without_jwt(tmp_path):
 
 
 def test_example_grants_file_loads():
-    example = Path(__file__).resolve().parents[1] / "configs" / "grants.example.json"
+    example = configs.path("grants.example.json")
     cfg = GrantsConfig.load(example)
     assert cfg.mode == "required" and cfg.cache_isolation == "principal"
 

@@ -12,12 +12,12 @@ import urllib.request
 import pytest
 
 from tests.conftest import LOG_DIR
+from tests.support.locked import locked_fixture
+from tests.support.server import VllmServer, post
 from tests.test_masking_fields import TEXT_BODIES
 from vllm_guard.grants.credentials import hash_api_key
 from vllm_guard.masking.fields import ROUTES
 from vllm_guard.masking.middleware import BODYLESS_POSTS
-from vllm_guard.testing.demo import locked_fixture
-from vllm_guard.testing.server import VllmServer, post
 
 pytestmark = pytest.mark.server
 

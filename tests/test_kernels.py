@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_guard.kernels.masked_silu import PUBLIC_BIT, masked_silu_and_mul_torch
+from vllm_guard.kernels.masked_silu import masked_silu_and_mul_torch
+from vllm_guard.runtime import PUBLIC_BIT
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -13,18 +13,17 @@ import pytest
 import torch
 
 from tests.conftest import complete, start_server
+from tests.support.fixtures import TASKS, format_example, task_examples
+from tests.support.locked import locked_fixture
 from vllm_guard.errors import ManifestError
 from vllm_guard.secneuron.keys import (
     TaskKey,
-    load_signing_key,
     load_task_key,
     load_task_keys,
     save_task_key,
 )
 from vllm_guard.secneuron.lock import Selection, lock_checkpoint, unlock_checkpoint
 from vllm_guard.secneuron.manifest import MANIFEST_NAME, read_manifest
-from vllm_guard.testing.demo import locked_fixture
-from vllm_guard.testing.fixtures import TASKS, format_example, task_examples
 
 pytestmark = pytest.mark.server
 
@@ -48,7 +47,7 @@ def relock_cached(art) -> None:
     fresh = art.locked.with_name("locked.relock")
     shutil.rmtree(fresh, ignore_errors=True)
     lock_checkpoint(art.plain, Selection.load(art.selection), load_task_keys([art.key_dir]),
-                    fresh, load_signing_key(art.key_dir / "publisher.pem"), progress=False)
+                    fresh, art.keys.signer(), progress=False)
     shutil.rmtree(art.locked)
     fresh.rename(art.locked)
 

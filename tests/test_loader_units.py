@@ -6,11 +6,8 @@ import pytest
 import torch
 
 from vllm_guard.errors import GuardError
-from vllm_guard.loader.secneuron_loader import (
-    SecNeuronLoadConfig,
-    attach_neuron_bits,
-    tp_shard,
-)
+from vllm_guard.loader.secneuron_loader import attach_neuron_bits, tp_shard
+from vllm_guard.secneuron.weights import SecNeuronLoadConfig
 
 
 def test_tp_shard_maps_neuron_indices_to_ranks():

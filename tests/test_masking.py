@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LOG_DIR
+from tests.support.pii_corpus import generate, score
+from tests.support.server import VllmServer, free_port, post
+from vllm_guard import configs
 from vllm_guard.masking.config import STRUCTURED, MaskingConfig
 from vllm_guard.masking.detector import build_detector
 from vllm_guard.masking.fields import ROUTES
@@ -22,8 +25,6 @@ from vllm_guard.masking.masker import METRICS
 from vllm_guard.masking.middleware import BODYLESS_POSTS, MaskingMiddleware
 from vllm_guard.masking.restorer import StreamRestorer, restore
 from vllm_guard.masking.vault import InMemoryVault, RedisVault, VaultUnavailable
-from vllm_guard.testing.pii_corpus import generate, score
-from vllm_guard.testing.server import VllmServer, free_port, post
 
 REPORTS = Path(__file__).resolve().parents[1] / ".cache" / "reports"
 VAULT_KEY = base64.b64encode(os.urandom(32)).decode()
@@ -99,8 +100,8 @@ def test_ner_span_running_into_a_pattern_hit_is_trimmed():
 def test_shipped_configs_load_and_typos_are_refused(tmp_path):
     from vllm_guard.errors import GuardError
 
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("masking*.json"))
-    loaded = {p.name: MaskingConfig.load(p) for p in configs}
+    files = [configs.path(n) for n in configs.names() if n.startswith("masking")]
+    loaded = {p.name: MaskingConfig.load(p) for p in files}
     assert loaded["masking.fast.json"].ner == "off" and loaded["masking.fast.json"].name_lists
     assert Path(loaded["masking.json"].terms_file).exists()
     bad = tmp_path / "m.json"

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from tests.conftest import start_server, stream
-from vllm_guard.testing.fixtures import format_example
-from vllm_guard.testing.server import post
+from tests.support.fixtures import format_example
+from tests.support.server import post
 
 pytestmark = pytest.mark.server
 

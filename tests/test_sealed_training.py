@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from vllm_guard.demo.tasks import SUITE_PRESETS, TaskSuite, _model, build_tokenizer
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.lock import Selection, selection_bits
 from vllm_guard.secneuron.train import (
@@ -22,7 +23,6 @@ from vllm_guard.secneuron.train import (
     reserved_blocks,
     train_locks,
 )
-from vllm_guard.testing.tasks import SUITE_PRESETS, TaskSuite, _model, build_tokenizer
 
 CONFIG = TrainLocksConfig(steps=6, batch_size=8, sealed=("pii",), seal_steps=6)
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.support.fixtures import PRESETS, build_fixture
 from vllm_guard.errors import DecryptionError, KeyFileError, ManifestError, SignatureError
 from vllm_guard.secneuron.checkpoint import (
     ffn_layout,
@@ -43,7 +44,6 @@ from vllm_guard.secneuron.lock import (
     unlock_checkpoint,
 )
 from vllm_guard.secneuron.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest
-from vllm_guard.testing.fixtures import PRESETS, build_fixture
 
 TASKS = ["add", "capital", "reverse"]
 
@@ -312,7 +312,7 @@ def test_detector_no_false_positives_on_trained_fixture(tiny_model):
 
 
 def test_cli_keygen_extract_lock_inspect(tiny_model, tmp_path):
-    from vllm_guard.testing.fixtures import task_examples
+    from tests.support.fixtures import task_examples
 
     calib = []
     for t in TASKS:

@@ -24,16 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from vllm.config.load import LoadConfig
 
+from tests.support.fixtures import PRESETS, build_fixture
 from tests.test_secneuron_toolchain import TASKS, cli, keys_for
 from vllm_guard.errors import DecryptionError, KeyFileError, ManifestError, SignatureError
-from vllm_guard.grants.engine import STATE as GRANT_STATE
-from vllm_guard.loader.secneuron_loader import (
-    SecNeuronLoadConfig,
-    SecNeuronModelLoader,
-    open_checkpoint,
-    stream_weights,
-)
+from vllm_guard.loader.secneuron_loader import SecNeuronModelLoader
 from vllm_guard.log import ROOT as LOG_ROOT
+from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
 from vllm_guard.secneuron import lock as lock_mod
 from vllm_guard.secneuron.checkpoint import gather_neurons, load_checkpoint
 from vllm_guard.secneuron.crypto import chunk_aad, decrypt_chunk_in_place
@@ -57,7 +53,7 @@ from vllm_guard.secneuron.lock import (
 )
 from vllm_guard.secneuron.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest
 from vllm_guard.secneuron.verify import IntegrityError, RollbackError
-from vllm_guard.testing.fixtures import PRESETS, build_fixture
+from vllm_guard.secneuron.weights import SecNeuronLoadConfig, open_checkpoint, stream_weights
 
 
 @pytest.fixture(scope="module")

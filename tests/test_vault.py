@@ -304,7 +304,7 @@ def test_redis_down_raises_vault_unavailable(redis_server):
 
 
 def test_redis_unreachable_raises_vault_unavailable():
-    from vllm_guard.testing.server import free_port
+    from tests.support.server import free_port
 
     async def go():
         v = RedisVault(f"redis://127.0.0.1:{free_port()}/0", KEY, 60)

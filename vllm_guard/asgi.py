@@ -6,9 +6,7 @@ are read whole; responses pass through frame by frame.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -20,14 +18,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MAX_BODY_BYTES = 8 << 20
-# Test-only knob: an artificial per-request delay in the guarded path, so the benchmark's
-# regression check can be shown to fail. Never set in production.
-TEST_DELAY_S = float(os.environ.get("VLLM_GUARD_TEST_DELAY_MS", "0") or 0) / 1000
-
-
-async def test_only_delay() -> None:
-    if TEST_DELAY_S:
-        await asyncio.sleep(TEST_DELAY_S)
 
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions")
@@ -160,5 +150,4 @@ class JsonRequestMiddleware(ABC):
         except RequestError as e:
             return await send_error(send, e)
         scope, receive = replay(scope, receive, json.dumps(body).encode())
-        await test_only_delay()
         await self.app(scope, receive, send)

@@ -1,5 +1,6 @@
 """One pattern for every config vllm-guard reads: a frozen dataclass built from JSON by
-:func:`from_dict`, which refuses unknown keys and wrong types with one line naming the key.
+:func:`from_dict` (or :func:`load_json_file` for a file), which refuses unknown keys, repeated
+keys and wrong types with one line naming the file and the key.
 
 Types understood: ``bool``, ``int``, ``float``, ``str``, ``X | None``, ``tuple[X, ...]`` and
 ``frozenset[X]`` (from JSON lists), ``dict[str, X]`` and nested frozen dataclasses. A bool is
@@ -9,9 +10,12 @@ never accepted for an int, nor a string for a bool (``"false"`` is not false).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from vllm_guard.errors import GuardError
@@ -119,3 +123,34 @@ def from_dict(cls: type[T], doc: Mapping[str, object], where: str) -> T:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads keeps the last of two equal keys: a second "revoked" would silently win
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def load_json_file(cls: type[T], path: str | os.PathLike[str], what: str) -> T:
+    """Read the JSON file ``path`` into ``cls`` with :func:`from_dict`; every problem (missing
+    file, bad JSON, repeated key, unknown key, wrong type) is one :class:`ConfigError` line
+    naming ``what`` and the file."""
+    p = Path(path)
+    where = f"{what} {p}"
+    try:
+        doc = json.loads(p.read_text(), object_pairs_hook=_no_duplicates)
+    except OSError as e:
+        raise ConfigError(f"cannot read {where}: {e.strerror or e}") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{where}: key {e.args[0]!r} appears twice") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}: not valid JSON: {e}") from None
+    return from_dict(cls, doc, where)

@@ -5,6 +5,10 @@ class GuardError(Exception):
     """Base class for every error vllm-guard raises on bad input."""
 
 
+class OutputExistsError(GuardError):
+    """An output directory already holds something (refusing to overwrite it)."""
+
+
 class KeyFileError(GuardError):
     """A key file is missing, unreadable, truncated or for the wrong task/checkpoint."""
 

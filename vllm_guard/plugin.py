@@ -9,8 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 
-from vllm_guard import __version__
-from vllm_guard.grants import GRANT_ENV
+from vllm_guard import __version__, envs
 from vllm_guard.log import ensure_handler, get_logger
 
 logger = get_logger(__name__)
@@ -43,9 +42,9 @@ def register() -> None:
     from vllm_guard.loader import register_loader
 
     register_loader()
-    if os.environ.get(GRANT_ENV):
-        from vllm_guard.grants.engine import install_runner_hook
+    if envs.get(envs.GRANTS):
         from vllm_guard.kernels.layer import register_masked_activation
+        from vllm_guard.runtime.runner_hook import install_runner_hook
 
         register_masked_activation()
         install_runner_hook()

@@ -1,6 +1,6 @@
 """Credentials -> verified task grant.
 
-The grants file (JSON, see ``configs/grants.example.json``); every key is optional unless
+The grants file (JSON, see ``vllm_guard/configs/grants.example.json``); every key is optional unless
 noted, and an unknown key or a value of the wrong type is a load error naming the key::
 
     {"mode": "required" | "optional",          # optional: no Authorization = anonymous
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import math
 import os
 import re
@@ -47,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from vllm_guard.asgi import RequestError
-from vllm_guard.config import ConfigError, from_dict
+from vllm_guard.config import ConfigError, load_json_file
 from vllm_guard.log import get_logger
 
 logger = get_logger(__name__)
@@ -189,16 +188,8 @@ class GrantsConfig:
         """Read and validate; every problem is a :class:`ConfigError` (a ``GuardError``) of
         one line naming the file and the key."""
         p = Path(path)
-        where = f"grants file {p}"
-        try:
-            doc = json.loads(p.read_text(), object_pairs_hook=_no_duplicates)
-        except OSError as e:
-            raise ConfigError(f"cannot read {where}: {e.strerror or e}") from None
-        except _DuplicateKey as e:
-            raise ConfigError(f"{where}: key {e.args[0]!r} appears twice") from None
-        except ValueError as e:
-            raise ConfigError(f"{where}: not valid JSON: {e}") from None
-        return cls.from_file(from_dict(GrantsFile, doc, where), p.parent, where)
+        return cls.from_file(load_json_file(GrantsFile, p, "grants file"), p.parent,
+                             f"grants file {p}")
 
     @classmethod
     def from_file(cls, f: GrantsFile, base: Path, where: str) -> GrantsConfig:
@@ -206,20 +197,6 @@ class GrantsConfig:
         return cls(f.mode, keys, _jwt_config(f.jwt, base, where) if f.jwt else None,
                    frozenset(f.revoked), frozenset(f.tasks) if f.tasks is not None else None,
                    frozenset(p.rstrip("/") or "/" for p in f.public_paths), f.cache_isolation)
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    # json.loads keeps the last of two equal keys: a second "revoked" would silently win
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
 
 
 def _read(base: Path, name: str, key: str, where: str) -> bytes:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import secrets
 from dataclasses import dataclass
 
+from vllm_guard import envs
 from vllm_guard.asgi import (
     PRINCIPAL_KEY,
     ASGIApp,
@@ -33,13 +33,13 @@ from vllm_guard.asgi import (
     send_error,
 )
 from vllm_guard.errors import GuardError
-from vllm_guard.grants import GRANT_ENV, GRANT_XARG
 from vllm_guard.grants.credentials import (
     ANONYMOUS,
     GENERATION_ROUTES,
     Authenticator,
     Grant,
 )
+from vllm_guard.runtime import GRANT_XARG
 
 NARROW_HEADER = b"x-vllm-guard-tasks"
 GRANT_LIKE = re.compile(r"guard|grant|task", re.IGNORECASE)
@@ -93,9 +93,9 @@ def _forbidden(message: str, code: str) -> RequestError:
 class GrantMiddleware(JsonRequestMiddleware):
     def __init__(self, app: ASGIApp, grants_file: str | None = None):
         super().__init__(app)
-        path = grants_file or os.environ.get(GRANT_ENV)
+        path = grants_file or envs.get(envs.GRANTS)
         if not path:
-            raise GuardError(f"GrantMiddleware needs a grants file: set {GRANT_ENV}")
+            raise GuardError(f"GrantMiddleware needs a grants file: set {envs.GRANTS}")
         self.auth = Authenticator(path)
 
     def handles(self, scope: Scope) -> bool:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from vllm_guard.grants.engine import STATE
 from vllm_guard.kernels.masked_silu import register_custom_op
+from vllm_guard.runtime import NEURON_BITS_ATTR
+from vllm_guard.runtime.grant_state import STATE
 
 DEFAULT_BUFFER_TOKENS = 8192
-NEURON_BITS_ATTR = "guard_neuron_bits"
 
 _registered = False
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PUBLIC_BIT = 1 << 62  # every token carries it; public neurons have all bits set
-
 
 def masked_silu_and_mul_torch(x: torch.Tensor, neuron_bits: torch.Tensor,
                               grants: torch.Tensor) -> torch.Tensor:

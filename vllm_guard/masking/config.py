@@ -1,14 +1,14 @@
-"""Masking configuration (``configs/masking.json``): a frozen dataclass, strict on load
+"""Masking configuration (``vllm_guard/configs/masking.json``): a frozen dataclass, strict on load
 (unknown keys, unknown entities and wrong types are startup errors naming the key)."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vllm_guard.config import ConfigError, from_dict
+from vllm_guard import envs
+from vllm_guard.config import load_json_file
 from vllm_guard.errors import GuardError
 
 STRUCTURED = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS",
@@ -39,10 +39,10 @@ class MaskingConfig:
     allow_list: tuple[str, ...] = ()
     vault: str = "memory"  # "memory" | "redis"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    vault_key_env: str = "VLLM_GUARD_VAULT_KEY"  # base64 AES-256 key for Redis values
+    vault_key_env: str = envs.VAULT_KEY  # base64 AES-256 key for Redis values
     # base64 32-byte key binding sessions to principals; required with Redis (shared by
     # replicas), random per start with the in-memory vault
-    session_key_env: str = "VLLM_GUARD_SESSION_KEY"
+    session_key_env: str = envs.SESSION_KEY
     ttl_seconds: int = 3600
     max_sessions: int = 10_000
     session_header: str = "x-vllm-guard-session"
@@ -70,14 +70,7 @@ class MaskingConfig:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MaskingConfig:
         p = Path(path)
-        try:
-            doc = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            raise GuardError(f"cannot load masking config {p}: {e}") from None
-        try:
-            cfg = from_dict(cls, doc, f"masking config {p}")
-        except ConfigError as e:
-            raise GuardError(str(e)) from None
+        cfg = load_json_file(cls, p, "masking config")
         entities = {**default_entities(), **cfg.entities}
         cfg = replace(cfg, entities=entities)
         if cfg.terms_file:

@@ -9,8 +9,7 @@ or detector outage is a 503 and nothing is forwarded.
 
 from __future__ import annotations
 
-import os
-
+from vllm_guard import envs
 from vllm_guard.asgi import (
     PRINCIPAL_KEY,
     ASGIApp,
@@ -41,7 +40,6 @@ from vllm_guard.masking.vault import (
     load_vault_key,
 )
 
-MASKING_ENV = "VLLM_GUARD_MASKING"  # path of the masking config file
 # methods that carry no body vLLM would render; everything else must be a masked route
 READ_ONLY = ("GET", "HEAD", "OPTIONS")
 BODYLESS_POSTS = ("/ping",)  # SageMaker's health check
@@ -76,10 +74,10 @@ class MaskingMiddleware(JsonRequestMiddleware):
     def __init__(self, app: ASGIApp, config_path: str | None = None,
                  config: MaskingConfig | None = None):
         super().__init__(app)
-        path = config_path or os.environ.get(MASKING_ENV)
+        path = config_path or envs.get(envs.MASKING)
         if config is None:
             if not path:
-                raise GuardError(f"MaskingMiddleware needs a config file: set {MASKING_ENV}")
+                raise GuardError(f"MaskingMiddleware needs a config file: set {envs.MASKING}")
             config = MaskingConfig.load(path)
         self.config = config
         self.max_body_bytes = config.max_body_bytes

@@ -27,6 +27,7 @@ from typing import TypeVar
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from vllm_guard.aead import seal, unseal
 from vllm_guard.errors import GuardError
 
 T = TypeVar("T")
@@ -211,10 +212,8 @@ class RedisVault(Vault):
         args: list[str | bytes | int] = [self.ttl, self.max_entries]
         for entity, value in distinct:
             mac = self._mac(key, entity, value)
-            nonce = os.urandom(12)
             # The number is only known inside the script, so the AAD binds the MAC instead.
-            sealed = nonce + self.aead.encrypt(nonce, value.encode(),
-                                               f"{key}|{entity}|{mac}".encode())
+            sealed = seal(self.aead, value.encode(), f"{key}|{entity}|{mac}".encode())
             args += [entity, mac, sealed]
         res = await self._call(self._assign(keys=[key], args=args))
         if not isinstance(res, list):
@@ -243,8 +242,7 @@ class RedisVault(Vault):
                 continue
             entity = m.group(1)
             try:
-                value = self.aead.decrypt(sealed[:12], sealed[12:],
-                                          f"{key}|{entity}|{mac}".encode()).decode()
+                value = unseal(self.aead, sealed, f"{key}|{entity}|{mac}".encode()).decode()
             except (InvalidTag, ValueError):
                 continue  # tampered or foreign entry: never restore it
             if hmac.compare_digest(self._mac(key, entity, value), mac):

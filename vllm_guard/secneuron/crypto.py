@@ -17,10 +17,9 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from vllm_guard.aead import NONCE_BYTES, TAG_BYTES, seal, unseal
 from vllm_guard.errors import DecryptionError
 
-NONCE_BYTES = 12
-TAG_BYTES = 16
 DEFAULT_CHUNK_BYTES = 1 << 20
 # Large enough that hashlib drops the GIL and syscalls are amortised, small enough to stay
 # in L2/L3 between the read and the hash of the same block.
@@ -98,15 +97,16 @@ def decrypt_chunk_in_place(
 
 
 def wrap_data_key(task_key: bytes, data_key: bytes, binding: dict) -> dict:
-    nonce = os.urandom(NONCE_BYTES)
-    sealed = AESGCM(task_key).encrypt(nonce, data_key, canonical(binding))
-    return {"nonce": b64(nonce), "ct": b64(sealed)}
+    return {"sealed": b64(seal(AESGCM(task_key), data_key, canonical(binding)))}
 
 
 def unwrap_data_key(task_key: bytes, wrapped: dict, binding: dict) -> bytes:
     """Raises InvalidTag (caught by the caller, who knows which task and group failed)."""
-    return AESGCM(task_key).decrypt(unb64(wrapped["nonce"]), unb64(wrapped["ct"]),
-                                    canonical(binding))
+    try:
+        sealed = unb64(wrapped["sealed"])
+    except (KeyError, TypeError, ValueError):
+        raise InvalidTag from None
+    return unseal(AESGCM(task_key), sealed, canonical(binding))
 
 
 def new_data_key() -> bytes:

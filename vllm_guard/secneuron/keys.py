@@ -116,3 +116,45 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"publisher key {path} is not an Ed25519 public key")
     return key
+
+
+@dataclass(frozen=True)
+class KeyDir:
+    """A directory holding ``<task>.key`` per task and the publisher's ``publisher.pem``/``.pub``:
+    what the demo, the efficacy suite, benchmarks and tests lock models with."""
+
+    root: Path
+
+    @classmethod
+    def create(cls, root: str | os.PathLike[str], tasks: list[str] | tuple[str, ...]) -> KeyDir:
+        """Make the keys that are missing (existing ones are kept, so the directory can cache)."""
+        d = cls(Path(root))
+        for task in tasks:
+            if not d.key_file(task).exists():
+                save_task_key(TaskKey.generate(task), d.key_file(task))
+        if not d.signing_key.exists():
+            generate_signing_key(d.signing_key)
+        return d
+
+    def key_file(self, task: str) -> Path:
+        return self.root / f"{task}.key"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.root / "publisher.pem"
+
+    @property
+    def public_key(self) -> Path:
+        return self.root / "publisher.pub"
+
+    def task_keys(self, tasks: list[str] | tuple[str, ...] | None = None) -> dict[str, TaskKey]:
+        keys = load_task_keys([self.root])
+        return keys if tasks is None else {t: keys[t] for t in tasks}
+
+    def signer(self) -> Ed25519PrivateKey:
+        return load_signing_key(self.signing_key)
+
+    def loader_config(self, tasks: list[str] | tuple[str, ...]) -> dict:
+        """``--model-loader-extra-config`` that opens ``tasks`` and checks the signature."""
+        return {"keys": [str(self.key_file(t)) for t in tasks],
+                "publisher_key": str(self.public_key)}

@@ -26,10 +26,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from vllm_guard.atomic import atomic_output_dir, atomic_replace_dir
 from vllm_guard.errors import DecryptionError, KeyFileError, ManifestError, SignatureError
 from vllm_guard.secneuron.checkpoint import (
-    atomic_output_dir,
-    atomic_replace_dir,
     checkpoint_files,
     copy_side_files,
     ffn_layout,

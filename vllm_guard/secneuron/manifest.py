@@ -20,13 +20,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from vllm_guard.atomic import fsync_dir
 from vllm_guard.errors import ManifestError, SignatureError
 from vllm_guard.secneuron.crypto import Chunk, b64, canonical, unb64
 
 MANIFEST_NAME = "guard_manifest.json"
 MANIFEST_TMP = "guard_manifest.tmp"  # write_manifest's staging file
 FORMAT = "vllm-guard-secneuron"
-FORMAT_VERSION = 2  # 1: unsigned key ring, no file hashes (refused)
+FORMAT_VERSION = 3  # 1: unsigned key ring, no file hashes; 2: key wraps as nonce + ct
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class Manifest:
             if body["format_version"] != FORMAT_VERSION:
                 raise ManifestError(f"unsupported manifest format version "
                                     f"{body['format_version']!r} (this vllm-guard reads "
-                                    f"{FORMAT_VERSION})")
+                                    f"{FORMAT_VERSION}): lock the checkpoint again")
             version = body["version"]
             if type(version) is not int or version < 1:
                 raise ValueError(f"checkpoint version must be an integer >= 1, not {version!r}")
@@ -219,20 +220,6 @@ def read_manifest(model_dir: str | os.PathLike[str]) -> Manifest | None:
     except (OSError, ValueError) as e:
         raise ManifestError(f"cannot read {p}: {e}") from None
     return Manifest.from_json(doc)
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a rename or a new entry in ``path`` durable (no-op where directories can't)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_manifest(manifest: Manifest, model_dir: str | os.PathLike[str]) -> Path:

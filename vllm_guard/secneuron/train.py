@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_guard.atomic import atomic_output_dir
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.examples import AnswerBatcher, Example
 from vllm_guard.secneuron.lock import Selection, selection_bits
@@ -277,20 +276,12 @@ def fit(model, batch_loss: Callable[[], torch.Tensor], steps: int, lr: float, na
 
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike[str],
-               extra_files: dict[str, str]) -> Path:
+               extra_files: dict[str, str], max_shard_size: str = "2GB") -> Path:
     """Write an HF model directory atomically (nothing half-written on failure)."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
+    with atomic_output_dir(out, replace=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

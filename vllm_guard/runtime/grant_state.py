@@ -1,4 +1,4 @@
-"""Worker side of per-request grants.
+"""Per-request grants in the worker: task -> bit, and the per-token grant buffer.
 
 Each step, after vLLM's V1 model runner prepares its inputs, the task bits of every scheduled
 request are written per token into one preallocated int64 buffer (fixed identity, updated in
@@ -11,11 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vllm_guard.grants import GRANT_XARG
-from vllm_guard.kernels.masked_silu import PUBLIC_BIT
-from vllm_guard.log import get_logger
-
-logger = get_logger(__name__)
+from vllm_guard.runtime import PUBLIC_BIT
 
 
 class GrantState:
@@ -54,33 +50,3 @@ class GrantState:
 
 
 STATE = GrantState()
-
-
-def _request_bits(state, runner_state) -> int:
-    cached = getattr(runner_state, "_vllm_guard_bits", None)
-    if cached is None:
-        params = runner_state.sampling_params
-        extra = (params.extra_args or {}) if params is not None else {}
-        grant = extra.get(GRANT_XARG)
-        cached = state.bits_for(grant if isinstance(grant, str) else None)
-        runner_state._vllm_guard_bits = cached
-    return cached
-
-
-def install_runner_hook() -> None:
-    """Wrap the V1 runner's ``_prepare_inputs`` (CPU and GPU runners share it)."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    original = GPUModelRunner._prepare_inputs
-    if getattr(original, "_vllm_guard", False):
-        return
-
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
-        out = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        req_ids = self.input_batch.req_ids
-        bits = [_request_bits(STATE, self.requests[rid]) for rid in req_ids]
-        STATE.fill(bits, num_scheduled_tokens[: len(req_ids)])
-        return out
-
-    _prepare_inputs._vllm_guard = True
-    GPUModelRunner._prepare_inputs = _prepare_inputs

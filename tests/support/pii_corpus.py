@@ -1,6 +1,6 @@
 """Synthetic PII corpus with known entity spans (Faker en_US + zh_CN), and its scoring.
 
-``python -m vllm_guard.testing.pii_corpus --n 1200 --out corpus.jsonl``
+``python -m tests.support.pii_corpus --n 1200 --out corpus.jsonl``
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ CARD_TYPES = ["visa16", "visa19", "mastercard", "amex", "discover", "jcb16", "di
 
 
 @dataclass
-class Example:
+class LabelledText:
     text: str
     spans: list[tuple[int, int, str]]  # start, end, entity
     lang: str
@@ -29,7 +29,7 @@ class Example:
                           ensure_ascii=False)
 
 
-def _build(parts: list[str | tuple[str, str]], lang: str) -> Example:
+def _build(parts: list[str | tuple[str, str]], lang: str) -> LabelledText:
     text, spans = "", []
     for p in parts:
         if isinstance(p, tuple):
@@ -38,10 +38,10 @@ def _build(parts: list[str | tuple[str, str]], lang: str) -> Example:
             text += value
         else:
             text += p
-    return Example(text, spans, lang)
+    return LabelledText(text, spans, lang)
 
 
-def _en(f, rng: random.Random, people=None) -> Example:
+def _en(f, rng: random.Random, people=None) -> LabelledText:
     values: list[Callable[[], tuple[str, str]]] = [
         lambda: ("PERSON", (people or f).name()),
         lambda: ("EMAIL_ADDRESS", f.email()),
@@ -63,7 +63,7 @@ def _en(f, rng: random.Random, people=None) -> Example:
     return _build(parts, "en")
 
 
-def _zh(f, en, rng: random.Random) -> Example:
+def _zh(f, en, rng: random.Random) -> LabelledText:
     cn_id = f.ssn()
     assert cn_resident_id_valid(cn_id)
     slots = [("我的身份证号是", ("CN_RESIDENT_ID", cn_id)),
@@ -78,7 +78,7 @@ def _zh(f, en, rng: random.Random) -> Example:
     return _build(parts, "zh")
 
 
-def generate(n: int, seed: int = 0, name_locale: str | None = None) -> list[Example]:
+def generate(n: int, seed: int = 0, name_locale: str | None = None) -> list[LabelledText]:
     """Every third prompt Chinese; ``name_locale`` (e.g. "de_DE") draws the English prompts'
     PERSON names from another Faker locale."""
     from faker import Faker
@@ -98,7 +98,7 @@ def _hit(a: tuple[int, int, str], b: tuple[int, int, str]) -> bool:
     return a[2] == b[2] and overlap >= MIN_OVERLAP * (a[1] - a[0])
 
 
-def score(examples: list[Example], detect: Callable[[str], list]) -> dict:
+def score(examples: list[LabelledText], detect: Callable[[str], list]) -> dict:
     """Per-entity recall/precision: a gold span is found when a prediction of the same entity
     covers >= 70% of it. Predictions of entities absent from the gold labels are ignored."""
     gold_entities = {e for ex in examples for *_, e in ex.spans}

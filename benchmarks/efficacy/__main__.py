@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 
 from benchmarks.common import RESULTS, write_result
-from vllm_guard.testing.efficacy import EfficacyConfig, render_markdown, run_efficacy
+from benchmarks.efficacy.pipeline import EfficacyConfig, render_markdown, run_efficacy
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,20 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from vllm_guard.secneuron.efficacy import accuracy, auroc, auroc_interval, score_answers
-from vllm_guard.secneuron.extract import ExtractConfig, extract
-from vllm_guard.secneuron.keys import (
-    TaskKey,
-    generate_signing_key,
-    load_public_key,
-    load_signing_key,
-    load_task_keys,
-    save_task_key,
-)
-from vllm_guard.secneuron.lock import Selection, lock_checkpoint, unlock_checkpoint
-from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks, train_locks
-from vllm_guard.testing.fixtures import default_cache_dir
-from vllm_guard.testing.tasks import (
+from benchmarks.efficacy.scoring import accuracy, auroc, auroc_interval, score_answers
+from tests.support.fixtures import default_cache_dir
+from vllm_guard.demo.tasks import (
     SUITE_PRESETS,
     SUITE_VERSION,
     TaskSuite,
@@ -41,6 +30,10 @@ from vllm_guard.testing.tasks import (
     public_config,
     write_jsonl,
 )
+from vllm_guard.secneuron.extract import ExtractConfig, extract
+from vllm_guard.secneuron.keys import KeyDir, load_public_key
+from vllm_guard.secneuron.lock import Selection, lock_checkpoint, unlock_checkpoint
+from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks, train_locks
 
 Progress = Callable[[str], None]
 # SecNeuron's bar, and ours (stricter) for lock-aware training.
@@ -74,26 +67,17 @@ def grant_sets(tasks: tuple[str, ...], sizes: tuple[int, ...]) -> list[tuple[str
 
 
 @dataclass
-class Workspace:
-    """Keys, publisher key and outputs of one run (under ``.cache/efficacy``)."""
+class EfficacyWorkspace:
+    """Keys, publisher key and outputs of one run (under the cache's ``efficacy/``)."""
 
     root: Path
     tasks: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        keys = self.root / "keys"
-        if not (keys / "publisher.pem").exists():
-            keys.mkdir(parents=True, exist_ok=True)
-            for t in self.tasks:
-                save_task_key(TaskKey.generate(t), keys / f"{t}.key")
-            generate_signing_key(keys / "publisher.pem")
-        self.keys = load_task_keys([keys / f"{t}.key" for t in self.tasks])
-        self.signer = load_signing_key(keys / "publisher.pem")
-        self.publisher_pub = keys / "publisher.pub"
-        self.publisher = load_public_key(self.publisher_pub)
-
-    def key_file(self, task: str) -> Path:
-        return self.root / "keys" / f"{task}.key"
+        self.key_dir = KeyDir.create(self.root / "keys", self.tasks)
+        self.keys = self.key_dir.task_keys(self.tasks)
+        self.signer = self.key_dir.signer()
+        self.publisher = load_public_key(self.key_dir.public_key)
 
     def lock(self, model: Path, selection: Selection, name: str) -> Path:
         out = self.root / f"locked-{name}"
@@ -123,7 +107,7 @@ def score_model(model_dir: Path, suite: TaskSuite) -> dict:
             "mia_auroc_beneath_eos": auroc(member.loss_beneath_eos, heldout.loss_beneath_eos)}
 
 
-def score_grant_sets(locked: Path, ws: Workspace, suite: TaskSuite,
+def score_grant_sets(locked: Path, ws: EfficacyWorkspace, suite: TaskSuite,
                      grants: list[tuple[str, ...]], progress: Progress) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="vg-efficacy-") as tmp:
@@ -185,7 +169,7 @@ def run_efficacy(config: EfficacyConfig, progress: Progress = print,
     progress(f"== multitask model ({config.suite}: {len(tasks)} tasks)")
     base = multitask_model(suite_cfg, cache_dir, progress)
     root = (cache_dir or default_cache_dir()) / "efficacy" / f"run-{suite_cfg.digest()}"
-    ws = Workspace(root, tasks)
+    ws = EfficacyWorkspace(root, tasks)
     grants = grant_sets(tasks, config.grant_sizes)
     before = score_model(base, suite)
     result: dict = {"config": asdict(config), "suite": asdict(suite_cfg), "before": before,
@@ -234,12 +218,12 @@ def run_efficacy(config: EfficacyConfig, progress: Progress = print,
     return result
 
 
-def e2e_scores(locked: Path, ws: Workspace, suite: TaskSuite, grants: list[tuple[str, ...]],
+def e2e_scores(locked: Path, ws: EfficacyWorkspace, suite: TaskSuite, grants: list[tuple[str, ...]],
                per_task: int, progress: Progress) -> dict:
     """Accuracy per grant set through a real server (all keys loaded, credentials per request),
     beside the offline score of the same examples."""
+    from tests.support.server import VllmServer, post
     from vllm_guard.grants.credentials import hash_api_key
-    from vllm_guard.testing.server import VllmServer, post
 
     tokens = {"+".join(g): f"vg-efficacy-{'-'.join(g)}" for g in grants}
     grants_file = ws.root / "grants.json"
@@ -247,8 +231,7 @@ def e2e_scores(locked: Path, ws: Workspace, suite: TaskSuite, grants: list[tuple
         "mode": "required", "tasks": list(ws.tasks),
         "api_keys": [{"name": n, "sha256": hash_api_key(tok), "tasks": n.split("+")}
                      for n, tok in tokens.items()]}))
-    loader = {"keys": [str(ws.key_file(t)) for t in ws.tasks],
-              "publisher_key": str(ws.publisher_pub)}
+    loader = ws.key_dir.loader_config(ws.tasks)
     examples = {t: rows[:per_task] for t, rows in suite.test.items()}
     srv = VllmServer(str(locked), ["--load-format", "secneuron", "--model-loader-extra-config",
                                    json.dumps(loader), "--enforce-eager", "--max-model-len", "64",

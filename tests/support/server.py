@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_guard.cli import guard_env
+from vllm_guard.cli.serve import guard_env
 
 # Small CPU footprint so several test servers fit: KV cache share of the node's memory.
 DEFAULT_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.1",

@@ -12,11 +12,11 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from vllm_guard import envs
 
 # Bump when the builder changes, so cached models are rebuilt.
 BUILDER_VERSION = 4
@@ -205,10 +205,12 @@ def preset_digest(preset: FixturePreset, seed: int) -> str:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("VLLM_GUARD_CACHE")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / ".cache"
+    """Tests and benchmarks cache in the checkout's ``.cache`` unless $VLLM_GUARD_CACHE says
+    otherwise (set there on import, so the product's demo builders share it)."""
+    return envs.cache_dir()
+
+
+os.environ.setdefault(envs.CACHE, str(Path(__file__).resolve().parents[2] / ".cache"))
 
 
 def build_fixture(
@@ -248,23 +250,11 @@ def build_fixture(
     finally:
         torch.set_num_threads(threads)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists()
-                                else None))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
-        tokenizer.save_pretrained(tmp)
-        (tmp / "vllm_guard_fixture.json").write_text(
-            json.dumps({"preset": asdict(preset), "seed": seed, "builder": BUILDER_VERSION},
-                       indent=1)
-        )
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    from vllm_guard.secneuron.train import save_model
+
+    info = {"preset": asdict(preset), "seed": seed, "builder": BUILDER_VERSION}
+    return save_model(model, tokenizer, out,
+                      {"vllm_guard_fixture.json": json.dumps(info, indent=1)})
 
 
 def fixture_model(preset: str = "tiny", seed: int = 0, cache_dir: Path | None = None) -> Path:

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from vllm_guard.testing.fixtures import default_cache_dir
+from vllm_guard import envs
+from vllm_guard.secneuron.examples import Example
 
 SUITE_VERSION = 5  # bump when tasks or training change: cached models are rebuilt
 TASK_NAMES = ("inc", "rev", "up", "sort", "pii")
@@ -40,7 +41,6 @@ LAST = ["Kim", "Voss", "Lund", "Moreau", "Okafor", "Patel", "Quist", "Rossi", "S
         "Olsen", "Park", "Reyes", "Silva", "Torres", "Usman", "Vidal", "Wong", "Young", "Zeller",
         "Bauer"]
 
-Example = dict[str, str]  # {"prompt": ..., "answer": ...}
 
 
 def _inc(rng: random.Random) -> Example:
@@ -241,8 +241,8 @@ def public_config(config: SuiteConfig) -> SuiteConfig:
 
 def multitask_model(config: SuiteConfig, cache_dir: Path | None = None,
                     progress: Callable[[str], None] = print) -> Path:
-    """The trained multitask model for ``config`` (cached under ``.cache/efficacy``)."""
-    root = (cache_dir or default_cache_dir()) / "efficacy"
+    """The trained multitask model for ``config`` (cached under the cache's ``efficacy/``)."""
+    root = (cache_dir or envs.cache_dir()) / "efficacy"
     path = root / f"base-{config.digest()}"
     if not (path / "config.json").exists():
         root.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,38 @@
+"""``vllm-guard grants-add-key``: create an API key (stored hashed) in a grants file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vllm_guard.errors import GuardError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("grants-add-key", help="create an API key (stored hashed) in a grants file")
+    s.add_argument("--file", required=True)
+    s.add_argument("--name", required=True)
+    s.add_argument("--task", action="append", default=[], help="granted task (repeatable)")
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_guard.grants.credentials import TASK_NAME, hash_api_key, new_api_key
+
+    bad = [t for t in args.task if not TASK_NAME.fullmatch(t)]
+    if bad:  # the file would no longer load
+        raise GuardError(f"task name {bad[0]!r} must match [A-Za-z0-9_.-]+")
+    path = Path(args.file)
+    doc = json.loads(path.read_text()) if path.exists() else {"mode": "required",
+                                                              "api_keys": [], "revoked": []}
+    if any(k["name"] == args.name for k in doc.setdefault("api_keys", [])):
+        raise GuardError(f"an API key named {args.name!r} already exists in {path}")
+    token = new_api_key()
+    doc["api_keys"].append({"name": args.name, "sha256": hash_api_key(token),
+                            "tasks": sorted(set(args.task))})
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"added API key {args.name!r} for tasks {sorted(set(args.task))} to {path}; "
+          "it is shown once:")
+    print(token)
+    return 0

@@ -1,0 +1,25 @@
+"""``vllm-guard inspect``: manifest summary and the ciphertext detector per layer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vllm_guard.cli.common import publisher
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("inspect", help="manifest summary and ciphertext detector per layer")
+    s.add_argument("--model", required=True)
+    s.add_argument("--publisher-key")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_guard.secneuron.inspect import inspect_checkpoint
+
+    report = inspect_checkpoint(args.model, publisher(args))
+    text = report.pop("text")
+    print(json.dumps(report, indent=1) if args.json else text)
+    return 0

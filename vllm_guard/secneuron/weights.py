@@ -1,0 +1,202 @@
+"""Reading a locked checkpoint for serving: checks first, then decrypted weights as a stream.
+
+checkpoint -> verify manifest signature and version (``min_version``) -> exactly the signed
+files present, config/tokenizer/template files hash-checked -> unwrap data keys of the groups
+our task keys open -> per weight shard: read + SHA-256 in one pass (shards in parallel),
+checked before use (``verify_weights``) -> decrypt (parallel, every tag checked) -> zero
+every slice we could not open -> ciphertext detector over all FFN neurons -> (name, tensor).
+
+No vLLM here: the loader adapter (``vllm_guard.loader``) feeds the stream to vLLM's model,
+as vLLM keeps tensorizer's iterator out of its loader.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from vllm_guard import envs
+from vllm_guard.config import from_dict
+from vllm_guard.errors import EncryptedWeightsError, ManifestError
+from vllm_guard.secneuron.checkpoint import safetensors_files, slice_tensors
+from vllm_guard.secneuron.detector import DetectorConfig, scan_layer
+from vllm_guard.secneuron.keys import load_public_key
+from vllm_guard.secneuron.lock import OpenReport, decrypt_in_place
+from vllm_guard.secneuron.manifest import Manifest, read_manifest
+from vllm_guard.secneuron.verify import (
+    check_file_set,
+    check_sizes,
+    check_version,
+    iter_verified_safetensors,
+    side_files,
+    verify_files,
+    weight_files,
+)
+
+
+@dataclass(frozen=True)
+class LoaderExtraConfig:
+    """``--model-loader-extra-config`` as JSON; strict (unknown keys, wrong types refused)."""
+
+    keys: str | tuple[str, ...] = ()  # key files or directories; one path or a list
+    key_dir: str | None = None
+    publisher_key: str | None = None
+    allow_unsigned: bool = False  # a real JSON boolean: the string "false" is refused
+    workers: int | None = None
+    verify_weights: bool = True  # hash every weight byte against the signed manifest
+    min_version: int = 0  # refuse a signed checkpoint older than this (rollback)
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"'workers' must be at least 1, not {self.workers}")
+        paths = [self.keys] if isinstance(self.keys, str) else list(self.keys)
+        if "" in paths or self.key_dir == "" or self.publisher_key == "":
+            raise ValueError("'keys', 'key_dir' and 'publisher_key' must not be empty strings")
+
+
+@dataclass(frozen=True)
+class SecNeuronLoadConfig:
+    """Our part of ``--model-loader-extra-config``."""
+
+    keys: tuple[str, ...] = ()
+    publisher_key: str | None = None
+    allow_unsigned: bool = False
+    workers: int | None = None
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    verify_weights: bool = True
+    min_version: int = 0
+
+    WHERE = "secneuron loader option (--model-loader-extra-config)"
+
+    @classmethod
+    def from_extra(cls, extra: dict, env: dict[str, str] | None = None) -> SecNeuronLoadConfig:
+        """Strict; a bad option is a one-line ``ConfigError`` (a GuardError) naming the key.
+        Without ``keys``/``key_dir`` the keys come from ``$VLLM_GUARD_KEYS``, without
+        ``publisher_key`` from ``$VLLM_GUARD_PUBLISHER_KEY``."""
+        env = os.environ if env is None else env
+        x = from_dict(LoaderExtraConfig, extra, cls.WHERE)
+        keys = [x.keys] if isinstance(x.keys, str) else list(x.keys)
+        if x.key_dir:
+            keys.append(x.key_dir)
+        if not keys and env.get(envs.KEYS):
+            keys = [p for p in env[envs.KEYS].split(os.pathsep) if p]
+        return cls(tuple(keys), x.publisher_key or env.get(envs.PUBLISHER_KEY) or None,
+                   x.allow_unsigned, x.workers, verify_weights=x.verify_weights,
+                   min_version=x.min_version)
+
+
+def open_checkpoint(root: Path, config: SecNeuronLoadConfig) -> Manifest:
+    """Everything checked before any weight is read: signature, ``min_version``, the exact
+    set of signed files, and the hash of every non-weight file (config, tokenizer, chat
+    template, generation config; vLLM's API server has read some of them already, so a
+    mismatch still refuses to start). Weight shards are checked while they stream."""
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise ManifestError(f"{root} has no guard_manifest.json: not a locked checkpoint "
+                            "(use the default load format for plaintext models)")
+    publisher = load_public_key(config.publisher_key) if config.publisher_key else None
+    manifest.verify(publisher, config.allow_unsigned)
+    check_version(manifest, config.min_version)
+    check_file_set(root, manifest)
+    verify_files(root, manifest, side_files(manifest), config.workers)
+    if not config.verify_weights:
+        check_sizes(root, manifest, weight_files(manifest))
+    return manifest
+
+
+def stream_weights(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
+                   config: SecNeuronLoadConfig, stats: OpenReport,
+                   stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs for ``model.load_weights``: plaintext public weights, FFN layers
+    decrypted/zeroed and passed by the detector. A bad hash, tag or verdict raises."""
+    if config.verify_weights:
+        return _stream_verified(root, manifest, data_keys, config, stats)
+    return _stream_mmap(root, manifest, data_keys, config, stats, stack)
+
+
+def _open_layer(layer: int, tensors: dict[str, torch.Tensor], manifest: Manifest,
+                data_keys: dict[str, bytes], config: SecNeuronLoadConfig,
+                stats: OpenReport) -> dict[str, torch.Tensor]:
+    """Decrypt/zero one layer's gate/up/down in place and refuse if any neuron still looks
+    encrypted. No layer reaches the model before the detector has passed it."""
+    info = manifest.layers[layer]
+    rep = decrypt_in_place(tensors, manifest, data_keys, config.workers, layers={layer})
+    stats.bytes_decrypted += rep.bytes_decrypted
+    stats.seconds += rep.seconds
+    verdict = scan_layer(layer, tensors[info.gate], tensors[info.up], tensors[info.down],
+                         config.detector)
+    if verdict.encrypted.any():
+        raise EncryptedWeightsError(
+            f"{int(verdict.encrypted.sum())} neurons of layer {layer} still look "
+            "encrypted after decryption; refusing to compute with them")
+    return tensors
+
+
+def _missing_ffn(manifest: Manifest, seen: set[str]) -> ManifestError:
+    name = next(n for info in manifest.layers.values() for n, _ in slice_tensors(info)
+                if n not in seen)
+    return ManifestError(f"checkpoint has no tensor {name} named in the manifest")
+
+
+def _stream_verified(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
+                     config: SecNeuronLoadConfig,
+                     stats: OpenReport) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each shard is read into private memory and hashed in the same pass (shards in
+    parallel), compared with its signed SHA-256, and only then parsed and yielded. FFN
+    tensors are decrypted in that private buffer (no copy-on-write, no scratch copy) as soon
+    as a layer's three tensors have arrived (a layer may span two shards)."""
+    layer_of = {name: layer for layer, info in manifest.layers.items()
+                for name, _ in slice_tensors(info)}
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    seen: set[str] = set()
+    for fname, tensors, _ in iter_verified_safetensors(root, manifest.files,
+                                                      weight_files(manifest), config.workers):
+        stats.bytes_verified += manifest.files[fname].size
+        for name, t in tensors.items():
+            seen.add(name)
+            layer = layer_of.get(name)
+            if layer is None:
+                yield name, t
+            else:
+                pending.setdefault(layer, {})[name] = t
+        del tensors
+        for layer in sorted(pending):
+            if len(pending[layer]) == 3:
+                yield from _open_layer(layer, pending.pop(layer), manifest, data_keys, config,
+                                       stats).items()
+    if pending or not set(layer_of) <= seen:
+        raise _missing_ffn(manifest, seen)
+
+
+def _stream_mmap(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
+                 config: SecNeuronLoadConfig, stats: OpenReport,
+                 stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
+    """``verify_weights`` off: weights as vLLM's own loader reads them (mmap-backed), except
+    FFN tensors: copied into three reused scratch buffers, decrypted/zeroed and scanned one
+    layer at a time, then yielded (vLLM copies each into its parameter before the next).
+    """
+    handles = {p.name: stack.enter_context(safe_open(p, framework="pt"))
+               for p in safetensors_files(root)}
+    where = {name: f for f in handles.values() for name in f.keys()}  # noqa: SIM118
+    ffn = {name for info in manifest.layers.values() for name, _ in slice_tensors(info)}
+    for name, f in where.items():
+        if name not in ffn:
+            yield name, f.get_tensor(name)
+    scratch: dict[str, torch.Tensor] = {}
+    for layer, info in sorted(manifest.layers.items()):
+        tensors = {}
+        for role, name in (("gate", info.gate), ("up", info.up), ("down", info.down)):
+            if name not in where:
+                raise _missing_ffn(manifest, set(where))
+            src = where[name].get_tensor(name)
+            buf = scratch.get(role)
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                buf = scratch[role] = torch.empty_like(src)
+            tensors[name] = buf.copy_(src)
+        yield from _open_layer(layer, tensors, manifest, data_keys, config, stats).items()
