@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vllm_guard.cli", *args], capture_output=True,
@@ -115,3 +117,22 @@ def test_serve_refuses_config_typos_and_missing_secrets_in_one_line(tmp_path, ti
         assert "'allow_unsigned'" in str(e) and "\n" not in str(e)
     else:
         raise AssertionError("'allow_unsigned': 'false' was accepted")
+
+
+def test_untested_vllm_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from vllm_guard.compat import check_vllm_version, installed_vllm_version
+    from vllm_guard.errors import GuardError
+
+    check_vllm_version(installed_vllm_version())  # the installed one is tested
+    for version in ("0.11.0", "0.33.0", "1.0.0", "nightly"):
+        with pytest.raises(GuardError, match="not a version vllm-guard is tested with") as e:
+            check_vllm_version(version)
+        assert "\n" not in str(e.value)
+    monkeypatch.setattr("vllm_guard.compat.installed_vllm_version", lambda: "0.11.0")
+    grants = tmp_path / "g.json"
+    grants.write_text('{"api_keys": []}')
+    from vllm_guard.cli import main
+
+    assert main(["serve", str(tmp_path), "--grants", str(grants)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "vLLM 0.11.0 is not a version" in err and "\n" not in err, err

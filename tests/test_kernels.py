@@ -86,3 +86,39 @@ def test_triton_kernel_under_interpreter():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "triton cases checked: 135" in out.stdout
+
+
+def test_planned_step_masks_per_token_without_per_layer_analysis(monkeypatch):
+    """The runner hook plans the step once; layers then use the plan (no torch.unique per
+    layer) and cached drop rows, and the result is exactly the reference."""
+    import numpy as np
+
+    from vllm_guard.runtime.grant_state import GrantState
+
+    state = GrantState()
+    monkeypatch.setattr("vllm_guard.kernels.masked_silu.STATE", state)
+    buf = state.ensure_buffer(64)
+    gen = torch.Generator().manual_seed(3)
+    d = 50
+    bits = torch.randint(1, 8, (d,), generator=gen, dtype=torch.int64)
+    bits[:10] = -1
+    calls = []
+    for fn in ("unique", "unique_consecutive"):
+        real = getattr(torch, fn)
+        monkeypatch.setattr(torch, fn, lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+    many = [PUBLIC_BIT | (i % 3 + 1) for i in range(12)]  # more runs than MAX_RUNS: gathered
+    for per_request, counts in (([PUBLIC_BIT | 1, PUBLIC_BIT | 6], [3, 2]),
+                                ([PUBLIC_BIT | 7], [4]), ([-1], [2]),
+                                ([PUBLIC_BIT, PUBLIC_BIT | 2, PUBLIC_BIT], [1, 5, 2]),
+                                (many, [1, 2] * 6)):
+        state.fill(per_request, np.array(counts))
+        x = torch.randn(sum(counts), 2 * d, generator=gen)
+        for _ in range(3):  # three "layers" of one step
+            out = masked_silu_and_mul_torch(x, bits, buf)
+            ref, keep = reference(x, bits, buf)
+            torch.testing.assert_close(out, ref)
+            assert torch.count_nonzero(out[~keep]) == 0
+    assert not calls, "a layer re-derived the step's grants"
+    bits.copy_(torch.full((d,), 1))  # the loader re-attaches in place: the cache must notice
+    state.fill([PUBLIC_BIT | 2], np.array([2]))
+    assert torch.count_nonzero(masked_silu_and_mul_torch(torch.randn(2, 2 * d), bits, buf)) == 0

@@ -62,3 +62,41 @@ def test_loader_config_refuses_bad_options_naming_the_key(extra, key):
         SecNeuronLoadConfig.from_extra(extra, env={})
     msg = str(e.value)
     assert key in msg and "--model-loader-extra-config" in msg and "\n" not in msg, msg
+
+
+def _mlp_model(device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """model.layers.0.mlp.{down_proj, act_fn}, with the MLP's parameters on ``device``."""
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    mlp = model.model.layers[0].mlp = torch.nn.Module()
+    with torch.device(device):
+        mlp.down_proj = torch.nn.Linear(4, 4, bias=False)
+    mlp.act_fn = torch.nn.Module()
+    return model, mlp
+
+
+def test_tables_and_grant_buffer_follow_the_parameters_device(monkeypatch):
+    """vLLM calls load_weights outside its target-device block: tables built there are on the
+    CPU while the MLP computes elsewhere. They must be placed on the parameters' device, and
+    the grant buffer too (the meta device stands in for a GPU)."""
+    from vllm_guard.runtime import GRANT_BUFFER_ATTR
+    from vllm_guard.runtime.grant_state import GrantState
+
+    state = GrantState()
+    monkeypatch.setattr("vllm_guard.loader.secneuron_loader.GRANT_STATE", state)
+    model, mlp = _mlp_model("meta")
+    setattr(mlp.act_fn, GRANT_BUFFER_ATTR, state.ensure_buffer(8))  # made on the CPU
+    assert attach_neuron_bits(model, {0: torch.tensor([1, 2, 3, 4])}) == 1
+    assert mlp.act_fn.guard_neuron_bits.device.type == "meta"
+    assert getattr(mlp.act_fn, GRANT_BUFFER_ATTR).device.type == "meta"
+    assert state.buffer is getattr(mlp.act_fn, GRANT_BUFFER_ATTR)  # the runner fills this one
+
+
+def test_misplaced_table_refuses_to_serve():
+    from vllm_guard.loader.secneuron_loader import check_placement
+
+    model, mlp = _mlp_model("meta")
+    mlp.act_fn.guard_neuron_bits = torch.tensor([1, 2, 3, 4])  # CPU table, meta MLP
+    with pytest.raises(GuardError, match="neuron table is on cpu, its MLP on meta"):
+        check_placement(model)

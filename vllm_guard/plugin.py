@@ -43,7 +43,10 @@ def register() -> None:
 
     register_loader()
     if envs.get(envs.GRANTS):
+        from vllm_guard.compat import check_vllm_version, installed_vllm_version
         from vllm_guard.kernels.layer import register_masked_activation
+
+        check_vllm_version(installed_vllm_version())
         from vllm_guard.runtime.runner_hook import install_runner_hook
 
         register_masked_activation()

@@ -103,6 +103,10 @@ def config_file(name: str) -> str:
 def exec_server(vllm_args: Sequence[str], grants: str | None = None,
                 masking: str | None = None) -> None:
     masking = config_file(masking) if masking else None
+    if grants:
+        from vllm_guard.compat import check_vllm_version, installed_vllm_version
+
+        check_vllm_version(installed_vllm_version())
     argv = server_argv([*vllm_args, *middleware_args(grants, masking)])
     env = guard_env(grants=grants)
     if masking:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from vllm_guard.kernels.masked_silu import register_custom_op
-from vllm_guard.runtime import NEURON_BITS_ATTR
+from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
 from vllm_guard.runtime.grant_state import STATE
 
 DEFAULT_BUFFER_TOKENS = 8192
@@ -42,13 +42,15 @@ def register_masked_activation() -> None:
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            self.guard_grants = STATE.ensure_buffer(_buffer_tokens())
+            # Made under vLLM's target device; the loader moves it if needed (runtime/).
+            setattr(self, GRANT_BUFFER_ATTR, STATE.ensure_buffer(_buffer_tokens()))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             bits = getattr(self, NEURON_BITS_ATTR, None)
             if bits is None:  # not a secneuron checkpoint: nothing to mask
                 return self.forward_native(x)
-            return torch.ops.vllm.guard_masked_silu_and_mul(x, bits, self.guard_grants)
+            grants = getattr(self, GRANT_BUFFER_ATTR)
+            return torch.ops.vllm.guard_masked_silu_and_mul(x, bits, grants)
 
     SiluAndMul.register_oot(GuardSiluAndMul)
     _registered = True

@@ -15,18 +15,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_guard.runtime.grant_state import STATE
+
+MAX_RUNS = 8  # above this many grant runs in a step, one gathered multiply is cheaper
+
 
 def masked_silu_and_mul_torch(x: torch.Tensor, neuron_bits: torch.Tensor,
                               grants: torch.Tensor) -> torch.Tensor:
+    """The CPU path: vLLM's native values (bit for bit), then at most one masking multiply.
+
+    The step's distinct grants and their token runs come from the runner hook's plan
+    (:meth:`GrantState.step_plan`) and each table's keep row per grant is cached, so a layer
+    does no per-step analysis: a grant that opens every neuron costs nothing, otherwise each
+    run of tokens is multiplied by its grant's keep row (or, for many runs, by gathered rows).
+    """
     d = x.shape[-1] // 2
     out = F.silu(x[..., :d]).mul_(x[..., d:])  # the values of vLLM's SiluAndMul.forward_native
-    g = grants[: x.shape[0]]
-    if out.shape[0] and bool((g == g[0]).all()):  # one grant in the step: mask a single row
-        return out.masked_fill_((neuron_bits & g[0]) == 0, 0)
-    # few distinct grants per step: one row per grant, gathered per token (bool, not int64)
-    uniq, inv = torch.unique(g, return_inverse=True)
-    drop = (neuron_bits.unsqueeze(0) & uniq.unsqueeze(1)) == 0
-    return out.masked_fill_(drop[inv], 0)
+    tokens = out.shape[0]
+    if not tokens:
+        return out
+    plan = STATE.step_plan(tokens, grants)
+    keeps = [STATE.keep_row(neuron_bits, g, out.dtype) for g in plan.grants]
+    if all(k is None for k in keeps):
+        return out
+    if len(plan.runs) <= MAX_RUNS:
+        for start, end, gi in plan.runs:
+            if keeps[gi] is not None:
+                out[start:end].mul_(keeps[gi])
+        return out
+    ones = out.new_ones(d)
+    table = torch.stack([ones if k is None else k for k in keeps])
+    return out.mul_(table.index_select(0, plan.rows.to(out.device)))
 
 
 try:  # Triton is optional: absent or without a backend on CPU-only installs.

@@ -6,6 +6,7 @@ checkpoint -> (secneuron.weights: checks, decrypted stream) -> ``model.load_weig
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from contextlib import ExitStack
@@ -19,7 +20,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from vllm_guard.errors import GuardError, ManifestError
 from vllm_guard.log import get_logger
-from vllm_guard.runtime import NEURON_BITS_ATTR
+from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
 from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
 from vllm_guard.secneuron.keys import load_task_keys
 from vllm_guard.secneuron.lock import OpenReport, layer_counts, neuron_bits, open_data_keys
@@ -39,22 +40,54 @@ def tp_shard(bits: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return bits[rank * part:(rank + 1) * part].clone()
 
 
+def param_device(model: nn.Module, name: str) -> torch.device:
+    """Where the MLP that owns module ``name`` computes (its parameters' device).
+
+    vLLM runs ``load_weights`` outside its ``with target_device:`` block, so anything we
+    create here would land on the CPU unless placed explicitly."""
+    parent = model.get_submodule(name.rpartition(".")[0])
+    for p in itertools.chain(parent.parameters(), model.parameters()):
+        return p.device
+    return torch.device("cpu")
+
+
 def attach_neuron_bits(model: nn.Module, bits: dict[int, torch.Tensor], rank: int = 0,
                        world: int = 1) -> int:
-    """Give each decoder layer's MLP activation op its (TP-sharded) neuron bit table."""
+    """Give each decoder layer's MLP activation op its (TP-sharded) neuron bit table, on the
+    device of the MLP's parameters, and point it at a grant buffer on that device."""
     attached = 0
     for name, module in model.named_modules():
         if not name.endswith("mlp.act_fn"):
             continue
         layer = int(name.split(".layers.")[1].split(".")[0])
-        table = tp_shard(bits[layer], rank, world)
+        device = param_device(model, name)
+        table = tp_shard(bits[layer], rank, world).to(device)
         existing = getattr(module, NEURON_BITS_ATTR, None)
-        if isinstance(existing, torch.Tensor) and existing.shape == table.shape:
+        if (isinstance(existing, torch.Tensor) and existing.shape == table.shape
+                and existing.device == device):
             existing.copy_(table)  # keep the tensor identity a compiled graph may hold
         else:
             setattr(module, NEURON_BITS_ATTR, table)
+        buffer = getattr(module, GRANT_BUFFER_ATTR, None)
+        if isinstance(buffer, torch.Tensor) and buffer.device != device:
+            setattr(module, GRANT_BUFFER_ATTR, GRANT_STATE.place_buffer(device))
         attached += 1
+    check_placement(model)
     return attached
+
+
+def check_placement(model: nn.Module) -> None:
+    """Refuse to serve if a neuron table or grant buffer is not where its MLP computes (the
+    kernel would read a pointer of another device)."""
+    for name, module in model.named_modules():
+        table = getattr(module, NEURON_BITS_ATTR, None)
+        if table is None:
+            continue
+        device = param_device(model, name)
+        buffer = getattr(module, GRANT_BUFFER_ATTR, None)
+        for what, t in (("neuron table", table), ("grant buffer", buffer)):
+            if isinstance(t, torch.Tensor) and t.device != device:
+                raise GuardError(f"{name}: {what} is on {t.device}, its MLP on {device}")
 
 
 def _tp() -> tuple[int, int]:

@@ -1,30 +1,65 @@
-"""Per-request grants in the worker: task -> bit, and the per-token grant buffer.
+"""Per-request grants in the worker: task -> bit, the per-token grant buffer, the step plan.
 
 Each step, after vLLM's V1 model runner prepares its inputs, the task bits of every scheduled
 request are written per token into one preallocated int64 buffer (fixed identity, updated in
-place: what a once-traced torch.compile graph can see). The masked SiluAndMul op reads it.
+place: what a once-traced torch.compile graph and a CUDA graph can see). The GPU kernel reads
+it directly. For the CPU path the hook also plans the step once (:class:`StepPlan`: the
+distinct grants and each token's row), so the N layers do no per-step analysis of their own;
+each layer keeps, per grant, which of its neurons it may use (:meth:`GrantState.keep_row`).
 Tokens of requests without a verified grant, and padding, get :data:`PUBLIC_BIT` only.
 """
 
 from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from vllm_guard.runtime import PUBLIC_BIT
 
+MAX_CACHED_ROWS = 4096  # (table, grant, dtype) rows; a few API keys x layers in practice
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What depends only on the batch, computed once per step by the runner hook.
+
+    A request's tokens are contiguous in vLLM's flattened batch, so the step is a few runs
+    of one grant each (adjacent requests with the same grant merged)."""
+
+    tokens: int
+    grants: tuple[int, ...]  # distinct grant bit-sets of the step, sorted
+    runs: tuple[tuple[int, int, int], ...]  # (start, end, index into grants)
+    rows: torch.Tensor  # int64 [tokens]: each token's index into ``grants``
+
 
 class GrantState:
-    """Process-wide: task -> bit (from the loaded manifest) and the per-token grant buffer."""
+    """Process-wide: task -> bit (from the loaded manifest), the per-token grant buffer, the
+    current step's plan and the per-table keep rows."""
 
     def __init__(self) -> None:
         self.task_bits: dict[str, int] = {}
         self.buffer: torch.Tensor | None = None
         self.filled = 0
+        self.plan: StepPlan | None = None
+        self._keep: dict[tuple, torch.Tensor | None] = {}
 
-    def ensure_buffer(self, size: int) -> torch.Tensor:
+    def ensure_buffer(self, size: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """The grant buffer (made once: its identity is what compiled graphs capture)."""
         if self.buffer is None:
-            self.buffer = torch.full((size,), PUBLIC_BIT, dtype=torch.int64)
+            self.buffer = torch.full((size,), PUBLIC_BIT, dtype=torch.int64, device=device)
+        return self.buffer
+
+    def place_buffer(self, device: torch.device) -> torch.Tensor:
+        """Move the buffer to ``device`` if it was made elsewhere (vLLM builds the model under
+        its target device but may have made the buffer before). Called at load time, before
+        any graph is captured; the caller re-points its layers at the returned tensor."""
+        if self.buffer is None:
+            raise RuntimeError("no grant buffer: the masked activation was never built")
+        if self.buffer.device != device:
+            self.buffer = self.buffer.to(device)
         return self.buffer
 
     def bits_for(self, grant: str | None) -> int:
@@ -43,10 +78,74 @@ class GrantState:
         n = len(tokens)
         if n > buf.shape[0]:
             raise RuntimeError(f"{n} tokens in a step, grant buffer holds {buf.shape[0]}")
-        buf[:n].copy_(torch.from_numpy(tokens))
+        buf[:n].copy_(torch.from_numpy(tokens), non_blocking=True)
         if self.filled > n:
             buf[n:self.filled].fill_(PUBLIC_BIT)
         self.filled = n
+        self.plan = plan_step(per_request_bits, num_tokens, n)
+
+    def step_plan(self, tokens: int, grants: torch.Tensor) -> StepPlan:
+        """The plan for a layer call over ``tokens`` tokens reading ``grants``: the hook's,
+        when it describes exactly this buffer and token count; otherwise (direct calls,
+        dummy runs, padding) derived from ``grants`` itself."""
+        plan = self.plan
+        if (plan is not None and plan.tokens == tokens and self.buffer is not None
+                and grants.data_ptr() == self.buffer.data_ptr()):
+            return plan
+        values, counts = torch.unique_consecutive(grants[:tokens], return_counts=True)
+        return make_plan(values.cpu().numpy(), counts.cpu().numpy())
+
+    def keep_row(self, neuron_bits: torch.Tensor, grant: int,
+                 dtype: torch.dtype) -> torch.Tensor | None:
+        """``dtype`` [I]: 1 where ``grant`` may use the neuron, 0 where not; None when it may
+        use them all. Cached per (table, its in-place version, grant, dtype): multiplying by
+        it is the cheapest masking pass on CPUs (several times faster than masked_fill)."""
+        key = (id(neuron_bits), neuron_bits._version, grant, dtype)
+        if key in self._keep:
+            return self._keep[key]
+        if len(self._keep) >= MAX_CACHED_ROWS:
+            self._keep.clear()
+        if not any(k[0] == key[0] for k in self._keep):  # forget a table when it is freed
+            weakref.finalize(neuron_bits, self._forget, key[0])
+        keep = (neuron_bits & torch.tensor(_signed(grant), dtype=torch.int64,
+                                           device=neuron_bits.device)) != 0
+        row = None if bool(keep.all()) else keep.to(dtype)
+        self._keep[key] = row
+        return row
+
+    def _forget(self, table_id: int) -> None:
+        for k in [k for k in self._keep if k[0] == table_id]:
+            del self._keep[k]
+
+
+def _signed(bits: int) -> int:
+    """An int64 bit pattern as a Python int torch accepts (bit 63 set -> negative)."""
+    return bits - (1 << 64) if bits >= 1 << 63 else bits
+
+
+def plan_step(per_request_bits: list[int], num_tokens: np.ndarray, n: int) -> StepPlan:
+    plan = make_plan(np.asarray(per_request_bits, dtype=np.int64),
+                     np.asarray(num_tokens, dtype=np.int64))
+    assert plan.tokens == n
+    return plan
+
+
+def make_plan(bits: np.ndarray, counts: np.ndarray) -> StepPlan:
+    """Runs of (grant, token count) in batch order -> distinct grants, merged runs, rows."""
+    uniq, inv = np.unique(bits, return_inverse=True)
+    ends = np.cumsum(counts)
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for gi, end in zip(inv.tolist(), ends.tolist(), strict=True):
+        if end == start:
+            continue
+        if runs and runs[-1][2] == gi and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end, gi)
+        else:
+            runs.append((start, end, gi))
+        start = end
+    rows = torch.from_numpy(np.repeat(inv.astype(np.int64), counts))
+    return StepPlan(int(start), tuple(int(v) for v in uniq), tuple(runs), rows)
 
 
 STATE = GrantState()
