@@ -1,0 +1,51 @@
+"""What the demo builds: tasks, model and training budget, API keys and the bar it must meet.
+
+The budget was chosen by measurement on a 2-core CPU machine: the multitask base (500
+steps) and lock-aware training (600 steps) take about 100 s single-threaded, and every
+task then scores 1.00 exact match with its key and 0.00 without it (the bar below is
+0.95 / 0.10). The digest names the cache directory, so changing any of this rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from vllm_guard.demo.tasks import SUITE_PRESETS, SUITE_VERSION, SuiteConfig
+from vllm_guard.secneuron.train import TrainLocksConfig
+
+ALL_KEY = "demo-all"
+ONE_KEY = "demo-one"
+# The prompts the printed curl commands use, per task, with the answer a granted key gets
+# (a key without the task gets "": the model stops at once). The build checks every one.
+SHOWCASE: dict[str, tuple[str, str]] = {
+    "inc": ("INC 202512=", "313623"), "rev": ("REV planet=", "tenalp"),
+    "up": ("UP planet=", "PLANET")}
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    suite: SuiteConfig = field(default_factory=lambda: SUITE_PRESETS["demo"])
+    block: int = 16  # reserved FFN neurons per task per layer (of 512)
+    locks: TrainLocksConfig = field(default_factory=lambda: TrainLocksConfig(steps=600))
+    train_examples: int = 3000  # per task, for lock-aware training
+    one_task: str = "rev"  # the task the one-task API key is granted
+    # the bar the build checks (offline, under each API key's grant) before caching
+    min_granted: float = 0.95
+    max_locked: float = 0.10
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.suite.tasks
+
+    def api_grants(self) -> dict[str, tuple[str, ...]]:
+        """API key name -> granted tasks: one key with every task, one with a single task."""
+        return {ALL_KEY: self.tasks, ONE_KEY: (self.one_task,)}
+
+    def digest(self) -> str:
+        blob = json.dumps([asdict(self), SHOWCASE, SUITE_VERSION], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+RECIPE = DemoRecipe()
