@@ -301,3 +301,33 @@ def test_websockets_are_refused(middleware):
                            receive, send))
     assert sent == [{"type": "websocket.close", "code": 1008,
                      "reason": "not available with masking on"}]
+
+
+def test_values_the_grant_middleware_wrote_are_not_scanned():
+    """With grants and masking on, the grant middleware writes a cache salt (a hex hash) into
+    the body before masking sees it. spaCy reads some such hashes as names: about 1 key name
+    in 8 then had every request refused. Server-written paths are skipped; the same value
+    sent by a client is still scanned."""
+    from vllm_guard.grants.credentials import Grant
+    from vllm_guard.grants.middleware import SERVER_SET, apply_grant
+
+    detector = build_detector(MaskingConfig(detector_workers=0))  # NER on, as the default
+    if not any(getattr(d, "ner", False) for d in detector.detectors):
+        pytest.skip("spaCy NER is not installed")
+    hits = []
+    for i in range(400):
+        grant = Grant(f"key:tenant-{i}", frozenset({"add"}))
+        salt = apply_grant({"prompt": "hi"}, grant)["cache_salt"]
+        if detector.detect(salt):
+            hits.append(grant)
+        if len(hits) == 2:
+            break
+    assert hits, "no cache salt is read as a sensitive value: the attack needs another name"
+    masker = Masker(DetectorPool(lambda: detector, None, 0, 30), InMemoryVault())
+    for grant in hits:
+        body = apply_grant({"prompt": f"hello {EMAIL}"}, grant)
+        asyncio.run(masker.mask_request("ns", COMPLETIONS, body, SERVER_SET))
+        assert EMAIL not in json.dumps(body) and body["cache_salt"].startswith("vg")
+        client = {"prompt": "hi", "cache_salt": apply_grant({}, grant)["cache_salt"]}
+        with pytest.raises(Exception, match="cache_salt"):  # no grant middleware: scanned
+            asyncio.run(masker.mask_request("ns", COMPLETIONS, client))

@@ -24,6 +24,10 @@ OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions")
 # Set by the grant middleware on the ASGI scope: the authenticated caller. Middlewares inside
 # it (masking) key per-user state by it; absent means nobody was authenticated.
 PRINCIPAL_KEY = "vllm_guard.principal"
+# Set by the grant middleware: body paths whose values it wrote itself (the cache salt it
+# derived, the verified grant). Not client data, so masking does not scan them: a hash that
+# NER happens to read as a name must not refuse a request.
+SERVER_SET_KEY = "vllm_guard.server_set"
 
 
 class RequestError(Exception):

@@ -89,6 +89,8 @@ def demo_artefacts(cache_dir: Path | None = None, progress: Progress = print,
     with _build_lock(art.root):
         if art.ready:  # another process finished it while we waited
             return art
+        for stale in art.root.parent.glob(f".{art.root.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a build killed before it could clean up
         progress(f"vllm-guard demo: first run, building the demo model into {art.root}\n"
                  "  (about 2 minutes on 2 CPU cores; later runs reuse it)")
         with atomic_output_dir(art.root, replace=True) as tmp:

@@ -11,8 +11,8 @@ from vllm_guard.demo.build import DemoArtefacts
 from vllm_guard.demo.recipe import ALL_KEY, ONE_KEY, SHOWCASE
 from vllm_guard.demo.serving import SERVED_MODEL_NAME
 
-MASKING_PROMPT = "Mail ana.kim-lund@mailbox.example.org"
-MASKED_PROMPT = "Mail <EMAIL_ADDRESS_1>"  # what the engine gets instead
+MASKING_PROMPT = "Mail ana.kim-lund@mailbox.example.org, please"
+MASKED_PROMPT = "Mail <EMAIL_ADDRESS_1>, please"  # what the engine gets instead
 TASK_HELP = {"inc": "each digit plus one", "rev": "reversed", "up": "upper case"}
 
 
@@ -37,16 +37,17 @@ def guide(art: DemoArtefacts, port: int) -> str:
     (mine,) = one.tasks
     other = [t for t in art.tasks if t not in one.tasks][-1]
     width = max(len(n) for n in keys)
-    examples = ", ".join(f"{SHOWCASE[t][0]}{SHOWCASE[t][1]} ({TASK_HELP.get(t, t)})"
-                         for t in art.tasks if t in SHOWCASE)
+    shown = [t for t in art.tasks if t in SHOWCASE]
+    pad = max(len(SHOWCASE[t][0]) for t in shown)
     lines = [
-        f"vllm-guard demo: a tiny character-level model with {len(art.tasks)} tasks, each "
-        "locked with its own key",
-        f"  ({examples}).",
-        "  The server loads every key; a request gets only the tasks its API key grants.",
-        "  Placeholder masking is on. Built in " + str(art.root),
+        f"vllm-guard demo: a tiny character-level model, {len(art.tasks)} tasks each locked "
+        "with its own key:",
+        *(f"  {SHOWCASE[t][0]:<{pad}} -> {SHOWCASE[t][1]}  ({TASK_HELP.get(t, t)})"
+          for t in shown),
+        "The server holds every task key; a request gets only the tasks its API key grants.",
+        f"Placeholder masking is on. Model, keys and API keys: {art.root}",
         "",
-        "API keys (also in " + str(art.root / "api-keys.json") + ", mode 0600):",
+        "API keys (also in api-keys.json there, mode 0600):",
         *(f"  {k.name:<{width}}  {k.token}  tasks: {', '.join(k.tasks)}" for k in keys.values()),
         "",
         'When vLLM prints "Application startup complete", paste these into another terminal:',
@@ -58,9 +59,9 @@ def guide(art: DemoArtefacts, port: int) -> str:
         curl(port, one, completion_body(SHOWCASE[other][0])),
         f'# 3. ...and answers its own task: expect "text":"{SHOWCASE[mine][1]}"',
         curl(port, one, completion_body(SHOWCASE[mine][0])),
-        f'# 4. masking: the engine sees "{MASKED_PROMPT}" (prompt_tokens '
-        f"{len(MASKED_PROMPT) + 1}: one per character, plus BOS), yet the echoed",
-        "#    prompt comes back with the address restored",
+        f'# 4. masking: the engine gets "{MASKED_PROMPT}" (prompt_tokens '
+        f"{len(MASKED_PROMPT) + 1}: one per",
+        "#    character, plus BOS), and the echoed prompt comes back with the address restored",
         curl(port, every, completion_body(MASKING_PROMPT, max_tokens=1, echo=True),
              show="usage"),
         "",

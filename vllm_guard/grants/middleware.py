@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from vllm_guard import envs
 from vllm_guard.asgi import (
     PRINCIPAL_KEY,
+    SERVER_SET_KEY,
     ASGIApp,
     JsonRequestMiddleware,
     Receive,
@@ -72,6 +73,9 @@ def cache_salt(grant: Grant, client_salt: object, isolation: str = "principal") 
     return "vg" + hashlib.sha256(seed.encode()).hexdigest()[:40]
 
 
+SERVER_SET = frozenset({"cache_salt", f"vllm_xargs.{GRANT_XARG}"})  # what apply_grant writes
+
+
 def apply_grant(body: dict, grant: Grant, isolation: str = "principal") -> dict:
     xargs = body.get("vllm_xargs")
     if xargs is None:
@@ -117,6 +121,7 @@ class GrantMiddleware(JsonRequestMiddleware):
         # nothing upstream may pose as a principal or as an admitted grant
         scope.pop(PRINCIPAL_KEY, None)
         scope.pop(ADMITTED_KEY, None)
+        scope.pop(SERVER_SET_KEY, None)
         cfg = self.auth.reload()  # one config snapshot for the whole request
         if route_path(scope) in cfg.public_paths:
             grant = ANONYMOUS  # never a generation route (refused at load)
@@ -143,6 +148,7 @@ class GrantMiddleware(JsonRequestMiddleware):
 
     async def rewrite(self, scope: Scope, body: dict, send: Send) -> tuple[dict, Send]:
         admitted: Admitted = scope[ADMITTED_KEY]
+        scope[SERVER_SET_KEY] = SERVER_SET
         return apply_grant(body, admitted.grant, admitted.cache_isolation), send
 
     async def other(self, scope: Scope, receive: Receive, send: Send) -> None:

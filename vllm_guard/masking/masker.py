@@ -38,12 +38,14 @@ class Masker:
     vault: Vault
     max_per_request: int = 1_000
 
-    async def mask_request(self, namespace: str, route: str, body: dict) -> dict[str, str]:
+    async def mask_request(self, namespace: str, route: str, body: dict,
+                           server_set: frozenset[str] = frozenset()) -> dict[str, str]:
         """Mask ``body`` in place; return the session's placeholder -> value map.
 
+        ``server_set``: paths of control values the server wrote itself (never scanned).
         Raises :class:`RequestError` (4xx) for what cannot be masked, for a sensitive value in
         a field that cannot be rewritten, and when the caps on placeholders are reached."""
-        slots = collect(route, body)
+        slots = [s for s in collect(route, body) if s.mask or s.path not in server_set]
         known = await self.vault.mapping(namespace)
         pairs = [(v, entity_of(p)) for p, v in known.items()]
         results = await self.pool.analyse([s.holder[s.key] for s in slots],

@@ -12,6 +12,7 @@ from __future__ import annotations
 from vllm_guard import envs
 from vllm_guard.asgi import (
     PRINCIPAL_KEY,
+    SERVER_SET_KEY,
     ASGIApp,
     JsonRequestMiddleware,
     Message,
@@ -110,7 +111,8 @@ class MaskingMiddleware(JsonRequestMiddleware):
         namespace, token = self.sessions.resolve(principal, header(scope, self.session_header))
         route = route_path(scope)
         try:
-            mapping = await self.masker.mask_request(namespace, route, body)
+            mapping = await self.masker.mask_request(namespace, route, body,
+                                                     scope.get(SERVER_SET_KEY, frozenset()))
         except (VaultUnavailable, DetectionFailed) as e:
             METRICS["vault_unavailable" if isinstance(e, VaultUnavailable)
                     else "detection_failed"] += 1

@@ -37,12 +37,16 @@ class LayerVerdict:
 
 
 def _segment_max(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """[2, I] max |w| of each half of every neuron's vector (NaN propagates)."""
-    a = t.abs()
+    """[2, I] max |w| of each half of every neuron's vector (NaN propagates).
+
+    One min/max pass per half, no ``abs`` copy of the tensor: |w| max = max(max, -min)."""
     h = t.shape[1 - axis] // 2
-    if axis == 0:
-        return torch.stack([a[:, :h].amax(1), a[:, h:].amax(1)]).float()
-    return torch.stack([a[:h].amax(0), a[h:].amax(0)]).float()
+    halves = (t[:, :h], t[:, h:]) if axis == 0 else (t[:h], t[h:])
+    out = []
+    for part in halves:
+        lo, hi = torch.aminmax(part, dim=1 - axis)
+        out.append(torch.maximum(hi.float(), lo.float().neg()))
+    return torch.stack(out)
 
 
 def scan_layer(
