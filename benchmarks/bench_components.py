@@ -118,13 +118,15 @@ def masker_timings(n: int = 150) -> dict:
     return result
 
 
-def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 200, rounds: int = 5) -> dict:
+def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 100, rounds: int = 5,
+                   threads: int = 1) -> dict:
     """Masked op vs what vLLM runs for SiluAndMul on this CPU, in process, same inputs.
 
     Baselines: vLLM's native path in eager mode (``F.silu(g) * u``) and compiled (Inductor
     fuses it into one loop, as vLLM's compile mode does on x86). Grants are planned once
     per step by the runner hook (``GrantState.fill``), as in the server. Each ratio is the
-    median of ``rounds`` interleaved rounds, with the min and max.
+    median of ``rounds`` interleaved rounds, with the min and max. One thread by default:
+    with two, OpenMP spin-waits made small shapes vary several-fold between runs.
     """
     import numpy as np
 
@@ -133,6 +135,7 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 200, rounds:
     from vllm_guard.runtime import PUBLIC_BIT
     from vllm_guard.runtime.grant_state import STATE
 
+    torch.set_num_threads(threads)
     size = PRESETS[preset].intermediate_size
     bits = torch.randint(1, 8, (size,), dtype=torch.int64)  # 3 tasks
     bits[torch.rand(size) < 0.87] = -1  # public neurons (13% locked, as in the benchmarks)
@@ -174,7 +177,7 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 200, rounds:
                 print(f"  {dtype} t={tokens:<4} {mix:<20} masked {row['masked_us']:8.1f} us  "
                       f"x{row['ratio_vs_eager']:.2f} eager  x{row['ratio_vs_compiled']:.2f} "
                       "compiled", flush=True)
-    return {"intermediate_size": size, "shapes": out}
+    return {"intermediate_size": size, "threads": threads, "shapes": out}
 
 
 if __name__ == "__main__":
