@@ -460,3 +460,45 @@ def test_broken_file_at_startup_is_an_error(tmp_path):
         Authenticator(path)
     with pytest.raises(GuardError, match="missing.json"):
         GrantMiddleware(FakeApp(), str(tmp_path / "missing.json"))
+
+
+def test_grants_then_masking_in_process_forwards_a_key_whose_salt_ner_flags(tmp_path):
+    """The chain as `serve --grants --masking` builds it (grants outermost): a key whose
+    derived cache salt spaCy reads as a name must still be served, masked."""
+    from vllm_guard.grants.credentials import Grant
+    from vllm_guard.grants.middleware import apply_grant
+    from vllm_guard.masking.config import MaskingConfig
+    from vllm_guard.masking.detector import build_detector
+    from vllm_guard.masking.middleware import MaskingMiddleware
+
+    config = MaskingConfig(detector_workers=0)
+    detector = build_detector(config)
+    if not any(getattr(d, "ner", False) for d in detector.detectors):
+        pytest.skip("spaCy NER is not installed")
+    name = next((f"tenant-{i}" for i in range(400)
+                 if detector.detect(apply_grant({}, Grant(f"key:tenant-{i}",
+                                                          frozenset({"add"})))["cache_salt"])),
+                None)
+    assert name, "no key name's cache salt is read as a sensitive value"
+    path = tmp_path / "grants.json"
+    path.write_text(json.dumps({"mode": "required", "api_keys": [
+        {"name": name, "sha256": hash_api_key("vg-" + name), "tasks": ["add"]}]}))
+    app = FakeApp()
+    chain = GrantMiddleware(MaskingMiddleware(app, config=config), str(path))
+    raw = json.dumps({"model": "m", "prompt": "mail jane.roe@example.com"}).encode()
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    async def send(msg: dict) -> None:
+        sent.append(msg)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "",
+             "headers": [(b"authorization", f"Bearer vg-{name}".encode())]}
+    asyncio.run(chain(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    assert status == 200, b"".join(m.get("body", b"") for m in sent)
+    forwarded = json.loads(app.calls[0][1])
+    assert "jane.roe@example.com" not in forwarded["prompt"]
+    assert forwarded["cache_salt"].startswith("vg")
