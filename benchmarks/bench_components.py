@@ -180,6 +180,39 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 100, rounds:
     return {"intermediate_size": size, "threads": threads, "shapes": out}
 
 
+def decrypt_timings(preset: str = "qwen2-0.5b-shape", rounds: int = 5) -> dict:
+    """Decryption of every opened slice of a locked copy of the preset model, in memory, on
+    one thread (GB/s of encrypted bytes, gather + decrypt + scatter): the loader's own work."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.bench_crypto import TASKS, random_selection
+    from tests.support.fixtures import fixture_model
+    from vllm_guard.secneuron.checkpoint import load_checkpoint
+    from vllm_guard.secneuron.keys import TaskKey
+    from vllm_guard.secneuron.lock import decrypt_in_place, lock_checkpoint, open_data_keys
+    from vllm_guard.secneuron.manifest import read_manifest
+
+    model = fixture_model(preset)
+    keys = {t: TaskKey.generate(t) for t in TASKS}
+    work = Path(tempfile.mkdtemp(prefix="bench-decrypt-"))
+    try:
+        lock_checkpoint(model, random_selection(model, 0.1), keys, work / "locked", None,
+                        progress=False)
+        manifest = read_manifest(work / "locked")
+        data_keys = open_data_keys(manifest, keys)
+        runs = []
+        for _ in range(rounds):
+            ckpt = load_checkpoint(work / "locked")
+            rep = decrypt_in_place(ckpt.tensors, manifest, data_keys, workers=1)
+            runs.append(rep.gb_per_s)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"preset": preset, "encrypted_bytes": rep.bytes_decrypted,
+            "gb_per_s": statistics.median(runs), "gb_per_s_runs": runs}
+
+
 if __name__ == "__main__":
     import sys
 

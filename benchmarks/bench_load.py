@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="qwen2-0.5b-shape")
     ap.add_argument("--fraction", type=float, default=0.1)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--verify-weights", choices=["on", "off", "both"], default="both",
+                    help="guarded runs with the signed-hash check of every weight byte "
+                         "(the default) and/or without it")
     args = ap.parse_args(argv)
 
     model = fixture_model(args.preset)
@@ -53,19 +56,27 @@ def main(argv: list[str] | None = None) -> dict:
         save_task_key(k, work / f"{t}.key")
     lock_checkpoint(model, random_selection(model, args.fraction), keys, work / "locked", None,
                     progress=False)
-    guarded_args = ["--load-format", "secneuron", "--model-loader-extra-config",
-                    json.dumps({"key_dir": str(work), "allow_unsigned": True})]
-    plain, guarded = [], []
-    for i in range(args.repeats):  # interleaved: drift hits both alike
+    modes = ["on", "off"] if args.verify_weights == "both" else [args.verify_weights]
+    guarded_args = {m: ["--load-format", "secneuron", "--model-loader-extra-config",
+                        json.dumps({"key_dir": str(work), "allow_unsigned": True,
+                                    "verify_weights": m == "on"})] for m in modes}
+    plain: list[float] = []
+    guarded: dict[str, list[float]] = {m: [] for m in modes}
+    for i in range(args.repeats):  # interleaved: drift hits every config alike
         plain.append(load_seconds(model, [], False, work / f"plain{i}.log"))
-        guarded.append(load_seconds(work / "locked", guarded_args, True, work / f"guard{i}.log"))
-        print(f"run {i + 1}/{args.repeats}: plain {plain[-1]:.2f} s, "
-              f"secneuron {guarded[-1]:.2f} s", flush=True)
-    result = {"model": args.preset, "fraction_per_task": args.fraction,
+        for m in modes:
+            guarded[m].append(load_seconds(work / "locked", guarded_args[m], True,
+                                           work / f"guard-{m}{i}.log"))
+        print(f"run {i + 1}/{args.repeats}: plain {plain[-1]:.2f} s, " + ", ".join(
+            f"secneuron verify={m} {guarded[m][-1]:.2f} s" for m in modes), flush=True)
+    ratios = {m: statistics.median(guarded[m]) / statistics.median(plain) for m in modes}
+    per_run = {m: [g / p for g, p in zip(guarded[m], plain, strict=True)] for m in modes}
+    result = {"model": args.preset, "fraction_per_task": args.fraction, "repeats": args.repeats,
               "plain_load_s": plain, "secneuron_load_s": guarded,
-              "ratio_median": statistics.median(guarded) / statistics.median(plain),
-              "target_ratio": 1.15}
-    print(f"secneuron / plain load time: {result['ratio_median']:.3f}x (target <= 1.15x)")
+              "ratio_median": ratios, "ratio_per_run": per_run, "target_ratio": 1.10}
+    for m in modes:
+        print(f"secneuron (verify_weights={m}) / plain load time: median {ratios[m]:.3f}x, "
+              f"per run {min(per_run[m]):.2f}-{max(per_run[m]):.2f}x (target <= 1.10x)")
     write_result("load", result)
     return result
 

@@ -514,7 +514,8 @@ def test_loader_tag_check_remains_behind_the_hash(locked, keydir, tmp_path):
     flip(weights, tensor_offset(weights, sl.tensor, g.neurons[sl.layer][0] * sl.shape[1]))
     data = weights.read_bytes()
     manifest.files["model.safetensors"] = replace(manifest.files["model.safetensors"],
-                                                  sha256=hashlib.sha256(data).hexdigest())
+                                                  sha256=hashlib.sha256(data).hexdigest(),
+                                                  blocks=())  # whole-file digest only
     manifest.sign(load_signing_key(keydir / "publisher.pem"))
     write_manifest(manifest, bad)
     assert_refused(bad, keydir, f"tensor {sl.tensor}, group {g.id}, chunk 0: authentication "

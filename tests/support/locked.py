@@ -14,7 +14,7 @@ from pathlib import Path
 from tests.support.fixtures import TASKS, default_cache_dir, fixture_model, task_examples
 from vllm_guard.secneuron.keys import KeyDir
 
-VERSION = 3  # bump when locking changes: cached checkpoints are rebuilt
+VERSION = 4  # bump when locking changes: cached checkpoints are rebuilt
 FRACTION = 0.1
 
 

@@ -30,7 +30,7 @@ from vllm_guard.demo.recipe import RECIPE, SHOWCASE, DemoRecipe
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.keys import KeyDir
 
-DEMO_VERSION = 1  # bump when the build changes: cached demos are rebuilt
+DEMO_VERSION = 2  # bump when the build changes: cached demos are rebuilt
 SUMMARY_FILE = "demo.json"  # written last: its presence marks a complete build
 Progress = Callable[[str], None]
 

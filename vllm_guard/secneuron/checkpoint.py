@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,20 +52,41 @@ _ST_DTYPES = {
 }
 
 
-def parse_safetensors(buf: torch.Tensor, path: Path | str
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors (views, no copy) and header metadata of a whole safetensors file in ``buf``."""
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in a safetensors file (absolute byte offsets)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+    start: int
+    end: int
+
+    def tensor(self, buf: torch.Tensor) -> torch.Tensor:
+        """A view of ``buf`` (the whole file), copied only if misaligned for its dtype."""
+        raw = buf[self.start:self.end]
+        if self.start % torch.empty(0, dtype=self.dtype).element_size():
+            raw = raw.clone()  # view(dtype) needs alignment
+        return raw.view(self.dtype).reshape(self.shape)
+
+
+def safetensors_layout(buf: torch.Tensor, path: Path | str,
+                       wait: Callable[[int], None] = lambda end: None
+                       ) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Entries (by offset) and header metadata of a safetensors file held in ``buf``.
+    ``wait(end)`` is called before bytes ``[0, end)`` are read (streamed verification)."""
     total = buf.numel()
+    wait(min(8, total))
     n = int.from_bytes(bytes(buf[:8].numpy()), "little") if total >= 8 else -1
     if n < 0 or 8 + n > total:
         raise ManifestError(f"{path}: not a safetensors file (bad header length)")
+    wait(8 + n)
     try:
         header = json.loads(bytes(buf[8:8 + n].numpy()))
     except ValueError:
         raise ManifestError(f"{path}: not a safetensors file (bad header)") from None
-    data = buf[8 + n:]
     metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
+    entries = []
     for name, info in header.items():
         dtype = _ST_DTYPES.get(info.get("dtype"))
         if dtype is None:
@@ -72,13 +94,17 @@ def parse_safetensors(buf: torch.Tensor, path: Path | str
         start, end = info["data_offsets"]
         size = torch.empty(0, dtype=dtype).element_size()
         numel = int(np.prod(info["shape"], dtype=np.int64))
-        if not 0 <= start <= end <= data.numel() or end - start != numel * size:
+        if not 0 <= start <= end <= total - 8 - n or end - start != numel * size:
             raise ManifestError(f"{path}: tensor {name} has bad data offsets")
-        raw = data[start:end]
-        if (8 + n + start) % size:
-            raw = raw.clone()  # misaligned offset: view(dtype) needs alignment
-        tensors[name] = raw.view(dtype).reshape(info["shape"])
-    return tensors, metadata
+        entries.append(TensorEntry(name, dtype, list(info["shape"]), 8 + n + start, 8 + n + end))
+    return sorted(entries, key=lambda e: e.start), metadata
+
+
+def parse_safetensors(buf: torch.Tensor, path: Path | str
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (views, no copy) and header metadata of a whole safetensors file in ``buf``."""
+    entries, metadata = safetensors_layout(buf, path)
+    return {e.name: e.tensor(buf) for e in entries}, metadata
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -136,19 +162,76 @@ def slice_tensors(info: LayerInfo) -> list[tuple[str, int]]:
     return [(info.gate, 0), (info.up, 0), (info.down, 1)]
 
 
+_INT_OF_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """The tensor's memory as a numpy integer array of the same element size (bf16 too)."""
+    return t.view(torch.uint8).numpy().view(_INT_OF_SIZE[t.element_size()])
+
+
 def gather_neurons(t: torch.Tensor, axis: int, idx: torch.Tensor
                    ) -> tuple[torch.Tensor, np.ndarray]:
-    """Copy the neurons' vectors out, neuron-major ([k, H]); also as flat uint8 numpy.
+    """Copy the neurons' weights out (contiguous); also as flat uint8 numpy.
 
-    Neuron-major keeps each group's bytes contiguous when several groups are gathered at once.
+    The layout is the ciphertext layout (chosen for gather speed, format 4): gate/up rows
+    neuron-major ``[k, H]``; ``down_proj`` columns row-major ``[H, k]``, read row by row
+    (a neuron-major column gather read memory across rows and ran at half the speed).
+    numpy's ``take`` gathers columns 2.6x faster than ``index_select`` (measured, 1 core).
     """
-    sel = (t if axis == 0 else t.t()).index_select(0, idx)
+    if not t.is_contiguous():
+        sel = t.index_select(axis, idx)
+    else:
+        sel = torch.from_numpy(np.take(_as_numpy(t), idx.numpy(), axis=axis)).view(t.dtype)
     return sel, sel.view(torch.uint8).reshape(-1).numpy()
 
 
 def scatter_neurons(t: torch.Tensor, axis: int, idx: torch.Tensor, sel: torch.Tensor) -> None:
-    """Write neuron-major vectors back in place (inverse of :func:`gather_neurons`)."""
-    (t if axis == 0 else t.t()).index_copy_(0, idx, sel)
+    """Write gathered weights back in place (inverse of :func:`gather_neurons`)."""
+    if axis == 0 and t.is_contiguous() and sel.is_contiguous():
+        _as_numpy(t)[idx.numpy()] = _as_numpy(sel)  # 2x index_copy_ on rows (measured)
+    else:
+        t.index_copy_(axis, idx, sel)
+
+
+class GroupSlab:
+    """Several groups' neurons of one tensor, gathered in one pass; each group's bytes are
+    contiguous (``bytes_of``) in the layout of :func:`gather_neurons` for that group alone.
+
+    Rows (axis 0) are contiguous per group as gathered. Columns (axis 1) are gathered once
+    as ``[H, k_all]`` and each group's ``[H, k]`` block is staged in a small buffer.
+    """
+
+    def __init__(self, t: torch.Tensor, axis: int, groups: list[list[int]]):
+        self.t, self.axis = t, axis
+        self.idx = torch.tensor([n for g in groups for n in g], dtype=torch.long)
+        self.sel, _ = gather_neurons(t, axis, self.idx)
+        self._parts: list[torch.Tensor] = []
+        start = 0
+        for g in groups:
+            if axis == 0 or len(groups) == 1:
+                part = self.sel.narrow(axis, start, len(g))
+            else:
+                part = self.sel.narrow(1, start, len(g)).contiguous()
+            self._parts.append(part)
+            start += len(g)
+
+    @property
+    def nbytes(self) -> int:
+        return self.sel.numel() * self.sel.element_size()
+
+    def bytes_of(self, i: int) -> np.ndarray:
+        """Group ``i``'s bytes as a writable flat uint8 array (edits land in the slab)."""
+        return self._parts[i].view(torch.uint8).reshape(-1).numpy()
+
+    def write_back(self) -> None:
+        start = 0
+        for part in self._parts:
+            block = self.sel.narrow(self.axis, start, part.shape[self.axis])
+            if block.data_ptr() != part.data_ptr():
+                block.copy_(part)
+            start += part.shape[self.axis]
+        scatter_neurons(self.t, self.axis, self.idx, self.sel)
 
 
 def save_checkpoint(ckpt: Checkpoint, out_dir: Path) -> None:

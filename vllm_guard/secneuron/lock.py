@@ -29,13 +29,12 @@ from tqdm import tqdm
 from vllm_guard.atomic import atomic_output_dir, atomic_replace_dir
 from vllm_guard.errors import DecryptionError, KeyFileError, ManifestError, SignatureError
 from vllm_guard.secneuron.checkpoint import (
+    GroupSlab,
     checkpoint_files,
     copy_side_files,
     ffn_layout,
-    gather_neurons,
     load_checkpoint,
     save_checkpoint,
-    scatter_neurons,
     slice_tensors,
 )
 from vllm_guard.secneuron.crypto import (
@@ -168,20 +167,16 @@ def lock_checkpoint(
         members = [g for g in groups if layer in g.neurons]
         if not members:
             continue
-        idx_t = torch.tensor([n for g in members for n in g.neurons[layer]], dtype=torch.long)
         for name, axis in slice_tensors(layers[layer]):
             t = ckpt.tensors[name]
-            sel, flat = gather_neurons(t, axis, idx_t)  # all groups at once, neuron-major
-            offset = 0
-            for g in members:
+            slab = GroupSlab(t, axis, [g.neurons[layer] for g in members])  # one gather
+            for i, g in enumerate(members):
                 sl = Slice(name, ckpt.files[name], layer, axis, _dtype_name(t), list(t.shape), [])
-                size = len(g.neurons[layer]) * flat.nbytes // len(idx_t)
                 binding = sl.binding(ckpt_id, g.id, index_digest(g.neurons[layer]))
-                sl.chunks = encrypt_in_place(data_keys[g.id], flat[offset:offset + size],
-                                             binding, chunk_bytes)
+                sl.chunks = encrypt_in_place(data_keys[g.id], slab.bytes_of(i), binding,
+                                             chunk_bytes)
                 g.slices.append(sl)
-                offset += size
-            scatter_neurons(t, axis, idx_t, sel)
+            slab.write_back()
     data_keys.clear()
     with atomic_output_dir(out_dir) as tmp:
         save_checkpoint(ckpt, tmp)
@@ -263,25 +258,23 @@ def _check_slice(t: torch.Tensor, sl: Slice, group: str) -> None:
 def _decrypt_tensor(t: torch.Tensor, axis: int, parts: list[tuple[Group, Slice, bytes]],
                     ckpt_id: str) -> int:
     """Gather every opened group's neurons of one tensor at once, decrypt each, scatter back."""
-    idx_t = torch.tensor([n for g, sl, _ in parts for n in g.neurons[sl.layer]], dtype=torch.long)
-    sel, flat = gather_neurons(t, axis, idx_t)
-    view = memoryview(flat).cast("B")
-    offset = 0
-    for group, sl, data_key in parts:
+    slab = GroupSlab(t, axis, [g.neurons[sl.layer] for g, sl, _ in parts])
+    for i, (group, sl, data_key) in enumerate(parts):
         idx = group.neurons[sl.layer]
-        size = len(idx) * len(view) // len(idx_t)
-        if sum(c.length for c in sl.chunks) != size:
+        view = memoryview(slab.bytes_of(i)).cast("B")
+        if sum(c.length for c in sl.chunks) != len(view):
             raise ManifestError(f"tensor {sl.tensor}, group {group.id}: chunk lengths do not "
                                 "cover the slice")
         binding = sl.binding(ckpt_id, group.id, index_digest(idx))
         aead = AESGCM(data_key)
-        for i, chunk in enumerate(sl.chunks):
+        offset = 0
+        for i_chunk, chunk in enumerate(sl.chunks):
             decrypt_chunk_in_place(aead, view[offset:offset + chunk.length], chunk,
-                                   chunk_aad(binding, i, len(sl.chunks)),
-                                   f"tensor {sl.tensor}, group {group.id}, chunk {i}")
+                                   chunk_aad(binding, i_chunk, len(sl.chunks)),
+                                   f"tensor {sl.tensor}, group {group.id}, chunk {i_chunk}")
             offset += chunk.length
-    scatter_neurons(t, axis, idx_t, sel)
-    return len(view)
+    slab.write_back()
+    return slab.nbytes
 
 
 def decrypt_in_place(
@@ -582,31 +575,26 @@ def _reencrypt(tensors: dict[str, torch.Tensor], manifest: Manifest, groups: lis
         for g, sl in parts:
             _check_slice(t, sl, g.id)
         axis = parts[0][1].axis
-        idx_t = torch.tensor([n for g, sl in parts for n in g.neurons[sl.layer]],
-                             dtype=torch.long)
-        sel, flat = gather_neurons(t, axis, idx_t)
-        view = memoryview(flat).cast("B")
-        offset = 0
-        for g, sl in parts:
+        slab = GroupSlab(t, axis, [g.neurons[sl.layer] for g, sl in parts])
+        for i, (g, sl) in enumerate(parts):
             idx = g.neurons[sl.layer]
-            size = len(idx) * len(view) // len(idx_t)
-            if sum(c.length for c in sl.chunks) != size:
+            flat = slab.bytes_of(i)
+            view = memoryview(flat).cast("B")
+            if sum(c.length for c in sl.chunks) != len(view):
                 raise ManifestError(f"tensor {sl.tensor}, group {g.id}: chunk lengths do not "
                                     "cover the slice")
             binding = sl.binding(manifest.checkpoint_id, g.id, index_digest(idx))
             if g.id in old_keys:
                 aead = AESGCM(old_keys[g.id])
-                pos = offset
-                for i, chunk in enumerate(sl.chunks):
+                pos = 0
+                for j, chunk in enumerate(sl.chunks):
                     decrypt_chunk_in_place(aead, view[pos:pos + chunk.length], chunk,
-                                           chunk_aad(binding, i, len(sl.chunks)),
-                                           f"tensor {sl.tensor}, group {g.id}, chunk {i}")
+                                           chunk_aad(binding, j, len(sl.chunks)),
+                                           f"tensor {sl.tensor}, group {g.id}, chunk {j}")
                     pos += chunk.length
             chunk_bytes = max((c.length for c in sl.chunks), default=DEFAULT_CHUNK_BYTES)
-            sl.chunks = encrypt_in_place(new_keys[g.id], flat[offset:offset + size], binding,
-                                         chunk_bytes)
-            offset += size
-        scatter_neurons(t, axis, idx_t, sel)
+            sl.chunks = encrypt_in_place(new_keys[g.id], flat, binding, chunk_bytes)
+        slab.write_back()
     return set(by_tensor)
 
 

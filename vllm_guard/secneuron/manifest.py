@@ -27,25 +27,40 @@ from vllm_guard.secneuron.crypto import Chunk, b64, canonical, unb64
 MANIFEST_NAME = "guard_manifest.json"
 MANIFEST_TMP = "guard_manifest.tmp"  # write_manifest's staging file
 FORMAT = "vllm-guard-secneuron"
-FORMAT_VERSION = 3  # 1: unsigned key ring, no file hashes; 2: key wraps as nonce + ct
+FORMAT_VERSION = 4  # 1: unsigned key ring, no file hashes; 2: key wraps as nonce + ct;
+# 3: down_proj ciphertext neuron-major; 4: down_proj [H, k], per-block file digests
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 @dataclass(frozen=True)
 class FileDigest:
-    """SHA-256 (hex) and size of one file of the checkpoint, as signed."""
+    """SHA-256 (hex) and size of one file of the checkpoint, as signed, and the SHA-256 of
+    each ``block_bytes`` block: blocks are checked in parallel, each before its bytes are
+    used (a whole-file SHA-256 runs on one core and only says yes at the end). Without
+    blocks (hand-made digests) the whole file is one block."""
 
     sha256: str
     size: int
+    block_bytes: int = 0
+    blocks: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
-        return {"sha256": self.sha256, "size": self.size}
+        doc: dict = {"sha256": self.sha256, "size": self.size}
+        if self.blocks:
+            doc.update(block_bytes=self.block_bytes, blocks=list(self.blocks))
+        return doc
 
     @classmethod
     def from_json(cls, d: dict) -> FileDigest:
         sha, size = str(d["sha256"]), int(d["size"])
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha) or size < 0:
+        block_bytes, blocks = int(d.get("block_bytes", 0)), tuple(map(str, d.get("blocks", ())))
+        if not _is_sha256(sha) or size < 0 or not all(map(_is_sha256, blocks)) or (
+                blocks and (block_bytes <= 0 or len(blocks) != -(-size // block_bytes))):
             raise ValueError(f"bad file digest {d!r}")
-        return cls(sha, size)
+        return cls(sha, size, block_bytes, blocks)
 
 
 @dataclass

@@ -9,10 +9,11 @@ signed hash before any tensor of it is used, so no unverified byte reaches a mod
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +21,20 @@ import numpy as np
 import torch
 
 from vllm_guard.errors import ManifestError
-from vllm_guard.secneuron.checkpoint import Checkpoint, checkpoint_files, parse_safetensors
-from vllm_guard.secneuron.crypto import digest_equal, hash_file, read_hashed
+from vllm_guard.secneuron.checkpoint import (
+    Checkpoint,
+    TensorEntry,
+    checkpoint_files,
+    safetensors_layout,
+)
+from vllm_guard.secneuron.crypto import (
+    DIGEST_BLOCK_BYTES,
+    digest_equal,
+    hash_blocks,
+    hash_file,
+    read_block,
+    read_hashed,
+)
 from vllm_guard.secneuron.manifest import FileDigest, Manifest
 
 WEIGHT_SUFFIX = ".safetensors"
@@ -110,12 +123,26 @@ def check_sizes(root: str | os.PathLike[str], manifest: Manifest, names: Iterabl
 
 
 def digest_files(root: str | os.PathLike[str], names: Iterable[str],
-                 workers: int | None = None) -> dict[str, FileDigest]:
-    """SHA-256 and size of each file, streamed, several files in parallel."""
+                 workers: int | None = None,
+                 block_bytes: int = DIGEST_BLOCK_BYTES) -> dict[str, FileDigest]:
+    """Whole-file SHA-256, size and per-block SHA-256 of each file. The whole-file hashes
+    run one per thread; block hashes fill the other threads (runs of 4 blocks)."""
     names = list(names)
-    with ThreadPoolExecutor(_workers(len(names), workers)) as pool:
-        done = pool.map(lambda n: hash_file(Path(root) / n), names)
-        return {n: FileDigest(sha, size) for n, (sha, size) in zip(names, done, strict=True)}
+    sizes = {n: (Path(root) / n).stat().st_size for n in names}
+    run = 4
+    with ThreadPoolExecutor(_workers(2 * len(names), workers)) as pool:
+        whole = {n: pool.submit(hash_file, Path(root) / n) for n in names}
+        parts = {n: [pool.submit(hash_blocks, Path(root) / n, block_bytes, i,
+                                 min(run, -(-sizes[n] // block_bytes) - i))
+                     for i in range(0, -(-sizes[n] // block_bytes), run)] for n in names}
+        out = {}
+        for n in names:
+            sha, size = whole[n].result()
+            blocks = tuple(b for f in parts[n] for b in f.result())
+            if size != sizes[n] or len(blocks) != -(-size // block_bytes):
+                raise IntegrityError(f"file {n} changed size while it was being hashed")
+            out[n] = FileDigest(sha, size, block_bytes, blocks)
+        return out
 
 
 def verify_files(root: str | os.PathLike[str], manifest: Manifest, names: Iterable[str],
@@ -139,6 +166,108 @@ def read_side_files(root: str | os.PathLike[str], manifest: Manifest) -> dict[st
     return {n: read_verified(root, n, manifest.files[n]).tobytes() for n in side_files(manifest)}
 
 
+class VerifiedFile:
+    """One file read into private memory block by block, each block hashed by a pool thread
+    and checked against its signed digest before :meth:`wait` lets anyone use its bytes."""
+
+    def __init__(self, root: str | os.PathLike[str], name: str, expected: FileDigest,
+                 pool: ThreadPoolExecutor):
+        self.name, self.expected = name, expected
+        self.path = Path(root) / name
+        # hand-made digests without blocks: the whole file is one block
+        self._signed = expected.blocks or (expected.sha256,)
+        self._block_bytes = expected.block_bytes if expected.blocks else max(expected.size, 1)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        size = os.fstat(self._fd).st_size
+        if size != expected.size:
+            os.close(self._fd)
+            raise IntegrityError(f"file {name} is {size} bytes, the signed manifest says "
+                                 f"{expected.size}: modified after signing")
+        self.buf = np.empty(size, dtype=np.uint8)
+        self._blocks = [pool.submit(self._check_block, i) for i in range(len(self._signed))]
+        self._waited = 0
+
+    def _check_block(self, i: int) -> None:
+        bb = self._block_bytes
+        view = memoryview(self.buf)[i * bb:(i + 1) * bb]
+        n = read_block(self._fd, view, i * bb)
+        sha = hashlib.sha256(view[:n]).hexdigest()  # releases the GIL: blocks hash in parallel
+        if n != len(view) or not digest_equal(sha, self._signed[i]):
+            raise IntegrityError(
+                f"file {self.name} does not match its signed SHA-256 (block {i} of "
+                f"{len(self._blocks)}: sha256 {sha[:16]}..., signed "
+                f"{self._signed[i][:16]}...): modified after signing")
+
+    def wait(self, end: int) -> None:
+        """Return once bytes ``[0, end)`` are verified; raise IntegrityError if any is not."""
+        last = min(len(self._blocks), -(-end // self._block_bytes))
+        try:
+            while self._waited < last:
+                self._blocks[self._waited].result()
+                self._waited += 1
+        except BaseException:
+            self.close()
+            raise
+        if self._waited == len(self._blocks):
+            self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            for f in self._blocks:
+                f.cancel()
+            for f in self._blocks:
+                if not f.cancelled():
+                    f.exception()  # reads in flight finish before the fd goes
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _verified_files(root: str | os.PathLike[str], expected: Mapping[str, FileDigest],
+                    names: list[str], workers: int | None, inflight_bytes: int
+                    ) -> Iterator[tuple[VerifiedFile, list[TensorEntry], dict[str, str]]]:
+    """Each file in order with its parsed (verified) header; the files after it are opened
+    ahead while their bytes fit ``inflight_bytes`` (one at least)."""
+    pool = ThreadPoolExecutor(_workers(max(len(names), 2), workers))
+    opened: deque[VerifiedFile] = deque()
+    try:
+        queue, held = iter(names), 0
+        nxt = next(queue, None)
+        while nxt is not None or opened:
+            while nxt is not None and (not opened or held + expected[nxt].size
+                                       <= inflight_bytes):
+                opened.append(VerifiedFile(root, nxt, expected[nxt], pool))
+                held += expected[nxt].size
+                nxt = next(queue, None)
+            vf = opened[0]
+            entries, metadata = safetensors_layout(torch.from_numpy(vf.buf), vf.path, vf.wait)
+            yield vf, entries, metadata
+            vf.wait(vf.expected.size)  # bytes no tensor names are signed too
+            opened.popleft()
+            held -= vf.expected.size
+    finally:
+        for vf in opened:
+            vf.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def iter_verified_tensors(
+    root: str | os.PathLike[str],
+    expected: Mapping[str, FileDigest],
+    names: Iterable[str] | None = None,
+    workers: int | None = None,
+    inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
+) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Yield (file, tensor name, tensor) in file order, each tensor as soon as the blocks it
+    lies in are verified, while pool threads read and hash the blocks after it. Tensors are
+    views of the verified private buffer, writable in place (decryption)."""
+    names = list(expected if names is None else names)
+    for vf, entries, _ in _verified_files(root, expected, names, workers, inflight_bytes):
+        buf = torch.from_numpy(vf.buf)
+        for entry in entries:
+            vf.wait(entry.end)
+            yield vf.name, entry.name, entry.tensor(buf)
+
+
 def iter_verified_safetensors(
     root: str | os.PathLike[str],
     expected: Mapping[str, FileDigest],
@@ -146,32 +275,13 @@ def iter_verified_safetensors(
     workers: int | None = None,
     inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
 ) -> Iterator[tuple[str, dict[str, torch.Tensor], dict[str, str]]]:
-    """Yield (file, tensors, metadata) per safetensors file, in order, each verified whole.
-
-    Files are read and hashed ahead of the consumer by ``workers`` threads, holding at most
-    ``inflight_bytes`` (or one file) that the consumer has not taken yet. Tensors are views
-    of the verified private buffer, writable in place (decryption) without copy-on-write.
-    """
+    """Yield (file, tensors, metadata) per safetensors file, in order, each verified whole."""
     names = list(expected if names is None else names)
-    pending: deque[tuple[str, Future[np.ndarray]]] = deque()
-    width = _workers(len(names), workers)
-    pool = ThreadPoolExecutor(width)
-    try:
-        queue, held = iter(names), 0
-        nxt = next(queue, None)
-        while nxt is not None or pending:
-            while nxt is not None and len(pending) < width and (
-                    not pending or held + expected[nxt].size <= inflight_bytes):
-                pending.append((nxt, pool.submit(read_verified, root, nxt, expected[nxt])))
-                held += expected[nxt].size
-                nxt = next(queue, None)
-            name, future = pending.popleft()
-            buf = future.result()
-            held -= expected[name].size
-            tensors, metadata = parse_safetensors(torch.from_numpy(buf), Path(root) / name)
-            yield name, tensors, metadata
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    for vf, entries, metadata in _verified_files(root, expected, names, workers,
+                                                 inflight_bytes):
+        vf.wait(vf.expected.size)
+        buf = torch.from_numpy(vf.buf)
+        yield vf.name, {e.name: e.tensor(buf) for e in entries}, metadata
 
 
 def load_verified_checkpoint(root: str | os.PathLike[str], manifest: Manifest,

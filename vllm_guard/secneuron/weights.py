@@ -2,8 +2,9 @@
 
 checkpoint -> verify manifest signature and version (``min_version``) -> exactly the signed
 files present, config/tokenizer/template files hash-checked -> unwrap data keys of the groups
-our task keys open -> per weight shard: read + SHA-256 in one pass (shards in parallel),
-checked before use (``verify_weights``) -> decrypt (parallel, every tag checked) -> zero
+our task keys open -> per weight shard: read into private memory, 16 MiB blocks hashed in
+parallel, each tensor checked against its blocks' signed SHA-256 before use
+(``verify_weights``) -> decrypt (parallel, every tag checked) -> zero
 every slice we could not open -> ciphertext detector over all FFN neurons -> (name, tensor).
 
 No vLLM here: the loader adapter (``vllm_guard.loader``) feeds the stream to vLLM's model,
@@ -33,7 +34,7 @@ from vllm_guard.secneuron.verify import (
     check_file_set,
     check_sizes,
     check_version,
-    iter_verified_safetensors,
+    iter_verified_tensors,
     side_files,
     verify_files,
     weight_files,
@@ -147,29 +148,27 @@ def _missing_ffn(manifest: Manifest, seen: set[str]) -> ManifestError:
 def _stream_verified(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
                      config: SecNeuronLoadConfig,
                      stats: OpenReport) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each shard is read into private memory and hashed in the same pass (shards in
-    parallel), compared with its signed SHA-256, and only then parsed and yielded. FFN
-    tensors are decrypted in that private buffer (no copy-on-write, no scratch copy) as soon
-    as a layer's three tensors have arrived (a layer may span two shards)."""
+    """Each shard is read into private memory block by block; pool threads hash the blocks
+    in parallel, and each tensor is yielded once the blocks it lies in match their signed
+    SHA-256 (vLLM copies it while the next blocks are hashed). FFN tensors are decrypted in
+    that private buffer (no copy-on-write, no scratch copy) as soon as a layer's three
+    tensors have arrived (a layer may span two shards)."""
     layer_of = {name: layer for layer, info in manifest.layers.items()
                 for name, _ in slice_tensors(info)}
     pending: dict[int, dict[str, torch.Tensor]] = {}
     seen: set[str] = set()
-    for fname, tensors, _ in iter_verified_safetensors(root, manifest.files,
-                                                      weight_files(manifest), config.workers):
-        stats.bytes_verified += manifest.files[fname].size
-        for name, t in tensors.items():
-            seen.add(name)
-            layer = layer_of.get(name)
-            if layer is None:
-                yield name, t
-            else:
-                pending.setdefault(layer, {})[name] = t
-        del tensors
-        for layer in sorted(pending):
-            if len(pending[layer]) == 3:
-                yield from _open_layer(layer, pending.pop(layer), manifest, data_keys, config,
-                                       stats).items()
+    files = weight_files(manifest)
+    for _file, name, t in iter_verified_tensors(root, manifest.files, files, config.workers):
+        seen.add(name)
+        layer = layer_of.get(name)
+        if layer is None:
+            yield name, t
+            continue
+        pending.setdefault(layer, {})[name] = t
+        if len(pending[layer]) == 3:
+            yield from _open_layer(layer, pending.pop(layer), manifest, data_keys, config,
+                                   stats).items()
+    stats.bytes_verified += sum(manifest.files[f].size for f in files)
     if pending or not set(layer_of) <= seen:
         raise _missing_ffn(manifest, seen)
 

@@ -1,0 +1,78 @@
+"""Per-block signed digests: tensors stream as soon as their blocks verify, never before;
+and the ciphertext layout of a group does not depend on the groups gathered beside it."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vllm_guard.secneuron.checkpoint import GroupSlab, gather_neurons, safetensors_layout
+from vllm_guard.secneuron.verify import IntegrityError, digest_files, iter_verified_tensors
+
+BLOCK = 4096
+
+
+@pytest.fixture
+def shard(tmp_path):
+    tensors = {f"t{i:02d}": torch.full((512,), float(i)) for i in range(16)}  # 2 KiB each
+    save_file(tensors, tmp_path / "model.safetensors")
+    return tmp_path, tensors
+
+
+def test_block_digests_match_an_independent_hash(shard):
+    root, _ = shard
+    data = (root / "model.safetensors").read_bytes()
+    d = digest_files(root, ["model.safetensors"], block_bytes=BLOCK)["model.safetensors"]
+    assert d.sha256 == hashlib.sha256(data).hexdigest() and d.size == len(data)
+    assert list(d.blocks) == [hashlib.sha256(data[i:i + BLOCK]).hexdigest()
+                              for i in range(0, len(data), BLOCK)]
+    assert len(d.blocks) > 4
+
+
+def test_tensors_stream_before_the_end_but_never_past_a_bad_block(shard):
+    root, tensors = shard
+    expected = digest_files(root, ["model.safetensors"], block_bytes=BLOCK)
+    path = root / "model.safetensors"
+    entries, _ = safetensors_layout(torch.from_numpy(np.fromfile(path, dtype=np.uint8)), path)
+    bad = entries[-3].start + 5  # a byte inside the third-last tensor
+    raw = bytearray(path.read_bytes())
+    raw[bad] ^= 1
+    path.write_bytes(bytes(raw))
+    got = []
+    with pytest.raises(IntegrityError, match=f"block {bad // BLOCK} of"):
+        for _, name, t in iter_verified_tensors(root, expected, workers=2):
+            got.append(name)
+            assert torch.equal(t, tensors[name])
+    ends = {e.name: e.end for e in entries}
+    assert got, "nothing streamed before the bad block"  # pipelined, not whole-file
+    assert all(ends[n] <= bad // BLOCK * BLOCK for n in got)  # never a byte of the bad block
+
+
+def test_verified_stream_yields_every_tensor_exactly(shard):
+    root, tensors = shard
+    expected = digest_files(root, ["model.safetensors"], block_bytes=BLOCK)
+    got = {name: t.clone() for _, name, t in iter_verified_tensors(root, expected)}
+    assert got.keys() == tensors.keys()
+    assert all(torch.equal(got[n], tensors[n]) for n in got)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_group_layout_is_independent_of_its_neighbours(axis):
+    t = torch.randn(24, 40).to(torch.bfloat16) if axis else torch.randn(40, 24)
+    groups = [[1, 5, 9], [2, 3], [30, 31, 39]]
+    slab = GroupSlab(t, axis, groups)
+    for i, g in enumerate(groups):
+        _, alone = gather_neurons(t, axis, torch.tensor(g))
+        assert slab.bytes_of(i).tobytes() == alone.tobytes()
+    before = t.clone()
+    for i in range(len(groups)):
+        slab.bytes_of(i)[:] ^= 0xFF
+    slab.write_back()
+    flipped = [n for g in groups for n in g]
+    changed = (t.view(torch.int16 if axis else torch.int32) !=
+               before.view(torch.int16 if axis else torch.int32))
+    assert changed.any(dim=1 - axis).nonzero().flatten().tolist() == sorted(flipped)
