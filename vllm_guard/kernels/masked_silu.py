@@ -35,6 +35,9 @@ def masked_silu_and_mul_torch(x: torch.Tensor, neuron_bits: torch.Tensor,
     if not tokens:
         return out
     plan = STATE.step_plan(tokens, grants)
+    if len(plan.grants) == 1:  # the common decode step: one multiply, no slicing
+        keep = STATE.keep_row(neuron_bits, plan.grants[0], out.dtype)
+        return out if keep is None else out.mul_(keep)
     keeps = [STATE.keep_row(neuron_bits, g, out.dtype) for g in plan.grants]
     if all(k is None for k in keeps):
         return out

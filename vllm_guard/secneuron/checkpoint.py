@@ -7,6 +7,7 @@ of ``down_proj``.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -20,6 +21,16 @@ from safetensors.torch import save_file
 
 from vllm_guard.errors import ManifestError
 from vllm_guard.secneuron.manifest import MANIFEST_NAME, MANIFEST_TMP, LayerInfo
+
+
+def private_buffer(size: int) -> np.ndarray:
+    """Writable anonymous memory, faulted in by the kernel in one call (MAP_POPULATE): on
+    this project's VMs, touching 1.26 GB of fresh pages one fault at a time took 1.2-2.3 s,
+    populating it 0.28 s."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    mem = mmap.mmap(-1, max(size, 1), flags=flags)
+    return np.frombuffer(mem, dtype=np.uint8, count=size)
+
 
 _FFN = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.mlp\.(?P<proj>gate|up|down)_proj\.weight$")
 
@@ -114,7 +125,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     when decrypting in place (which made mmap-backed tensors 5x slower).
     """
     with open(path, "rb", buffering=0) as f:
-        buf = torch.empty(os.fstat(f.fileno()).st_size, dtype=torch.uint8)
+        buf = torch.from_numpy(private_buffer(os.fstat(f.fileno()).st_size))
         if f.readinto(memoryview(buf.numpy())) != buf.numel():
             raise ManifestError(f"{path}: truncated safetensors file")
     return parse_safetensors(buf, path)

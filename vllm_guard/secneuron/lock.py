@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from vllm_guard.secneuron.manifest import (
     read_manifest,
     write_manifest,
 )
+from vllm_guard.secneuron.threads import loader_pool
 from vllm_guard.secneuron.verify import (
     check_digest,
     check_file_set,
@@ -311,7 +311,7 @@ def decrypt_in_place(
             elif zero_locked:
                 zero.setdefault(sl.tensor, []).extend(group.neurons[sl.layer])
     workers = workers or min(len(opened), os.cpu_count() or 1) or 1
-    with ThreadPoolExecutor(workers) as pool:
+    with loader_pool(workers) as pool:
         done = list(pool.map(
             lambda item: _decrypt_tensor(tensors[item[0]], axes[item[0]], item[1],
                                          manifest.checkpoint_id), opened.items()))

@@ -25,6 +25,7 @@ from vllm_guard.secneuron.checkpoint import (
     Checkpoint,
     TensorEntry,
     checkpoint_files,
+    private_buffer,
     safetensors_layout,
 )
 from vllm_guard.secneuron.crypto import (
@@ -36,6 +37,7 @@ from vllm_guard.secneuron.crypto import (
     read_hashed,
 )
 from vllm_guard.secneuron.manifest import FileDigest, Manifest
+from vllm_guard.secneuron.threads import loader_pool
 
 WEIGHT_SUFFIX = ".safetensors"
 # Shards read ahead of the consumer are held in memory: bound their bytes (one file at least).
@@ -130,7 +132,7 @@ def digest_files(root: str | os.PathLike[str], names: Iterable[str],
     names = list(names)
     sizes = {n: (Path(root) / n).stat().st_size for n in names}
     run = 4
-    with ThreadPoolExecutor(_workers(2 * len(names), workers)) as pool:
+    with loader_pool(_workers(2 * len(names), workers)) as pool:
         whole = {n: pool.submit(hash_file, Path(root) / n) for n in names}
         parts = {n: [pool.submit(hash_blocks, Path(root) / n, block_bytes, i,
                                  min(run, -(-sizes[n] // block_bytes) - i))
@@ -183,7 +185,7 @@ class VerifiedFile:
             os.close(self._fd)
             raise IntegrityError(f"file {name} is {size} bytes, the signed manifest says "
                                  f"{expected.size}: modified after signing")
-        self.buf = np.empty(size, dtype=np.uint8)
+        self.buf = private_buffer(size)
         self._blocks = [pool.submit(self._check_block, i) for i in range(len(self._signed))]
         self._waited = 0
 
@@ -227,7 +229,7 @@ def _verified_files(root: str | os.PathLike[str], expected: Mapping[str, FileDig
                     ) -> Iterator[tuple[VerifiedFile, list[TensorEntry], dict[str, str]]]:
     """Each file in order with its parsed (verified) header; the files after it are opened
     ahead while their bytes fit ``inflight_bytes`` (one at least)."""
-    pool = ThreadPoolExecutor(_workers(max(len(names), 2), workers))
+    pool = loader_pool(_workers(max(len(names), 2), workers))
     opened: deque[VerifiedFile] = deque()
     try:
         queue, held = iter(names), 0

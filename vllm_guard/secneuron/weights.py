@@ -14,7 +14,9 @@ as vLLM keeps tensorizer's iterator out of its loader.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +27,12 @@ from safetensors import safe_open
 from vllm_guard import envs
 from vllm_guard.config import from_dict
 from vllm_guard.errors import EncryptedWeightsError, ManifestError
-from vllm_guard.secneuron.checkpoint import safetensors_files, slice_tensors
+from vllm_guard.secneuron.checkpoint import private_buffer, safetensors_files, slice_tensors
 from vllm_guard.secneuron.detector import DetectorConfig, scan_layer
 from vllm_guard.secneuron.keys import load_public_key
 from vllm_guard.secneuron.lock import OpenReport, decrypt_in_place
 from vllm_guard.secneuron.manifest import Manifest, read_manifest
+from vllm_guard.secneuron.threads import loader_pool
 from vllm_guard.secneuron.verify import (
     check_file_set,
     check_sizes,
@@ -122,21 +125,59 @@ def stream_weights(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
 
 
 def _open_layer(layer: int, tensors: dict[str, torch.Tensor], manifest: Manifest,
-                data_keys: dict[str, bytes], config: SecNeuronLoadConfig,
-                stats: OpenReport) -> dict[str, torch.Tensor]:
+                data_keys: dict[str, bytes], config: SecNeuronLoadConfig
+                ) -> tuple[dict[str, torch.Tensor], OpenReport]:
     """Decrypt/zero one layer's gate/up/down in place and refuse if any neuron still looks
     encrypted. No layer reaches the model before the detector has passed it."""
     info = manifest.layers[layer]
-    rep = decrypt_in_place(tensors, manifest, data_keys, config.workers, layers={layer})
-    stats.bytes_decrypted += rep.bytes_decrypted
-    stats.seconds += rep.seconds
+    rep = decrypt_in_place(tensors, manifest, data_keys, 1, layers={layer})
     verdict = scan_layer(layer, tensors[info.gate], tensors[info.up], tensors[info.down],
                          config.detector)
     if verdict.encrypted.any():
         raise EncryptedWeightsError(
             f"{int(verdict.encrypted.sum())} neurons of layer {layer} still look "
             "encrypted after decryption; refusing to compute with them")
-    return tensors
+    return tensors, rep
+
+
+class _LayerOpener:
+    """Opens FFN layers (decrypt + detector) on pool threads while the stream goes on, so
+    vLLM copies the other tensors meanwhile; layers come out in submission order, each only
+    after its detector passed. At most ``2 * workers`` layers are in flight."""
+
+    def __init__(self, manifest: Manifest, data_keys: dict[str, bytes],
+                 config: SecNeuronLoadConfig, stats: OpenReport):
+        self.manifest, self.data_keys, self.config, self.stats = (manifest, data_keys, config,
+                                                                  stats)
+        workers = config.workers or min(os.cpu_count() or 1, 8)
+        self.pool = loader_pool(workers)
+        self.limit = 2 * workers
+        self.pending: deque[Future] = deque()
+
+    def submit(self, layer: int, tensors: dict[str, torch.Tensor]
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Queue a layer; yields layers that must come out first to stay within the limit."""
+        while len(self.pending) >= self.limit:
+            yield from self._take()
+        self.pending.append(self.pool.submit(_open_layer, layer, tensors, self.manifest,
+                                             self.data_keys, self.config))
+
+    def ready(self) -> Iterator[tuple[str, torch.Tensor]]:
+        while self.pending and self.pending[0].done():
+            yield from self._take()
+
+    def drain(self) -> Iterator[tuple[str, torch.Tensor]]:
+        while self.pending:
+            yield from self._take()
+
+    def _take(self) -> Iterator[tuple[str, torch.Tensor]]:
+        tensors, rep = self.pending.popleft().result()
+        self.stats.bytes_decrypted += rep.bytes_decrypted
+        self.stats.seconds += rep.seconds
+        yield from tensors.items()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _missing_ffn(manifest: Manifest, seen: set[str]) -> ManifestError:
@@ -158,16 +199,22 @@ def _stream_verified(root: Path, manifest: Manifest, data_keys: dict[str, bytes]
     pending: dict[int, dict[str, torch.Tensor]] = {}
     seen: set[str] = set()
     files = weight_files(manifest)
-    for _file, name, t in iter_verified_tensors(root, manifest.files, files, config.workers):
-        seen.add(name)
-        layer = layer_of.get(name)
-        if layer is None:
-            yield name, t
-            continue
-        pending.setdefault(layer, {})[name] = t
-        if len(pending[layer]) == 3:
-            yield from _open_layer(layer, pending.pop(layer), manifest, data_keys, config,
-                                   stats).items()
+    opener = _LayerOpener(manifest, data_keys, config, stats)
+    try:
+        for _file, name, t in iter_verified_tensors(root, manifest.files, files,
+                                                    config.workers):
+            seen.add(name)
+            layer = layer_of.get(name)
+            if layer is None:
+                yield name, t
+            else:
+                pending.setdefault(layer, {})[name] = t
+                if len(pending[layer]) == 3:
+                    yield from opener.submit(layer, pending.pop(layer))
+            yield from opener.ready()
+        yield from opener.drain()
+    finally:
+        opener.close()
     stats.bytes_verified += sum(manifest.files[f].size for f in files)
     if pending or not set(layer_of) <= seen:
         raise _missing_ffn(manifest, seen)
@@ -177,9 +224,8 @@ def _stream_mmap(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
                  config: SecNeuronLoadConfig, stats: OpenReport,
                  stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
     """``verify_weights`` off: weights as vLLM's own loader reads them (mmap-backed), except
-    FFN tensors: copied into three reused scratch buffers, decrypted/zeroed and scanned one
-    layer at a time, then yielded (vLLM copies each into its parameter before the next).
-    """
+    FFN tensors: copied into private memory, decrypted/zeroed and scanned on pool threads
+    (a few layers in flight), then yielded."""
     handles = {p.name: stack.enter_context(safe_open(p, framework="pt"))
                for p in safetensors_files(root)}
     where = {name: f for f in handles.values() for name in f.keys()}  # noqa: SIM118
@@ -187,15 +233,18 @@ def _stream_mmap(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
     for name, f in where.items():
         if name not in ffn:
             yield name, f.get_tensor(name)
-    scratch: dict[str, torch.Tensor] = {}
-    for layer, info in sorted(manifest.layers.items()):
-        tensors = {}
-        for role, name in (("gate", info.gate), ("up", info.up), ("down", info.down)):
-            if name not in where:
-                raise _missing_ffn(manifest, set(where))
-            src = where[name].get_tensor(name)
-            buf = scratch.get(role)
-            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                buf = scratch[role] = torch.empty_like(src)
-            tensors[name] = buf.copy_(src)
-        yield from _open_layer(layer, tensors, manifest, data_keys, config, stats).items()
+    opener = _LayerOpener(manifest, data_keys, config, stats)
+    try:
+        for layer, info in sorted(manifest.layers.items()):
+            tensors = {}
+            for name in (info.gate, info.up, info.down):
+                if name not in where:
+                    raise _missing_ffn(manifest, set(where))
+                src = where[name].get_tensor(name)
+                dst = torch.from_numpy(private_buffer(src.numel() * src.element_size()))
+                tensors[name] = dst.view(src.dtype).reshape(src.shape).copy_(src)
+            yield from opener.submit(layer, tensors)
+            yield from opener.ready()
+        yield from opener.drain()
+    finally:
+        opener.close()
