@@ -177,7 +177,17 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 100, rounds:
                 print(f"  {dtype} t={tokens:<4} {mix:<20} masked {row['masked_us']:8.1f} us  "
                       f"x{row['ratio_vs_eager']:.2f} eager  x{row['ratio_vs_compiled']:.2f} "
                       "compiled", flush=True)
-    return {"intermediate_size": size, "threads": threads, "shapes": out}
+    # The runner hook's per-step cost (grant buffer + plan), paid once per step, not per layer.
+    step: dict[str, float] = {}
+    for requests in (1, 16):
+        per_request = [PUBLIC_BIT | (1 << (i % 3)) for i in range(requests)]
+        counts = np.ones(requests, dtype=np.int64)
+        s = time.perf_counter()
+        for _ in range(repeats):
+            STATE.fill(per_request, counts)
+        step[f"decode_{requests}_requests_us"] = (time.perf_counter() - s) / repeats * 1e6
+    print(f"  runner hook per step: {step}", flush=True)
+    return {"intermediate_size": size, "threads": threads, "shapes": out, "step_hook": step}
 
 
 def decrypt_timings(preset: str = "qwen2-0.5b-shape", rounds: int = 5) -> dict:

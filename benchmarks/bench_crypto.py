@@ -17,7 +17,12 @@ from pathlib import Path
 
 from benchmarks.common import print_result, timed, write_result
 from tests.support.fixtures import fixture_model
-from vllm_guard.secneuron.checkpoint import ffn_layout, load_checkpoint
+from vllm_guard.secneuron.checkpoint import (
+    checkpoint_files,
+    ffn_layout,
+    load_checkpoint,
+    save_checkpoint,
+)
 from vllm_guard.secneuron.keys import TaskKey
 from vllm_guard.secneuron.lock import (
     Selection,
@@ -26,6 +31,7 @@ from vllm_guard.secneuron.lock import (
     open_data_keys,
 )
 from vllm_guard.secneuron.manifest import read_manifest
+from vllm_guard.secneuron.verify import digest_files
 
 TASKS = ["a", "b", "c"]
 
@@ -37,6 +43,15 @@ def random_selection(model: Path, fraction: float, seed: int = 0) -> Selection:
         layer: {t: sorted(rng.sample(range(info.intermediate_size),
                                      int(fraction * info.intermediate_size))) for t in TASKS}
         for layer, info in layers.items()})
+
+
+def _plain_copy(src: Path, dst: Path) -> None:
+    """What locking cannot avoid: load every tensor, save them again, hash the files."""
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir()
+    save_checkpoint(load_checkpoint(src), dst)
+    digest_files(dst, checkpoint_files(dst))
+    shutil.rmtree(dst)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,8 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
             enc_bytes = sum(c.length for g in manifest.groups for s in g.slices
                             for c in s.chunks)
             plain_s, ckpt = timed(lambda out=out: load_checkpoint(out), args.repeats)
+            # The floor of any lock: read the model, write it back, hash what was written.
+            copy_s, _ = timed(lambda out=out: _plain_copy(out, work / "copy"))
             row = {"lock_seconds": lock_s, "lock_model_gb_per_s": ckpt.nbytes / lock_s / 1e9,
                    "lock_encrypted_gb_per_s": enc_bytes / lock_s / 1e9,
+                   "plain_copy_seconds": copy_s, "lock_over_plain_copy": lock_s / copy_s,
                    "plain_load_seconds": plain_s}
             for n in threads:
                 def unlock(out=out, manifest=manifest, n=n) -> float:
