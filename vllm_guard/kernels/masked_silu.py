@@ -35,6 +35,13 @@ def masked_silu_and_mul_torch(x: torch.Tensor, neuron_bits: torch.Tensor,
     if not tokens:
         return out
     plan = STATE.step_plan(tokens, grants)
+    if out.element_size() == 2 and len(plan.runs) <= MAX_RUNS:
+        # 16-bit: zero the closed columns of each run (cheaper than a multiply pass there)
+        for start, end, gi in plan.runs:
+            closed = STATE.closed_index(neuron_bits, plan.grants[gi])
+            if closed is not None:
+                (out if end - start == tokens else out[start:end]).index_fill_(1, closed, 0)
+        return out
     if len(plan.grants) == 1:  # the common decode step: one multiply, no slicing
         keep = STATE.keep_row(neuron_bits, plan.grants[0], out.dtype)
         return out if keep is None else out.mul_(keep)

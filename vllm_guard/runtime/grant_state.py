@@ -12,6 +12,7 @@ Tokens of requests without a verified grant, and padding, get :data:`PUBLIC_BIT`
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,8 +100,20 @@ class GrantState:
                  dtype: torch.dtype) -> torch.Tensor | None:
         """``dtype`` [I]: 1 where ``grant`` may use the neuron, 0 where not; None when it may
         use them all. Cached per (table, its in-place version, grant, dtype): multiplying by
-        it is the cheapest masking pass on CPUs (several times faster than masked_fill)."""
-        key = (id(neuron_bits), neuron_bits._version, grant, dtype)
+        it is the cheapest masking pass on CPUs for 32-bit outputs (several times faster
+        than masked_fill)."""
+        return self._cached(neuron_bits, grant, dtype, lambda keep: keep.to(dtype))
+
+    def closed_index(self, neuron_bits: torch.Tensor, grant: int) -> torch.Tensor | None:
+        """int64 indices of the neurons ``grant`` may not use; None when it may use them
+        all. For 16-bit outputs zeroing these columns beat the multiply (1.18x vs 1.39x the
+        plain op at 256 tokens, bf16, one core)."""
+        return self._cached(neuron_bits, grant, "closed",
+                            lambda keep: (~keep).nonzero().flatten())
+
+    def _cached(self, neuron_bits: torch.Tensor, grant: int, kind: object,
+                build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+        key = (id(neuron_bits), neuron_bits._version, grant, kind)
         if key in self._keep:
             return self._keep[key]
         if len(self._keep) >= MAX_CACHED_ROWS:
@@ -109,7 +122,7 @@ class GrantState:
             weakref.finalize(neuron_bits, self._forget, key[0])
         keep = (neuron_bits & torch.tensor(_signed(grant), dtype=torch.int64,
                                            device=neuron_bits.device)) != 0
-        row = None if bool(keep.all()) else keep.to(dtype)
+        row = None if bool(keep.all()) else build(keep)
         self._keep[key] = row
         return row
 
