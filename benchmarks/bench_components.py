@@ -7,6 +7,7 @@ python -m benchmarks.bench_components  -> benchmarks/results/components.json
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
 
@@ -53,6 +54,7 @@ def masker_timings(n: int = 150) -> dict:
     from tests.support.pii_corpus import generate, score
     from vllm_guard.masking.detector import NER_PACKAGE, _offline_tldextract, build_detector
     from vllm_guard.masking.masker import Masker
+    from vllm_guard.masking.pool import DetectorPool
     from vllm_guard.masking.vault import InMemoryVault
 
     _offline_tldextract()
@@ -74,9 +76,11 @@ def masker_timings(n: int = 150) -> dict:
 
     for profile, cfg in profiles.items():
         det = build_detector(cfg)
-        masker = Masker(det, InMemoryVault())
-        loop = asyncio.new_event_loop()
-        times = timed(lambda t, m=masker, lp=loop: lp.run_until_complete(m.mask_text("s", t, {})))
+        # detection in this thread (workers=0), a fresh session per prompt
+        masker = Masker(DetectorPool(lambda det=det: det, None, 0, 60), InMemoryVault())
+        loop, sessions = asyncio.new_event_loop(), itertools.count()
+        times = timed(lambda t, m=masker, lp=loop, ids=sessions: lp.run_until_complete(
+            m.mask_request(f"s{next(ids)}", "/v1/completions", {"prompt": t})))
         rep = score(examples, det.detect)
         result[f"person_recall_by_name_locale_{profile}"] = {
             loc: score(other, det.detect)["entities"]["PERSON"]["recall"]
