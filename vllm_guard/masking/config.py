@@ -10,6 +10,7 @@ from pathlib import Path
 from vllm_guard import envs
 from vllm_guard.config import load_json_file
 from vllm_guard.errors import GuardError
+from vllm_guard.masking.context import ContextRule, default_context
 
 STRUCTURED = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS",
               "CN_RESIDENT_ID", "US_SSN")
@@ -37,6 +38,10 @@ class MaskingConfig:
     name_lists: bool = True  # PERSON from US census name lists (PyPI "names"), NER or not
     terms_file: str | None = None  # one sensitive term per line ("ENTITY<TAB>term" optional)
     allow_list: tuple[str, ...] = ()
+    # per entity: words around a match that make it non-sensitive ("X Airport", "Mount X")
+    context: dict[str, ContextRule] = field(default_factory=default_context)
+    # per entity: values masked whatever the context or the allow list says
+    always_sensitive: dict[str, tuple[str, ...]] = field(default_factory=dict)
     vault: str = "memory"  # "memory" | "redis"
     redis_url: str = "redis://127.0.0.1:6379/0"
     vault_key_env: str = envs.VAULT_KEY  # base64 AES-256 key for Redis values
@@ -56,10 +61,13 @@ class MaskingConfig:
     def __post_init__(self) -> None:
         if self.vault not in ("memory", "redis"):
             raise ValueError(f"'vault' must be 'memory' or 'redis', not {self.vault!r}")
-        unknown = sorted(set(self.entities) - set(ENTITIES))
-        if unknown:
-            raise ValueError(f"unknown entity {unknown[0]!r} in 'entities' (known: "
-                             f"{list(ENTITIES)})")
+        for name in ("entities", "context", "always_sensitive"):
+            unknown = sorted(set(getattr(self, name)) - set(ENTITIES))
+            if unknown:
+                raise ValueError(f"unknown entity {unknown[0]!r} in {name!r} (known: "
+                                 f"{list(ENTITIES)})")
+        if any(not t.strip() for terms in self.always_sensitive.values() for t in terms):
+            raise ValueError("'always_sensitive' holds an empty value")
         for name in ("ttl_seconds", "max_sessions", "max_body_bytes",
                      "max_placeholders_per_request", "max_placeholders_per_session"):
             if getattr(self, name) <= 0:
@@ -72,7 +80,7 @@ class MaskingConfig:
         p = Path(path)
         cfg = load_json_file(cls, p, "masking config")
         entities = {**default_entities(), **cfg.entities}
-        cfg = replace(cfg, entities=entities)
+        cfg = replace(cfg, entities=entities, context={**default_context(), **cfg.context})
         if cfg.terms_file:
             terms = Path(cfg.terms_file)
             terms = terms if terms.is_absolute() else p.parent / terms

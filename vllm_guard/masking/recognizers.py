@@ -7,6 +7,7 @@ so every pattern uses explicit digit/letter look-arounds instead.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 from importlib import resources
 
@@ -106,14 +107,33 @@ class GuardPhoneRecognizer(_Checked):
     )
 
 
+def ipv6_valid(text: str) -> bool:
+    """A real IPv6 address (compressed, embedded IPv4, /prefix, %zone), by the stdlib."""
+    addr, _, prefix = text.partition("/")
+    if prefix and not (prefix.isdigit() and int(prefix) <= 128):
+        return False
+    try:
+        ipaddress.IPv6Address(addr)
+    except ValueError:
+        return False
+    return True
+
+
 class GuardIpAddressRecognizer(_Checked):
+    """IPv4, and IPv6 in every textual form; a candidate IPv6 must parse with ``ipaddress``
+    (so times like 12:30:45, MAC addresses and C++'s ``std::`` are not addresses)."""
+
     entity = "IP_ADDRESS"
     patterns_ = (
         ("ipv4", r"(?<!\d)(?<!\d\.)(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
                  r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:/\d{1,2})?(?!\d|\.\d)", 0.8),
-        ("ipv6", r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![0-9A-Fa-f:])",
+        ("ipv6", r"(?<![\w:.%])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|:|"
+                 r"\d{1,3}(?:\.\d{1,3}){3})(?:%[0-9A-Za-z]+)?(?:/\d{1,3})?(?![\w:%]|\.\w)",
          0.8),
     )
+
+    def check(self, text: str) -> bool | None:
+        return ipv6_valid(text) if ":" in text else None
 
 
 class GuardUsSsnRecognizer(_Checked):
