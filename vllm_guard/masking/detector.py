@@ -113,7 +113,18 @@ class PresidioDetector(Detector):
             return []
         results = self.analyzer.analyze(text, language="en", entities=self.entities)
         return [Span(r.start, r.end, r.entity_type, r.score) for r in results
-                if r.score >= self.thresholds.get(r.entity_type, 1.1)]
+                if r.score >= self.thresholds.get(r.entity_type, 1.1)
+                and not (_from_ner(r) and _CJK.search(text, r.start, r.end))]
+
+
+_CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
+
+
+def _from_ner(result) -> bool:
+    """An English-NER result: never trusted on CJK text, which that model cannot read (it
+    tagged whole Chinese sentences PERSON)."""
+    meta = getattr(result, "recognition_metadata", None) or {}
+    return meta.get("recognizer_name") == "SpacyRecognizer"
 
 
 class TermListDetector(Detector):
@@ -254,6 +265,10 @@ def build_detector(config: MaskingConfig) -> CompositeDetector:
     detectors: list[Detector] = [PresidioDetector(config)]
     if config.terms_file:
         detectors.append(TermListDetector(config.terms_file))
+    if "PERSON" in config.enabled():
+        from vllm_guard.masking.chinese_names import ChineseNameDetector
+
+        detectors.append(ChineseNameDetector(max(config.enabled()["PERSON"], 0.85)))
     if config.always_sensitive:
         detectors.append(TermListDetector.of_terms(
             {t: e for e, terms in config.always_sensitive.items() for t in terms}))
