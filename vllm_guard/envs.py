@@ -16,6 +16,7 @@ PUBLISHER_KEY = "VLLM_GUARD_PUBLISHER_KEY"
 VAULT_KEY = "VLLM_GUARD_VAULT_KEY"
 SESSION_KEY = "VLLM_GUARD_SESSION_KEY"
 CACHE = "VLLM_GUARD_CACHE"
+SCRUB_KEY = "VLLM_GUARD_SCRUB_KEY"
 
 ENVIRONMENT_VARIABLES: dict[str, str] = {
     GRANTS: "path of the grants file; set by `vllm-guard serve --grants`, turns on per-request "
@@ -30,6 +31,7 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     SESSION_KEY: "base64 key that binds masking sessions to principals with Redis (the "
                  "masking config's session_key_env default)",
     CACHE: "where demo models are built and cached (default ~/.cache/vllm-guard)",
+    SCRUB_KEY: "base64 AES-256 key that seals `vllm-guard scrub --keep-mapping` files",
 }
 
 

@@ -18,13 +18,15 @@ from vllm_guard.cli import (
     keygen,
     lock,
     rotate,
+    scrub,
     serve,
     train_locks,
     unlock,
 )
 from vllm_guard.errors import GuardError
 
-COMMANDS = (serve, demo, grants, keygen, extract, train_locks, lock, unlock, rotate, inspect)
+COMMANDS = (serve, demo, grants, keygen, extract, train_locks, lock, unlock, rotate, inspect,
+            scrub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from vllm_guard.errors import GuardError
 
@@ -34,3 +35,13 @@ def publisher(args: argparse.Namespace):
     from vllm_guard.secneuron.keys import load_public_key
 
     return load_public_key(args.publisher_key) if args.publisher_key else None
+
+
+def config_file(name: str) -> str:
+    """A config path as given, or a packaged example config by its bare name
+    (``--masking masking.json`` works from an installed wheel too)."""
+    from vllm_guard import configs
+
+    if Path(name).exists() or Path(name).name != name or name not in configs.names():
+        return name
+    return str(configs.path(name))

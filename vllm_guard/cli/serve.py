@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vllm_guard import envs
+from vllm_guard.cli.common import config_file
 from vllm_guard.errors import GuardError
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -88,16 +89,6 @@ def middleware_args(grants: str | None, masking: str | None) -> list[str]:
         GrantsConfig.load(grants)
         args += ["--middleware", GRANT_MIDDLEWARE]
     return args
-
-
-def config_file(name: str) -> str:
-    """A config path as given, or a packaged example config by its bare name
-    (``--masking masking.json`` works from an installed wheel too)."""
-    from vllm_guard import configs
-
-    if Path(name).exists() or Path(name).name != name or name not in configs.names():
-        return name
-    return str(configs.path(name))
 
 
 def exec_server(vllm_args: Sequence[str], grants: str | None = None,
