@@ -24,11 +24,12 @@ from vllm_guard.errors import GuardError
 from vllm_guard.masking.detector import Detector
 from vllm_guard.masking.restorer import restore
 from vllm_guard.masking.vault import placeholder
-from vllm_guard.masking.worker import analyse
+from vllm_guard.masking.worker import analyse, known_automaton
 
 DEFAULT_FIELDS = ("prompt", "answer", "text")
 MAPPING_FORMAT = "vllm-guard-scrub-mapping"
 _AAD = b"vllm-guard scrub mapping v1"
+REBUILD = 1024
 
 
 class ScrubError(GuardError):
@@ -60,6 +61,11 @@ class Scrubber:
         self.table: dict[tuple[str, str], str] = {}
         self.counters: Counter[str] = Counter()
         self.report = ScrubReport()
+        # Known values in two automata: a large one rebuilt every REBUILD new values and a
+        # small one over the values since (rebuilt when it grows): amortised O(1) per value.
+        self._values: list[tuple[str, str]] = []
+        self._big, self._big_n = None, 0
+        self._small, self._small_n = None, 0
 
     @property
     def mapping(self) -> dict[str, str]:
@@ -69,9 +75,8 @@ class Scrubber:
         doc = _parse(line, lineno)
         slots = list(_text_slots(doc, self.fields, lineno))
         if slots:
-            known = [(value, entity) for (entity, value) in self.table]
             results = analyse(self.detector, [h[k] for h, k in slots], [True] * len(slots),
-                              known)
+                              [], self._automata())
             for (holder, key), res in zip(slots, results, strict=True):
                 out, pos = [], 0
                 for sp in res.spans:
@@ -89,7 +94,16 @@ class Scrubber:
         if ph is None:
             self.counters[entity] += 1
             ph = self.table[(entity, value)] = placeholder(entity, self.counters[entity])
+            self._values.append((value, entity))
         return ph
+
+    def _automata(self) -> list:
+        n = len(self._values)
+        if n - self._big_n >= REBUILD:
+            self._big, self._big_n = known_automaton(self._values), n
+        if self._small_n != n:
+            self._small, self._small_n = known_automaton(self._values[self._big_n:]), n
+        return [self._big, self._small]
 
 
 def restore_line(line: str, lineno: int, mapping: dict[str, str], fields: Iterable[str]) -> str:

@@ -65,16 +65,24 @@ def _merge(spans: list[Span]) -> list[Span]:
 
 
 def analyse(detector: Detector, texts: list[str], rewrite: list[bool],
-            known: list[tuple[str, str]]) -> list[Analysis]:
+            known: list[tuple[str, str]], automata: list | None = None) -> list[Analysis]:
     """``rewrite[i]``: text i will be rewritten (prompt text), so look-alikes are neutralised;
-    ``known``: the session's (value, entity) pairs, found wherever they occur."""
-    automaton = _automaton(known)
+    ``known``: the session's (value, entity) pairs, found wherever they occur (or, for a
+    caller that keeps them across calls, ``automata`` built by :func:`known_automaton`)."""
+    automata = [_automaton(known)] if automata is None else automata
     out = []
     for text, rw in zip(texts, rewrite, strict=True):
         text = neutralise(text) if rw else text
-        spans = _detect_windows(detector, text) + _known_spans(text, automaton)
+        spans = _detect_windows(detector, text)
+        for automaton in automata:
+            spans += _known_spans(text, automaton)
         out.append(Analysis(text, _merge(spans)))
     return out
+
+
+def known_automaton(known: list[tuple[str, str]]):
+    """One Aho-Corasick automaton over (value, entity) pairs (None when there are none)."""
+    return _automaton(known)
 
 
 def _detect_windows(detector: Detector, text: str) -> list[Span]:
