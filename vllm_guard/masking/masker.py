@@ -71,14 +71,14 @@ class Masker:
         table = dict(zip(wanted, placeholders, strict=True))
         for slot, res in zip(slots, results, strict=True):
             if slot.mask:
-                slot.holder[slot.key] = _apply(res, table)
+                slot.holder[slot.key] = apply_placeholders(res, table)
         for (entity, value), ph in table.items():
             METRICS[f"masked_{entity}"] += 1
             known[ph] = value
         return known
 
 
-def _apply(res: Analysis, table: dict[tuple[str, str], str]) -> str:
+def apply_placeholders(res: Analysis, table: dict[tuple[str, str], str]) -> str:
     """One pass: the text with each span replaced by its placeholder."""
     out, pos = [], 0
     for sp in res.spans:

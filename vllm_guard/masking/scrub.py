@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from vllm_guard.aead import seal, unseal
 from vllm_guard.errors import GuardError
 from vllm_guard.masking.detector import Detector
+from vllm_guard.masking.masker import apply_placeholders
 from vllm_guard.masking.restorer import restore
 from vllm_guard.masking.vault import placeholder
 from vllm_guard.masking.worker import analyse, known_automaton
@@ -78,13 +79,12 @@ class Scrubber:
             results = analyse(self.detector, [h[k] for h, k in slots], [True] * len(slots),
                               [], self._automata())
             for (holder, key), res in zip(slots, results, strict=True):
-                out, pos = [], 0
+                table = {}
                 for sp in res.spans:
-                    out += [res.text[pos:sp.start], self._placeholder(
-                        sp.entity, res.text[sp.start:sp.end])]
-                    pos = sp.end
+                    value = res.text[sp.start:sp.end]
+                    table[(sp.entity, value)] = self._placeholder(sp.entity, value)
                     self.report.masked[sp.entity] += 1
-                holder[key] = "".join(out) + res.text[pos:]
+                holder[key] = apply_placeholders(res, table)
         self.report.lines += 1
         self.report.fields += len(slots)
         return json.dumps(doc, ensure_ascii=False)

@@ -311,10 +311,15 @@ def decrypt_in_place(
             elif zero_locked:
                 zero.setdefault(sl.tensor, []).extend(group.neurons[sl.layer])
     workers = workers or min(len(opened), os.cpu_count() or 1) or 1
-    with loader_pool(workers) as pool:
-        done = list(pool.map(
-            lambda item: _decrypt_tensor(tensors[item[0]], axes[item[0]], item[1],
-                                         manifest.checkpoint_id), opened.items()))
+
+    def decrypt(item: tuple[str, list]) -> int:
+        return _decrypt_tensor(tensors[item[0]], axes[item[0]], item[1], manifest.checkpoint_id)
+
+    if workers == 1:  # the loader opens layers on its own pool threads: no pool per layer
+        done = [decrypt(item) for item in opened.items()]
+    else:
+        with loader_pool(workers) as pool:
+            done = list(pool.map(decrypt, opened.items()))
     for name, idx in zero.items():
         tensors[name].index_fill_(axes[name], torch.tensor(idx, dtype=torch.long), 0)
 
