@@ -4,6 +4,7 @@ and the ciphertext layout of a group does not depend on the groups gathered besi
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -11,7 +12,12 @@ import torch
 from safetensors.torch import save_file
 
 from vllm_guard.secneuron.checkpoint import GroupSlab, gather_neurons, safetensors_layout
-from vllm_guard.secneuron.verify import IntegrityError, digest_files, iter_verified_tensors
+from vllm_guard.secneuron.verify import (
+    IntegrityError,
+    VerifiedFile,
+    digest_files,
+    iter_verified_tensors,
+)
 
 BLOCK = 4096
 
@@ -50,6 +56,31 @@ def test_tensors_stream_before_the_end_but_never_past_a_bad_block(shard):
     ends = {e.name: e.end for e in entries}
     assert got, "nothing streamed before the bad block"  # pipelined, not whole-file
     assert all(ends[n] <= bad // BLOCK * BLOCK for n in got)  # never a byte of the bad block
+
+
+class _InlinePool:
+    """An executor whose work runs inside submit(): the fastest a pool thread can be."""
+
+    def submit(self, fn, *args):
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - delivered through the future
+            f.set_exception(e)
+        return f
+
+
+def test_a_block_checked_before_the_constructor_returns_reports_integrity(shard):
+    # CI race: a pool thread checked block 0 before VerifiedFile had finished __init__
+    root, _ = shard
+    expected = digest_files(root, ["model.safetensors"], block_bytes=BLOCK)["model.safetensors"]
+    path = root / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[10] ^= 1
+    path.write_bytes(bytes(raw))
+    vf = VerifiedFile(root, "model.safetensors", expected, _InlinePool())
+    with pytest.raises(IntegrityError, match="block 0 of"):
+        vf.wait(1)
 
 
 def test_verified_stream_yields_every_tensor_exactly(shard):

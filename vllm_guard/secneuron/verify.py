@@ -186,8 +186,9 @@ class VerifiedFile:
             raise IntegrityError(f"file {name} is {size} bytes, the signed manifest says "
                                  f"{expected.size}: modified after signing")
         self.buf = private_buffer(size)
-        self._blocks = [pool.submit(self._check_block, i) for i in range(len(self._signed))]
         self._waited = 0
+        # _blocks is assigned after every submit: pool threads must not read it
+        self._blocks = [pool.submit(self._check_block, i) for i in range(len(self._signed))]
 
     def _check_block(self, i: int) -> None:
         bb = self._block_bytes
@@ -197,7 +198,7 @@ class VerifiedFile:
         if n != len(view) or not digest_equal(sha, self._signed[i]):
             raise IntegrityError(
                 f"file {self.name} does not match its signed SHA-256 (block {i} of "
-                f"{len(self._blocks)}: sha256 {sha[:16]}..., signed "
+                f"{len(self._signed)}: sha256 {sha[:16]}..., signed "
                 f"{self._signed[i][:16]}...): modified after signing")
 
     def wait(self, end: int) -> None:
