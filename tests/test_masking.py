@@ -21,7 +21,7 @@ from vllm_guard import configs
 from vllm_guard.masking.config import STRUCTURED, MaskingConfig
 from vllm_guard.masking.detector import build_detector
 from vllm_guard.masking.fields import ROUTES
-from vllm_guard.masking.masker import METRICS
+from vllm_guard.masking.metrics import METRICS
 from vllm_guard.masking.middleware import BODYLESS_POSTS, MaskingMiddleware
 from vllm_guard.masking.restorer import StreamRestorer, restore
 from vllm_guard.masking.vault import InMemoryVault, RedisVault, VaultUnavailable

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from vllm_guard.masking.masker import METRICS
+from vllm_guard.masking.metrics import METRICS
 from vllm_guard.masking.restorer import ResponseRestorer
 
 CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"

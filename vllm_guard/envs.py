@@ -17,6 +17,7 @@ VAULT_KEY = "VLLM_GUARD_VAULT_KEY"
 SESSION_KEY = "VLLM_GUARD_SESSION_KEY"
 CACHE = "VLLM_GUARD_CACHE"
 SCRUB_KEY = "VLLM_GUARD_SCRUB_KEY"
+FPE_KEY = "VLLM_GUARD_FPE_KEY"
 
 ENVIRONMENT_VARIABLES: dict[str, str] = {
     GRANTS: "path of the grants file; set by `vllm-guard serve --grants`, turns on per-request "
@@ -32,6 +33,8 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
                  "masking config's session_key_env default)",
     CACHE: "where demo models are built and cached (default ~/.cache/vllm-guard)",
     SCRUB_KEY: "base64 AES-256 key that seals `vllm-guard scrub --keep-mapping` files",
+    FPE_KEY: "base64 AES-256 key of the masking `fpe` strategy (FF3-1; the masking config's "
+             "fpe_key_env default)",
 }
 
 

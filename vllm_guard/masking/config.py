@@ -42,6 +42,9 @@ class MaskingConfig:
     context: dict[str, ContextRule] = field(default_factory=default_context)
     # per entity: values masked whatever the context or the allow list says
     always_sensitive: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # per entity: "placeholder" (default), "surrogate" (realistic stand-in) or "fpe" (FF3-1)
+    strategies: dict[str, str] = field(default_factory=dict)
+    fpe_key_env: str = envs.FPE_KEY  # base64 AES-256 key of the fpe strategy
     vault: str = "memory"  # "memory" | "redis"
     redis_url: str = "redis://127.0.0.1:6379/0"
     vault_key_env: str = envs.VAULT_KEY  # base64 AES-256 key for Redis values
@@ -61,11 +64,14 @@ class MaskingConfig:
     def __post_init__(self) -> None:
         if self.vault not in ("memory", "redis"):
             raise ValueError(f"'vault' must be 'memory' or 'redis', not {self.vault!r}")
-        for name in ("entities", "context", "always_sensitive"):
+        for name in ("entities", "context", "always_sensitive", "strategies"):
             unknown = sorted(set(getattr(self, name)) - set(ENTITIES))
             if unknown:
                 raise ValueError(f"unknown entity {unknown[0]!r} in {name!r} (known: "
                                  f"{list(ENTITIES)})")
+        from vllm_guard.masking.strategies import check_strategies  # loads the recognizers
+
+        check_strategies(self.strategies)
         if any(not t.strip() for terms in self.always_sensitive.values() for t in terms):
             raise ValueError("'always_sensitive' holds an empty value")
         for name in ("ttl_seconds", "max_sessions", "max_body_bytes",

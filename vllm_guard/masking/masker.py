@@ -7,17 +7,17 @@ rewritten, other strings must hold no sensitive value, the rest is refused.
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vllm_guard.asgi import RequestError
 from vllm_guard.masking.detector import PLACEHOLDER
 from vllm_guard.masking.fields import collect
+from vllm_guard.masking.metrics import METRICS
 from vllm_guard.masking.pool import DetectorPool
+from vllm_guard.masking.restorer import StandInMap
+from vllm_guard.masking.strategies import StandIns
 from vllm_guard.masking.vault import Vault, VaultFull
 from vllm_guard.masking.worker import Analysis
-
-METRICS: Counter[str] = Counter()  # masked_<ENTITY>, unknown_placeholders, vault_unavailable
 
 
 def entity_of(placeholder_text: str) -> str:
@@ -32,15 +32,18 @@ class TooManyValues(RequestError):
 
 @dataclass
 class Masker:
-    """Orchestrates one request: fields -> detector pool -> vault -> rewritten body."""
+    """Orchestrates one request: fields -> detector pool -> vault -> stand-ins -> rewritten
+    body."""
 
     pool: DetectorPool
     vault: Vault
     max_per_request: int = 1_000
+    stand_ins: StandIns = field(default_factory=lambda: StandIns({}))
 
     async def mask_request(self, namespace: str, route: str, body: dict,
-                           server_set: frozenset[str] = frozenset()) -> dict[str, str]:
-        """Mask ``body`` in place; return the session's placeholder -> value map.
+                           server_set: frozenset[str] = frozenset()) -> StandInMap:
+        """Mask ``body`` in place; return the session's stand-in -> value map (stand-ins are
+        placeholders, or what each entity's strategy renders).
 
         ``server_set``: paths of control values the server wrote itself (never scanned).
         Raises :class:`RequestError` (4xx) for what cannot be masked, for a sensitive value in
@@ -68,18 +71,19 @@ class Masker:
             placeholders = await self.vault.assign_many(namespace, list(wanted))
         except VaultFull as e:
             raise TooManyValues(str(e), "session_full") from None
-        table = dict(zip(wanted, placeholders, strict=True))
+        for (entity, value), ph in zip(wanted, placeholders, strict=True):
+            METRICS[f"masked_{entity}"] += 1
+            known[ph] = value
+        shown = self.stand_ins.table(namespace, known)
+        table = {k: shown[ph] for k, ph in zip(wanted, placeholders, strict=True)}
         for slot, res in zip(slots, results, strict=True):
             if slot.mask:
                 slot.holder[slot.key] = apply_placeholders(res, table)
-        for (entity, value), ph in table.items():
-            METRICS[f"masked_{entity}"] += 1
-            known[ph] = value
-        return known
+        return StandInMap({shown[ph]: value for ph, value in known.items()})
 
 
 def apply_placeholders(res: Analysis, table: dict[tuple[str, str], str]) -> str:
-    """One pass: the text with each span replaced by its placeholder."""
+    """One pass: the text with each span replaced by its stand-in."""
     out, pos = [], 0
     for sp in res.spans:
         out.append(res.text[pos:sp.start])

@@ -29,15 +29,18 @@ from vllm_guard.log import get_logger
 from vllm_guard.masking.config import MaskingConfig
 from vllm_guard.masking.detector import build_detector
 from vllm_guard.masking.fields import ROUTES
-from vllm_guard.masking.masker import METRICS, Masker
+from vllm_guard.masking.masker import Masker
+from vllm_guard.masking.metrics import METRICS
 from vllm_guard.masking.pool import DetectionFailed, DetectorPool
 from vllm_guard.masking.restorer import ResponseRestorer
 from vllm_guard.masking.sessions import SessionBinder, load_session_key
+from vllm_guard.masking.strategies import StandIns
 from vllm_guard.masking.vault import (
     InMemoryVault,
     RedisVault,
     Vault,
     VaultUnavailable,
+    load_env_key,
     load_vault_key,
 )
 
@@ -55,11 +58,18 @@ def make_vault(config: MaskingConfig) -> Vault:
                          config.max_placeholders_per_session)
 
 
+def make_stand_ins(config: MaskingConfig) -> StandIns:
+    fpe = "fpe" in config.strategies.values()
+    key = load_env_key(config.fpe_key_env, "the masking fpe strategy") if fpe else None
+    return StandIns(config.strategies, key)
+
+
 def check_secrets(config: MaskingConfig) -> None:
     """The keys the config needs are in the environment (one-line startup errors)."""
     if config.vault == "redis":
         load_vault_key(config.vault_key_env)
         load_session_key(config.session_key_env, required=True)
+    make_stand_ins(config)
 
 
 def with_header(send: Send, name: bytes, value: str) -> Send:
@@ -86,10 +96,12 @@ class MaskingMiddleware(JsonRequestMiddleware):
                                                        required=config.vault == "redis"))
         pool = DetectorPool(lambda: build_detector(config), path, config.detector_workers,
                             config.detect_timeout_seconds)
-        self.masker = Masker(pool, make_vault(config), config.max_placeholders_per_request)
+        self.masker = Masker(pool, make_vault(config), config.max_placeholders_per_request,
+                             make_stand_ins(config))
         self.session_header = config.session_header.lower().encode()
-        logger.info("vllm-guard masking on: vault=%s, entities=%s, detector workers=%d",
-                    config.vault, sorted(config.enabled()), config.detector_workers)
+        logger.info("vllm-guard masking on: vault=%s, entities=%s, strategies=%s, detector "
+                    "workers=%d", config.vault, sorted(config.enabled()),
+                    config.strategies or "placeholder", config.detector_workers)
 
     def handles(self, scope: Scope) -> bool:
         return scope.get("method") == "POST" and route_path(scope) in ROUTES

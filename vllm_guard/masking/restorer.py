@@ -26,7 +26,7 @@ from typing import Any
 from vllm_guard.asgi import Message, Send
 from vllm_guard.masking.detector import PLACEHOLDER
 from vllm_guard.masking.fields import RESPONSES, ROUTES
-from vllm_guard.masking.masker import METRICS  # one counter for the whole masking package
+from vllm_guard.masking.metrics import METRICS
 
 # fields of a streamed chat delta that carry text, each restored on its own
 CHAT_DELTA_FIELDS = ("content", "reasoning", "reasoning_content", "refusal")
@@ -47,21 +47,65 @@ TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "respo
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
+class StandInMap(dict):
+    """stand-in -> value for one request. Stand-ins are ``<TYPE_N>`` placeholders or literal
+    text (surrogates, fpe values); the regex over the literals is compiled once, on first use.
+    A literal that begins or ends with an ASCII letter or digit only matches as a whole word
+    there ("Anna Berg" is not restored inside "Anna Bergmann")."""
+
+    _pattern: re.Pattern[str] | None = None
+    _literals: list[str] | None = None
+
+    def _compile(self) -> None:
+        lits = [k for k in self if not PLACEHOLDER.fullmatch(k)]
+        self._literals = sorted(lits)
+        alts = [PLACEHOLDER.pattern] + [
+            ("(?<![A-Za-z0-9])" if _ascii_alnum(k[0]) else "") + re.escape(k)
+            + ("(?![A-Za-z0-9])" if _ascii_alnum(k[-1]) else "")
+            for k in sorted(lits, key=len, reverse=True)]  # longest first
+        self._pattern = re.compile("|".join(alts)) if lits else PLACEHOLDER
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        if self._pattern is None:
+            self._compile()
+        assert self._pattern is not None
+        return self._pattern
+
+    @property
+    def literals(self) -> list[str]:
+        """The literal stand-ins, sorted (for prefix search)."""
+        if self._literals is None:
+            self._compile()
+        assert self._literals is not None
+        return self._literals
+
+
+def _ascii_alnum(c: str) -> bool:
+    return c.isascii() and c.isalnum()
+
+
+def as_stand_ins(mapping: dict[str, str]) -> StandInMap:
+    return mapping if isinstance(mapping, StandInMap) else StandInMap(mapping)
+
+
 def restore(text: str, mapping: dict[str, str], *, count: bool = True) -> str:
-    """``text`` with each placeholder of ``mapping`` replaced; unknown ones stay (and are
-    counted unless ``count`` is false: full texts re-sent after their deltas)."""
-    if "<" not in text:
+    """``text`` with each stand-in of ``mapping`` replaced by its value; unknown placeholders
+    stay (and are counted unless ``count`` is false: full texts re-sent after their
+    deltas). Pass a :class:`StandInMap` on hot paths: a plain dict is compiled per call."""
+    m = as_stand_ins(mapping)
+    if "<" not in text and not m.literals:
         return text
 
     def sub(match: re.Match[str]) -> str:
-        value = mapping.get(match.group(0))
+        value = m.get(match.group(0))
         if value is None:
             if count:
                 METRICS["unknown_placeholders"] += 1
             return match.group(0)
         return value
 
-    return PLACEHOLDER.sub(sub, text)
+    return m.pattern.sub(sub, text)
 
 
 def restore_all(doc: Any, mapping: dict[str, str], *, count: bool = True) -> Any:
@@ -101,34 +145,63 @@ def restore_body(route: str, doc: dict, mapping: dict[str, str], *,
 class StreamRestorer:
     """Incremental restoration, one held fragment per key (choice and field, tool call,
     Responses part). Holds back only a trailing fragment that can still become one of this
-    session's placeholders; everything else is released at once (so ``<ABC...`` that can
-    never be restored does not stall the stream until the end)."""
+    session's stand-ins (a complete literal that ends in a letter or digit included: the next
+    character decides whether it is a whole word); everything else is released at once, so
+    ``<ABC...`` that can never be restored does not stall the stream until the end."""
 
-    mapping: dict[str, str]
+    mapping: StandInMap
     held: dict[Hashable, str] = field(default_factory=dict)
     _sorted: list[str] | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        self.mapping = as_stand_ins(self.mapping)
+
     def feed(self, key: Hashable, text: str) -> str:
         buf = self.held.pop(key, "") + text
-        # a placeholder holds one '<', its first character: only the last '<' can start one
-        cut = buf.rfind("<")
-        if cut >= 0 and self._could_become_placeholder(buf[cut:]):
+        cut = self._hold_from(buf)
+        if cut < len(buf):
             self.held[key] = buf[cut:]
             buf = buf[:cut]
         return restore(buf, self.mapping)
 
     def flush(self, key: Hashable) -> str:
-        """What is held for ``key`` (restored as it stands: it never became a placeholder)."""
+        """What is held for ``key`` (restored as it stands: it never became a stand-in)."""
         return restore(self.held.pop(key, ""), self.mapping)
 
-    def _could_become_placeholder(self, fragment: str) -> bool:
+    def _hold_from(self, buf: str) -> int:
+        cut = len(buf)
+        # a placeholder holds one '<', its first character: only the last '<' can start one
+        lt = buf.rfind("<")
+        if lt >= 0 and _prefix_of(self._placeholders(), buf[lt:], proper=True):
+            cut = lt
+        lits = self.mapping.literals
+        if not lits:
+            return cut
+        longest = max(map(len, lits))
+        for i in range(max(0, len(buf) - longest), cut):
+            frag = buf[i:]
+            if (_prefix_of(lits, frag, proper=not _ascii_alnum(frag[-1]))
+                    and not (_ascii_alnum(frag[0]) and i and _ascii_alnum(buf[i - 1]))):
+                cut = i
+                break
+        # never split a stand-in that is complete before the cut: hold it whole
+        for m in self.mapping.pattern.finditer(buf, max(0, cut - longest)):
+            if m.start() < cut < m.end():
+                return m.start()
+        return cut
+
+    def _placeholders(self) -> list[str]:
         if self._sorted is None:  # sorted once, only for streams that need it
-            self._sorted = sorted(self.mapping)
-        keys = self._sorted
-        i = bisect_left(keys, fragment)  # the keys starting with fragment follow it
-        if i < len(keys) and keys[i] == fragment:
-            i += 1
-        return i < len(keys) and keys[i].startswith(fragment)
+            self._sorted = sorted(k for k in self.mapping if k.startswith("<"))
+        return self._sorted
+
+
+def _prefix_of(keys: list[str], fragment: str, proper: bool) -> bool:
+    """Whether a sorted key starts with ``fragment`` (and is longer, if ``proper``)."""
+    i = bisect_left(keys, fragment)  # the keys starting with fragment follow it
+    if proper and i < len(keys) and keys[i] == fragment:
+        i += 1
+    return i < len(keys) and keys[i].startswith(fragment)
 
 
 class _ChoiceStream:
@@ -306,6 +379,10 @@ def _maybe_placeholder(raw: bytes) -> bool:
     return b"<" in raw or b"\\u003c" in raw or b"\\u003C" in raw
 
 
+def _maybe_stand_in(raw: bytes, mapping: StandInMap) -> bool:
+    return bool(mapping.literals) or _maybe_placeholder(raw)
+
+
 class ResponseRestorer:
     """An ASGI ``send`` wrapper: restores the response of one masked request on ``route``
     (``/v1/completions``, ``/v1/chat/completions`` or ``/v1/responses``) before it leaves
@@ -314,6 +391,7 @@ class ResponseRestorer:
     def __init__(self, send: Send, mapping: dict[str, str], route: str):
         if route not in ROUTES:
             raise ValueError(f"no restorer for route {route!r}")
+        mapping = as_stand_ins(mapping)
         self.send_downstream, self.mapping, self.route = send, mapping, route
         self.stream: _ChoiceStream | _EventStream = (
             _EventStream(mapping) if route == RESPONSES else _ChoiceStream(mapping))
@@ -371,7 +449,7 @@ class ResponseRestorer:
                                     "more_body": False})
 
     def _document(self, raw: bytes) -> bytes:
-        if not _maybe_placeholder(raw):
+        if not _maybe_stand_in(raw, self.mapping):
             return raw
         try:
             doc = json.loads(raw)
@@ -404,7 +482,7 @@ class ResponseRestorer:
 
     def _event(self, event: bytes, sep: bytes) -> bytes:
         self.sep = sep
-        if not self.stream.busy() and not _maybe_placeholder(event):
+        if not self.stream.busy() and not _maybe_stand_in(event, self.mapping):
             return event + sep  # nothing held, nothing to restore: as it is
         lines = event.split(b"\n")
         data_at = [i for i, ln in enumerate(lines) if ln.startswith(b"data:")]
