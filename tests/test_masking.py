@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LOG_DIR
+from tests.support.masking_client import echo, engine_prompt, sse_text
 from tests.support.pii_corpus import generate, score
 from tests.support.server import VllmServer, free_port, post
 from vllm_guard import configs
@@ -176,15 +177,6 @@ def _run_middleware(mw: MaskingMiddleware, body: dict, upstream_bytes: bytes, sp
     return b"".join(out), seen["body"]
 
 
-def _content(sse: bytes) -> str:
-    text = ""
-    for line in sse.decode().split("\n\n"):
-        if line.startswith("data: {"):
-            ch = json.loads(line[6:])["choices"][0]
-            text += ch.get("text") or ch.get("delta", {}).get("content") or ""
-    return text
-
-
 def test_streamed_restore_with_placeholders_split_everywhere(tmp_path):
     cfg = tmp_path / "m.json"
     cfg.write_text(json.dumps({"ner": "off"}))
@@ -206,7 +198,7 @@ def test_streamed_restore_with_placeholders_split_everywhere(tmp_path):
             stream = _sse(chunks, chat)
             for split in range(0, len(stream) + 1, 7):
                 got, _ = _run_middleware(mw, body, stream, split, sess)
-                assert _content(got) == want, (chat, size, split)
+                assert sse_text(got) == want, (chat, size, split)
                 assert got.endswith(b"data: [DONE]\n\n")
 
 
@@ -277,31 +269,6 @@ def server(tiny_model, redis_server, tmp_path_factory):
         srv.stop()
 
 
-def echo(server, prompt: str, session: str | None = None, stream: bool = False,
-         ids: bool = False, with_session: bool = False) -> tuple:
-    """echo=True returns the (restored) prompt; ids=True instead returns the prompt's token ids
-    as the engine saw them (vLLM ignores echo when token ids are requested). with_session
-    adds the session token the server issued."""
-    body = {"model": "test", "prompt": prompt, "max_tokens": 1, "temperature": 0,
-            **({"return_token_ids": True} if ids else {"echo": True})}
-    headers = {"Content-Type": "application/json",
-               **({"x-vllm-guard-session": session} if session else {})}
-    req = urllib.request.Request(server.url + "/v1/completions",
-                                 json.dumps({**body, "stream": stream}).encode(), headers)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            status, raw, token = r.status, r.read(), r.headers.get("x-vllm-guard-session")
-    except urllib.error.HTTPError as e:
-        status, raw, token = e.code, e.read(), None
-    out = raw if stream else json.loads(raw or b"{}")
-    return (status, out, token) if with_session else (status, out)
-
-
-def engine_prompt(tokenizer, body: dict) -> str:
-    """The prompt as the engine received it (token ids are not touched by the restorer)."""
-    return tokenizer.decode(body["choices"][0]["prompt_token_ids"])
-
-
 SECRET = ("Contact Jane at jane.roe@example.com, card 4111 1111 1111 1111, "
           "身份证11010519491231002X, 凤凰计划.")
 RAW = ["jane.roe@example.com", "4111 1111 1111 1111", "11010519491231002X", "凤凰计划"]
@@ -324,7 +291,7 @@ def test_engine_sees_only_placeholders_and_client_gets_values(server, tokenizer)
     log = server.log_text()
     assert all(v not in log for v in RAW)
     status, raw = echo(server, SECRET, stream=True)
-    assert status == 200 and _content(raw).startswith(SECRET)
+    assert status == 200 and sse_text(raw).startswith(SECRET)
 
 
 def test_multi_turn_reuses_placeholders_in_a_server_issued_session(server, tokenizer):

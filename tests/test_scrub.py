@@ -35,13 +35,14 @@ def dataset(tmp_path_factory):
     return path, values
 
 
-def cli(*args: str, key: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def cli(*args: str, key: str | None = None, masking: str = "masking.fast.json",
+        env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     env.pop("VLLM_GUARD_SCRUB_KEY", None)
     if key:
         env["VLLM_GUARD_SCRUB_KEY"] = key
     return subprocess.run([sys.executable, "-m", "vllm_guard.cli", "scrub", *args,
-                           "--masking", "masking.fast.json", "--no-progress"],
+                           "--masking", masking, "--no-progress"],
                           capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -105,3 +106,29 @@ def test_values_found_once_are_masked_on_later_lines(tmp_path):
     out = (tmp_path / "out.jsonl").read_text()
     assert "Mary Smith" not in out and out.count("<PERSON_1>") == 2
     assert scrubber.mapping["<PERSON_1>"] == "Mary Smith"
+
+
+def test_scrub_with_surrogates_and_fpe_restores_exactly(dataset, tmp_path):
+    src, values = dataset
+    config = tmp_path / "masking.json"
+    config.write_text(json.dumps({"ner": "off", "strategies": {
+        "PERSON": "surrogate", "EMAIL_ADDRESS": "surrogate", "IP_ADDRESS": "surrogate",
+        "IBAN_CODE": "surrogate", "CREDIT_CARD": "fpe", "US_SSN": "fpe",
+        "CN_RESIDENT_ID": "fpe", "PHONE_NUMBER": "fpe"}}))
+    key = base64.b64encode(os.urandom(32)).decode()
+    fpe_key = {"VLLM_GUARD_FPE_KEY": base64.b64encode(os.urandom(32)).decode()}
+    out, mapping = tmp_path / "clean.jsonl", tmp_path / "map.json"
+    fields = "prompt,answer,messages"
+    missing = cli(str(src), str(out), "--fields", fields, masking=str(config))
+    assert missing.returncode == 1 and "VLLM_GUARD_FPE_KEY" in missing.stderr  # one line
+    done = cli(str(src), str(out), "--fields", fields, "--keep-mapping", str(mapping),
+               key=key, masking=str(config), env_extra=fpe_key)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scrubbed = out.read_text(encoding="utf-8")
+    assert not {v for v in values if v[0] in STRICT and v[1] in scrubbed}
+    assert "<EMAIL_ADDRESS_" not in scrubbed and "@example." in scrubbed  # surrogates
+    back = tmp_path / "restored.jsonl"
+    done = cli(str(out), str(back), "--restore", "--keep-mapping", str(mapping),
+               "--fields", fields, key=key, masking=str(config), env_extra=fpe_key)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert back.read_text(encoding="utf-8") == src.read_text(encoding="utf-8")

@@ -22,10 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated text fields to scrub (a list of chat messages "
                         "scrubs each 'content'); other fields are copied untouched")
     s.add_argument("--masking", default="masking.json",
-                   help="masking config: entities, NER profile, context rules "
+                   help="masking config: entities, strategies, NER profile, context rules "
                         "(default: the packaged masking.json)")
     s.add_argument("--keep-mapping", type=Path, metavar="FILE",
-                   help=f"write the placeholder -> value mapping sealed with ${envs.SCRUB_KEY} "
+                   help=f"write the stand-in -> value mapping sealed with ${envs.SCRUB_KEY} "
                         "(with --restore: read it)")
     s.add_argument("--restore", action="store_true",
                    help="put the kept values back into a scrubbed file (or model outputs)")
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         save_mapping,
         scrub_file,
     )
+    from vllm_guard.masking.strategies import make_stand_ins
     from vllm_guard.masking.vault import load_env_key
 
     fields = [f for f in args.fields.split(",") if f]
@@ -70,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
             report = restore_file(args.input, args.output, mapping, fields, bar.update)
             print(f"restored {report.lines} lines -> {args.output}", file=sys.stderr)
             return 0
-        scrubber = Scrubber(build_detector(MaskingConfig.load(config_file(args.masking))),
-                            fields)
+        config = MaskingConfig.load(config_file(args.masking))
+        scrubber = Scrubber(build_detector(config), fields, make_stand_ins(config))
         report = scrub_file(args.input, args.output, scrubber, bar.update)
     finally:
         bar.close()

@@ -34,13 +34,12 @@ from vllm_guard.masking.metrics import METRICS
 from vllm_guard.masking.pool import DetectionFailed, DetectorPool
 from vllm_guard.masking.restorer import ResponseRestorer
 from vllm_guard.masking.sessions import SessionBinder, load_session_key
-from vllm_guard.masking.strategies import StandIns
+from vllm_guard.masking.strategies import make_stand_ins
 from vllm_guard.masking.vault import (
     InMemoryVault,
     RedisVault,
     Vault,
     VaultUnavailable,
-    load_env_key,
     load_vault_key,
 )
 
@@ -56,12 +55,6 @@ def make_vault(config: MaskingConfig) -> Vault:
                           config.ttl_seconds, config.max_placeholders_per_session)
     return InMemoryVault(config.ttl_seconds, config.max_sessions,
                          config.max_placeholders_per_session)
-
-
-def make_stand_ins(config: MaskingConfig) -> StandIns:
-    fpe = "fpe" in config.strategies.values()
-    key = load_env_key(config.fpe_key_env, "the masking fpe strategy") if fpe else None
-    return StandIns(config.strategies, key)
 
 
 def check_secrets(config: MaskingConfig) -> None:

@@ -1,8 +1,10 @@
-"""De-identify JSONL training data: the masker's detection and placeholders, one file at a
-time, streamed line by line (``vllm-guard scrub``).
+"""De-identify JSONL training data: the masker's detection and strategies (placeholders,
+surrogates, fpe), one file at a time, streamed line by line (``vllm-guard scrub``).
 
-The whole file is one session: a value gets the same placeholder on every line, and a value
-found once is masked wherever it occurs later. The placeholder -> value mapping can be kept,
+The whole file is one session: a value gets the same stand-in on every line, and a value
+found once is masked wherever it occurs later. A stand-in is never a value seen before it;
+a value first seen later that equals an earlier stand-in gets a stand-in of its own (lines
+already written stay as they are). The stand-in -> value mapping can be kept,
 sealed with AES-256-GCM, to restore the file (or a model's outputs) later. Raw values never
 reach the report, the progress output or an error message.
 """
@@ -23,7 +25,9 @@ from vllm_guard.aead import seal, unseal
 from vllm_guard.errors import GuardError
 from vllm_guard.masking.detector import Detector
 from vllm_guard.masking.masker import apply_placeholders
-from vllm_guard.masking.restorer import restore
+from vllm_guard.masking.restorer import StandInMap, restore
+from vllm_guard.masking.strategies import StandIns
+from vllm_guard.masking.strategies.base import Item
 from vllm_guard.masking.vault import placeholder
 from vllm_guard.masking.worker import analyse, known_automaton
 
@@ -54,11 +58,16 @@ class ScrubReport:
 
 
 class Scrubber:
-    """One file's session: (entity, value) -> placeholder, numbered per entity."""
+    """One file's session: (entity, value) -> stand-in (a placeholder numbered per entity,
+    or what the entity's strategy renders from it)."""
 
-    def __init__(self, detector: Detector, fields: Iterable[str] = DEFAULT_FIELDS):
+    def __init__(self, detector: Detector, fields: Iterable[str] = DEFAULT_FIELDS,
+                 stand_ins: StandIns | None = None):
         self.detector = detector
         self.fields = tuple(fields)
+        self.stand_ins = stand_ins or StandIns({})
+        self._secret = os.urandom(32)  # this run's surrogates and fpe tweaks
+        self._used: set[str] = set()  # values seen and stand-ins given
         self.table: dict[tuple[str, str], str] = {}
         self.counters: Counter[str] = Counter()
         self.report = ScrubReport()
@@ -90,12 +99,16 @@ class Scrubber:
         return json.dumps(doc, ensure_ascii=False)
 
     def _placeholder(self, entity: str, value: str) -> str:
-        ph = self.table.get((entity, value))
-        if ph is None:
+        shown = self.table.get((entity, value))
+        if shown is None:
             self.counters[entity] += 1
-            ph = self.table[(entity, value)] = placeholder(entity, self.counters[entity])
+            n = self.counters[entity]
+            self._used.add(value)
+            item = Item(entity, value, n, placeholder(entity, n))
+            shown = self.table[(entity, value)] = self.stand_ins.pick(item, self._secret,
+                                                                       self._used)
             self._values.append((value, entity))
-        return ph
+        return shown
 
     def _automata(self) -> list:
         n = len(self._values)
@@ -157,7 +170,7 @@ def scrub_file(src: Path, dst: Path, scrubber: Scrubber,
 def restore_file(src: Path, dst: Path, mapping: dict[str, str], fields: Iterable[str],
                  progress: Callable[[int], None] = lambda n: None) -> ScrubReport:
     report = ScrubReport()
-    fields = tuple(fields)
+    fields, mapping = tuple(fields), StandInMap(mapping)  # the literal regex compiled once
     _stream(src, dst, lambda line, n: restore_line(line, n, mapping, fields), progress, report)
     return report
 

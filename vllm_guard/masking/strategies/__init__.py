@@ -10,6 +10,7 @@ import functools
 import hashlib
 import hmac
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from vllm_guard.masking.detector import PLACEHOLDER
 from vllm_guard.masking.metrics import METRICS
@@ -17,6 +18,10 @@ from vllm_guard.masking.strategies.base import Item, Strategy
 from vllm_guard.masking.strategies.fpe import FpeStrategy
 from vllm_guard.masking.strategies.placeholder import PlaceholderStrategy
 from vllm_guard.masking.strategies.surrogate import SurrogateStrategy
+from vllm_guard.masking.vault import load_env_key
+
+if TYPE_CHECKING:
+    from vllm_guard.masking.config import MaskingConfig
 
 STRATEGY_NAMES = ("placeholder", "surrogate", "fpe")
 SUPPORTED: dict[str, tuple[str, ...]] = {
@@ -79,17 +84,29 @@ class StandIns:
             m = PLACEHOLDER.fullmatch(ph)
             items.append(Item(m.group(1), value, int(m.group(2)), ph) if m else None)
         for item in sorted((i for i in items if i), key=lambda i: (i.entity, i.number)):
-            strategy = self.by_entity.get(item.entity, self.placeholder)
-            stand_in = None
-            for attempt in range(MAX_ATTEMPTS):
-                got = self._render(strategy, item, session, attempt)
-                if got is None or got not in used:
-                    stand_in = got
-                    break
-            if stand_in is None:
-                if strategy is not self.placeholder:
-                    METRICS[f"standin_fallback_{item.entity}"] += 1  # shown as its placeholder
-                stand_in = item.placeholder
-            used.add(stand_in)
-            out[item.placeholder] = stand_in
+            out[item.placeholder] = self.pick(item, session, used)
         return out
+
+    def pick(self, item: Item, session: bytes, used: set[str]) -> str:
+        """``item``'s stand-in: the first draw not in ``used`` (real values and stand-ins
+        taken), else its placeholder. Adds it to ``used``."""
+        strategy = self.by_entity.get(item.entity, self.placeholder)
+        stand_in = None
+        for attempt in range(MAX_ATTEMPTS):
+            got = self._render(strategy, item, session, attempt)
+            if got is None or got not in used:
+                stand_in = got
+                break
+        if stand_in is None:
+            if strategy is not self.placeholder:
+                METRICS[f"standin_fallback_{item.entity}"] += 1
+            stand_in = item.placeholder
+        used.add(stand_in)
+        return stand_in
+
+
+def make_stand_ins(config: MaskingConfig) -> StandIns:
+    """The config's strategies; the fpe key from its environment variable (one-line error)."""
+    fpe = "fpe" in config.strategies.values()
+    key = load_env_key(config.fpe_key_env, "the masking fpe strategy") if fpe else None
+    return StandIns(config.strategies, key)
