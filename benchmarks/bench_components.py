@@ -52,8 +52,9 @@ def masker_timings(n: int = 150) -> dict:
     from presidio_analyzer.nlp_engine import SpacyNlpEngine
 
     from tests.support.pii_corpus import generate, score
-    from vllm_guard.masking.detector import NER_PACKAGE, _offline_tldextract, build_detector
+    from vllm_guard.masking.detector import _offline_tldextract, build_detector
     from vllm_guard.masking.masker import Masker
+    from vllm_guard.masking.ner import NER_PACKAGE
     from vllm_guard.masking.pool import DetectorPool
     from vllm_guard.masking.vault import InMemoryVault
 

@@ -51,19 +51,16 @@ def test_corpus_recall_and_precision(detector):
         r = report["entities"][entity]
         assert r["recall"] >= 0.98, (entity, r)
         assert r["precision"] >= 0.95, (entity, r)
-    presidio = detector.detectors[0]
-    if presidio.ner or presidio.name_lists:
-        assert report["entities"]["PERSON"]["recall"] >= 0.85, report["entities"]["PERSON"]
+    assert report["entities"]["PERSON"]["recall"] >= 0.85, report["entities"]["PERSON"]
 
 
 @pytest.mark.parametrize("ner,name_lists", [("auto", False), ("off", True)])
 def test_person_recall_of_each_recognizer_alone(ner, name_lists):
-    """spaCy NER alone (its spans trimmed where they swallow a phone or SSN) and the census
-    name lists alone each reach the 0.85 PERSON bar."""
+    """spaCy NER alone (its spans trimmed where they swallow a phone or SSN) and the name
+    gazetteer alone each reach the 0.85 PERSON bar."""
     det = build_detector(MaskingConfig(ner=ner, name_lists=name_lists))
-    presidio = det.detectors[0]
-    if not (presidio.ner if ner == "auto" else presidio.name_lists):
-        pytest.skip("recognizer not installed ('ner' extra / PyPI 'names')")
+    if ner == "auto" and not any(type(d).__name__ == "SpacyNerDetector" for d in det.detectors):
+        pytest.skip("spaCy pipeline not installed ('ner' extra)")
     person = score(generate(600, seed=2), det.detect)["entities"]["PERSON"]
     assert person["recall"] >= 0.85, person
     if ner == "off":
@@ -72,8 +69,6 @@ def test_person_recall_of_each_recognizer_alone(ner, name_lists):
 
 def test_name_lists_need_both_halves_capitalised():
     det = build_detector(MaskingConfig(ner="off"))
-    if not det.detectors[0].name_lists:
-        pytest.skip("PyPI 'names' not installed")
     text = ("Contact: Jon Cole - 415-555-0134. Dr. Mary J. Smith agreed. May we grant it? "
             "Will long walks help? Mark fisher went home.")
     found = {text[s.start:s.end] for s in det.detect(text) if s.entity == "PERSON"}

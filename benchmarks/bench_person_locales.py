@@ -1,0 +1,75 @@
+"""PERSON recall and precision per locale, per masking profile (JSON + a printed table).
+
+Positives: English sentences around a full name of the locale (Faker's lists, and with
+``--held-out`` first names from gender-guesser's independent list). Negatives: sentences of
+capitalised non-names (the locale's cities, companies, streets; products, organisations).
+Chinese names in Chinese text are measured by tests/test_masking_chinese_names.py.
+
+``python -m benchmarks.bench_person_locales --n 200``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from tests.support.person_corpus import (
+    LOCALES,
+    held_out_first_names,
+    negatives,
+    positives,
+)
+from tests.support.pii_corpus import score
+from vllm_guard.masking.config import MaskingConfig
+from vllm_guard.masking.detector import build_detector
+
+PROFILES = {"default": {}, "fast": {"ner": "off"}}
+OUT = Path(__file__).resolve().parent / "results" / "person_locales.json"
+
+
+def measure(n: int, profiles: dict[str, dict], seed: int = 0) -> dict:
+    out: dict = {"n_positive": n, "n_negative": n // 2, "profiles": {}}
+    for profile, overrides in profiles.items():
+        det = build_detector(MaskingConfig(**overrides, detector_workers=0))
+        rows = {}
+        for locale in LOCALES:
+            row = {}
+            for source, first in (("faker", ()), ("held_out", held_out_first_names(locale))):
+                if source == "held_out" and not first:
+                    continue
+                pos = positives(locale, n, seed, first)
+                neg = negatives(locale, n // 2, seed)
+                t = time.perf_counter()
+                rec = score(pos, det.detect)["entities"]["PERSON"]
+                # every PERSON found in a negative sentence is a false positive
+                fp = sum(s.entity == "PERSON" for ex in neg for s in det.detect(ex.text))
+                tp = rec["precision"] * rec["predicted"]
+                row[source] = {"recall": round(rec["recall"], 3),
+                               "precision": round(tp / (rec["predicted"] + fp), 3)
+                               if rec["predicted"] + fp else 0.0,
+                               "false_positives_in_negatives": fp,
+                               "seconds": round(time.perf_counter() - t, 2)}
+            rows[locale] = row
+            print(f"{profile:8s} {locale}: " + "  ".join(
+                f"{s} R {r['recall']:.2f} P {r['precision']:.2f}" for s, r in row.items()),
+                flush=True)
+        out["profiles"][profile] = rows
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200, help="positive sentences per locale")
+    ap.add_argument("--profiles", default="default,fast")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    result = measure(args.n, {p: PROFILES[p] for p in args.profiles.split(",")})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

