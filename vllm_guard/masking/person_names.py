@@ -52,12 +52,16 @@ class GuardPersonNameRecognizer(EntityRecognizer):
         pass
 
     def _is_name(self, words: list[str]) -> bool:
-        keys = [fold(w) for w in words if w.lower() not in PARTICLES]
-        if len(keys) < 2 or keys[0] in NOT_FIRST or any(k not in self._known for k in keys):
+        # O'Neil folds to "oneil"; a hyphenated word counts as known when a part is
+        # ("Karl-Heinz", "Müller-Lüdenscheidt")
+        parts = [[fold(w), *(fold(p) for p in w.split("-") if "-" in w)] for w in words
+                 if w.lower() not in PARTICLES]
+        if (len(parts) < 2 or parts[0][0] in NOT_FIRST
+                or any(not any(p in self._known for p in word) for word in parts)):
             return False
         n = self.names
-        return ((keys[0] in n.first and keys[-1] in n.last)
-                or (keys[0] in n.family_first and keys[-1] in n.given_after))
+        return ((any(p in n.first for p in parts[0]) and any(p in n.last for p in parts[-1]))
+                or (parts[0][0] in n.family_first and parts[-1][0] in n.given_after))
 
     def _is_family_first(self, words: list[str]) -> bool:
         """An East Asian family name and one or two short given-name syllables ("Trần Thị
