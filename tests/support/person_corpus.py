@@ -33,6 +33,22 @@ TEMPLATES = ("Please forward the signed contract to {} before Friday.",
              "I spoke with {} - she will send the documents.",
              "Reminder: {} owes us the signed NDA.",
              "Dear {}, thank you for your order.")
+# French sentences, for the optional French NER pipeline (ner_languages)
+FR_TEMPLATES = ("Veuillez envoyer le contrat signé à {} avant vendredi.",
+                "{} a appelé deux fois au sujet de la facture.",
+                "Compte rendu : {} a accepté de revoir le budget.",
+                "Pouvez-vous réserver une table pour {} et deux invités ?",
+                "Le dossier a été transmis par {} ce matin.",
+                "Cordialement,\n{}\nResponsable de compte",
+                "Notre nouvelle recrue {} commence lundi au bureau de Lyon.",
+                "J'ai parlé avec {} qui enverra les documents.",
+                "Rappel : {} nous doit l'accord de confidentialité signé.",
+                "Bonjour {}, merci pour votre commande.")
+FR_NEGATIVE_TEMPLATES = ("Nous avons expédié la commande de {} vers {} la semaine dernière.",
+                         "L'équipe de {} a rencontré {} au sujet du contrat.",
+                         "Les vols vers {} via {} sont retardés.",
+                         "Merci de comparer {} avec {} avant la réunion.",
+                         "Notre bureau a déménagé de {} à {}.")
 NON_NAMES = ("Red Cross", "Golden Gate Bridge", "New York Times", "General Motors", "Deutsche Bank",
              "Air France", "Santa Clara", "San Jose", "Microsoft Teams", "Google Maps",
              "Amazon Prime", "Apple Watch", "Mont Blanc", "Grand Central Station",
@@ -70,23 +86,24 @@ def person_name(f, locale: str, rng: random.Random, first: tuple[str, ...] = ())
     return f"{given} {f.last_name()}"
 
 
-def positives(locale: str, n: int, seed: int = 0,
-              first: tuple[str, ...] = ()) -> list[LabelledText]:
+def positives(locale: str, n: int, seed: int = 0, first: tuple[str, ...] = (),
+              templates: tuple[str, ...] = TEMPLATES) -> list[LabelledText]:
     f, rng = _faker(locale, seed), random.Random(seed)
     out = []
     for _ in range(n):
-        before, _, after = rng.choice(TEMPLATES).partition("{}")
+        before, _, after = rng.choice(templates).partition("{}")
         out.append(_build([before, ("PERSON", person_name(f, locale, rng, first)), after],
                           "en"))
     return out
 
 
-def negatives(locale: str, n: int, seed: int = 0) -> list[LabelledText]:
+def negatives(locale: str, n: int, seed: int = 0,
+              templates: tuple[str, ...] = NEGATIVE_TEMPLATES) -> list[LabelledText]:
     f, rng = _faker(locale, seed + 1), random.Random(seed + 1)
     things = [f.city, f.company, f.street_name, lambda: rng.choice(NON_NAMES)]
     out = []
     for _ in range(n):
-        text = rng.choice(NEGATIVE_TEMPLATES).format(rng.choice(things)(), rng.choice(things)())
+        text = rng.choice(templates).format(rng.choice(things)(), rng.choice(things)())
         out.append(LabelledText(text, [], "en"))
     return out
 

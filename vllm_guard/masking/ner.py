@@ -45,12 +45,12 @@ def load_pipeline(choice: str):  # noqa: ANN201 - spacy.Language | None
         if choice != "auto":
             logger.warning("vllm-guard masking: spaCy pipeline %r not installed", name)
         return None
-    unused = ["parser", "lemmatizer", "attribute_ruler", "tagger", "senter"]
+    unused = ["parser", "lemmatizer", "attribute_ruler", "tagger", "senter", "morphologizer"]
     # en_core_web_sm's NER embeds its own tok2vec: the shared one only feeds the tagger and
     # parser (same entities without it, 21% faster). Kept for pipelines whose NER listens.
     try:
         nlp = spacy.load(name, exclude=[*unused, "tok2vec"])
-        nlp("Jane Roe lives in Paris.")
+        nlp("Jane Roe lives in Paris.")  # a NER listening to tok2vec fails here
         return nlp
     except (ValueError, KeyError, AttributeError):
         return spacy.load(name, exclude=unused)
@@ -80,9 +80,45 @@ def candidate_sentences(view: str) -> str:
     return SENTENCE.sub(keep, view)
 
 
+# the commonest short words of each language a pipeline can be configured for
+_EN = ("the a an and or of to in on at for with from by is are was be it this that you we he "
+       "she they please will can")
+_FR = ("le la les un une des du de et ou à au aux pour avec par sur dans est sont été ce cette "
+       "vous nous il elle ils merci veuillez")
+STOPWORDS = {"en": frozenset(_EN.split(" ")), "fr": frozenset(_FR.split(" "))}
+
+
+def sentence_language(sentence: str) -> str:
+    """The language whose stopwords the sentence uses most ("en" on a tie or none)."""
+    words = [w.lower() for w in _WORD.findall(sentence)]
+    best, best_n = "en", sum(w in STOPWORDS["en"] for w in words)
+    for lang, stop in STOPWORDS.items():
+        n = sum(w in stop for w in words)
+        if n > best_n:
+            best, best_n = lang, n
+    return best
+
+
+def language_views(view: str, languages: set[str]) -> dict[str, str]:
+    """One same-length view per language: its sentences kept, the others blanked. Sentences
+    in a language without a pipeline go to English."""
+    if languages == {"en"}:
+        return {"en": view}
+    parts: dict[str, list[str]] = {lang: [] for lang in languages}
+    for m in SENTENCE.finditer(view):
+        lang = sentence_language(m.group())
+        lang = lang if lang in languages else "en"
+        for other, out in parts.items():
+            out.append(m.group() if other == lang else _NOT_NEWLINE.sub(" ", m.group()))
+    return {lang: "".join(p) for lang, p in parts.items()}
+
+
 class SpacyNerDetector(Detector):
-    def __init__(self, nlp, thresholds: dict[str, float]):  # noqa: ANN001 - spacy.Language
-        self.nlp = nlp
+    """``pipelines``: language -> spaCy pipeline; "en" reads English and anything no other
+    pipeline claims, the others (``ner_languages`` in the config) their own sentences."""
+
+    def __init__(self, pipelines: dict[str, object], thresholds: dict[str, float]):
+        self.pipelines = pipelines
         self.thresholds = thresholds
 
     def detect(self, text: str) -> list[Span]:
@@ -90,8 +126,11 @@ class SpacyNerDetector(Detector):
         if not view.strip():
             return []
         out = []
-        for ent in self.nlp(view).ents:
-            entity = LABELS.get(ent.label_)
-            if entity is not None and self.thresholds.get(entity, 1.1) <= SCORE:
-                out.append(Span(ent.start_char, ent.end_char, entity, SCORE))
+        for lang, lang_view in language_views(view, set(self.pipelines)).items():
+            if not lang_view.strip():
+                continue
+            for ent in self.pipelines[lang](lang_view).ents:
+                entity = LABELS.get(ent.label_)
+                if entity is not None and self.thresholds.get(entity, 1.1) <= SCORE:
+                    out.append(Span(ent.start_char, ent.end_char, entity, SCORE))
         return out
