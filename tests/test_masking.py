@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LOG_DIR
-from tests.support.masking_client import echo, engine_prompt, sse_text
+from tests.support.masking_client import echo, engine_prompt, masking_server, sse_text
 from tests.support.pii_corpus import generate, score
-from tests.support.server import VllmServer, free_port, post
+from tests.support.server import free_port, post
 from vllm_guard import configs
 from vllm_guard.masking.config import STRUCTURED, MaskingConfig
 from vllm_guard.masking.detector import build_detector
@@ -253,15 +253,8 @@ def server(tiny_model, redis_server, tmp_path_factory):
     (d / "terms.txt").write_text("凤凰计划\n", encoding="utf-8")
     (d / "masking.json").write_text(json.dumps({
         "vault": "redis", "redis_url": redis_server.url, "terms_file": "terms.txt"}))
-    srv = VllmServer(str(tiny_model), ["--enforce-eager", "--enable-log-requests",
-                                       "--max-num-seqs", "64"],
-                     LOG_DIR / "masking_server.log", {"VLLM_LOGGING_LEVEL": "DEBUG"},
-                     masking=str(d / "masking.json"))
-    srv.start()
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+    with masking_server(tiny_model, d / "masking.json", LOG_DIR / "masking_server.log") as srv:
+        yield srv
 
 
 SECRET = ("Contact Jane at jane.roe@example.com, card 4111 1111 1111 1111, "

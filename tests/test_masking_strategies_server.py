@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import LOG_DIR
-from tests.support.masking_client import echo, engine_prompt, sse_text
+from tests.support.masking_client import echo, engine_prompt, masking_server, sse_text
 from tests.support.pii_corpus import generate
-from tests.support.server import VllmServer
 from vllm_guard.masking.config import MaskingConfig
 from vllm_guard.masking.detector import PLACEHOLDER, build_detector
 from vllm_guard.masking.strategies.formats import well_formed
@@ -33,15 +32,9 @@ def server(tiny_model, redis_server, tmp_path_factory):
     d = tmp_path_factory.mktemp("strategies")
     (d / "masking.json").write_text(json.dumps({
         "vault": "redis", "redis_url": redis_server.url, "strategies": STRATEGIES}))
-    srv = VllmServer(str(tiny_model), ["--enforce-eager", "--enable-log-requests",
-                                       "--max-num-seqs", "64"],
-                     LOG_DIR / "masking_strategies_server.log", {"VLLM_LOGGING_LEVEL": "DEBUG"},
-                     masking=str(d / "masking.json"))
-    srv.start()
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+    log = LOG_DIR / "masking_strategies_server.log"
+    with masking_server(tiny_model, d / "masking.json", log) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,17 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
+
+from tests.support.server import VllmServer
+
+
+def masking_server(model: Path, config: Path, log: Path) -> VllmServer:
+    """The tiny model behind masking, logging every request (so tests can check the log
+    holds no raw value); use as a context manager."""
+    return VllmServer(str(model), ["--enforce-eager", "--enable-log-requests",
+                                   "--max-num-seqs", "64"],
+                      log, {"VLLM_LOGGING_LEVEL": "DEBUG"}, masking=str(config))
 
 
 def echo(server, prompt: str, session: str | None = None, stream: bool = False,
