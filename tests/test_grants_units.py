@@ -470,10 +470,11 @@ def test_grants_then_masking_in_process_forwards_a_key_whose_salt_ner_flags(tmp_
     from vllm_guard.masking.config import MaskingConfig
     from vllm_guard.masking.detector import build_detector
     from vllm_guard.masking.middleware import MaskingMiddleware
+    from vllm_guard.masking.ner import SpacyNerDetector
 
     config = MaskingConfig(detector_workers=0)
     detector = build_detector(config)
-    if not any(getattr(d, "ner", False) for d in detector.detectors):
+    if not any(isinstance(d, SpacyNerDetector) for d in detector.detectors):
         pytest.skip("spaCy NER is not installed")
     name = next((f"tenant-{i}" for i in range(400)
                  if detector.detect(apply_grant({}, Grant(f"key:tenant-{i}",

@@ -15,6 +15,7 @@ from vllm_guard.masking.detector import build_detector
 from vllm_guard.masking.fields import CHAT, COMPLETIONS, RESPONSES, Unmaskable, collect
 from vllm_guard.masking.masker import Masker
 from vllm_guard.masking.middleware import MaskingMiddleware
+from vllm_guard.masking.ner import SpacyNerDetector
 from vllm_guard.masking.pool import DetectorPool
 from vllm_guard.masking.sessions import SessionBinder
 from vllm_guard.masking.vault import InMemoryVault
@@ -312,7 +313,7 @@ def test_values_the_grant_middleware_wrote_are_not_scanned():
     from vllm_guard.grants.middleware import SERVER_SET, apply_grant
 
     detector = build_detector(MaskingConfig(detector_workers=0))  # NER on, as the default
-    if not any(getattr(d, "ner", False) for d in detector.detectors):
+    if not any(isinstance(d, SpacyNerDetector) for d in detector.detectors):
         pytest.skip("spaCy NER is not installed")
     hits = []
     for i in range(400):

@@ -37,8 +37,10 @@ def dataset(tmp_path_factory):
 
 def cli(*args: str, key: str | None = None, masking: str = "masking.fast.json",
         env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    env.pop("VLLM_GUARD_SCRUB_KEY", None)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in ("VLLM_GUARD_SCRUB_KEY", "VLLM_GUARD_FPE_KEY"):  # other modules set them
+        env.pop(name, None)
+    env.update(env_extra or {})
     if key:
         env["VLLM_GUARD_SCRUB_KEY"] = key
     return subprocess.run([sys.executable, "-m", "vllm_guard.cli", "scrub", *args,
