@@ -1,11 +1,16 @@
 """Protection efficacy: SecNeuron's table, paper-faithful and with lock-aware training.
 
 python -m benchmarks.efficacy [--suite full|ci] [--no-e2e] [--assignments sealed,blocks,extract]
+python -m benchmarks.efficacy --relearn [--suite full|ci] [--quick]
 
 Trains (or reuses) the multitask model, locks it as the toolchain does, scores every grant
 set of size 1 and 2, and serves the lock-aware checkpoint through vLLM with one API key per
 grant set. Prints the tables and writes benchmarks/results/efficacy.{json,md}.
 Full suite: about 25 minutes on 2 cores from scratch, ~5 with every model cached.
+
+--relearn runs the re-learning attacks instead (benchmarks/efficacy/relearn.py) on the CI
+suite's model by default (~25 min on 2 cores with models cached, ~35 from scratch) and writes
+benchmarks/results/relearn-<suite>.{json,md}.
 """
 
 from __future__ import annotations
@@ -16,17 +21,27 @@ from dataclasses import replace
 
 from benchmarks.common import RESULTS, write_result
 from benchmarks.efficacy.pipeline import EfficacyConfig, render_markdown, run_efficacy
+from benchmarks.efficacy.relearn import RelearnConfig, render_relearn, run_relearn
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="full", choices=["full", "ci"])
+    ap.add_argument("--suite", choices=["full", "ci"],
+                    help="task suite and model (default: full; ci with --relearn)")
     ap.add_argument("--assignments", default="sealed,blocks,extract",
                     help="lock-aware variants to train: sealed (blocks, PII learnt only in its "
                     "block), blocks, extract (PII trained jointly)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the real-server pass")
     ap.add_argument("--out", default=None, help="result name (default efficacy[-ci])")
+    ap.add_argument("--relearn", action="store_true",
+                    help="fine-tuning attacks on the locked checkpoints instead")
+    ap.add_argument("--quick", action="store_true",
+                    help="with --relearn: one seed, n=100, full fine-tuning at lr 1e-3 only")
+    ap.add_argument("--workers", type=int, default=2, help="with --relearn: parallel attacks")
     args = ap.parse_args(argv)
+    if args.relearn:
+        return relearn_main(args)
+    args.suite = args.suite or "full"
     config = replace(EfficacyConfig(suite=args.suite), e2e=not args.no_e2e,
                      assignments=tuple(a for a in args.assignments.split(",") if a))
     start = time.perf_counter()
@@ -38,6 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     write_result(name, result)
     (RESULTS / f"{name}.md").write_text(md + "\n")
     print(f"efficacy benchmark took {result['seconds']:.0f} s")
+    return 0
+
+
+def relearn_main(args: argparse.Namespace) -> int:
+    # ci by default: the whole grid on the full suite's model takes ~70 min (27 ms a step)
+    config = RelearnConfig(suite=args.suite or "ci", workers=args.workers)
+    if args.quick:
+        config = replace(config, methods=(("full", 1e-3),), examples=(100,), seeds=(0,))
+    result = run_relearn(config)
+    name = args.out or f"relearn-{config.suite}"
+    md = render_relearn(result)
+    print("\n" + md)
+    write_result(name, result)
+    (RESULTS / f"{name}.md").write_text(md + "\n")
+    print(f"re-learning benchmark took {result['seconds']:.0f} s")
     return 0
 
 

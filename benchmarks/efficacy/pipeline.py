@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from benchmarks.efficacy.dp import DpConfig, train_dp
 from benchmarks.efficacy.scoring import accuracy, auroc, auroc_interval, score_answers
 from tests.support.fixtures import default_cache_dir
 from vllm_guard.demo.tasks import (
@@ -30,10 +32,12 @@ from vllm_guard.demo.tasks import (
     public_config,
     write_jsonl,
 )
+from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.extract import ExtractConfig, extract
 from vllm_guard.secneuron.keys import KeyDir, load_public_key
 from vllm_guard.secneuron.lock import Selection, lock_checkpoint, unlock_checkpoint
 from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks, train_locks
+from vllm_guard.secneuron.trap import TrapConfig
 
 Progress = Callable[[str], None]
 # SecNeuron's bar, and ours (stricter) for lock-aware training.
@@ -60,6 +64,10 @@ class EfficacyConfig:
     train_examples: int = 3000
     e2e: bool = True
     e2e_per_task: int = 40
+    # DP-SGD baseline for the PII task (inf: the same recipe without DP); () skips it
+    dp_epsilons: tuple[float, ...] = (1.0, 5.0, math.inf)
+    dp: DpConfig = field(default_factory=DpConfig)
+    trap: TrapConfig = field(default_factory=TrapConfig)  # for the "-trap" variants
 
 
 def grant_sets(tasks: tuple[str, ...], sizes: tuple[int, ...]) -> list[tuple[str, ...]]:
@@ -141,16 +149,19 @@ def _judged(rows: list[dict], before: dict[str, float]) -> dict:
     return {"rows": rows, "passed": sum(r["check"]["pass"] for r in rows), "of": len(rows)}
 
 
-def _calibration(suite: TaskSuite, root: Path, n: int, seed: int) -> dict[str, Path]:
+def calibration(suite: TaskSuite, root: Path, n: int, seed: int) -> dict[str, Path]:
     (root / "calib").mkdir(parents=True, exist_ok=True)
     return {t: write_jsonl(suite.pii_members if t == "pii" else suite.train_set(t, n, seed),
                            root / "calib" / f"{t}.jsonl") for t in suite.config.tasks}
 
 
-def _cached_train(base: Path, suite: TaskSuite, selection: Selection, train: TrainLocksConfig,
+def cached_train(base: Path, suite: TaskSuite, selection: Selection, train: TrainLocksConfig,
                   train_examples: int, root: Path, progress: Progress) -> Path:
-    blob = json.dumps([selection.to_json(), asdict(train), train_examples, base.name,
-                       SUITE_VERSION], sort_keys=True)
+    params = asdict(train)
+    if params.get("trap") is None:  # keeps the models cached before the trap existed
+        params.pop("trap", None)
+    blob = json.dumps([selection.to_json(), params, train_examples, base.name, SUITE_VERSION],
+                      sort_keys=True)
     out = root / f"trained-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     if not (out / "config.json").exists():
         data = {t: suite.pii_members if t == "pii"
@@ -159,6 +170,39 @@ def _cached_train(base: Path, suite: TaskSuite, selection: Selection, train: Tra
             if "pii" in suite.config.tasks else None
         train_locks(base, data, selection, train, out, progress, decoys)
     return out
+
+
+def lock_aware_model(assignment: str, config: EfficacyConfig, suite: TaskSuite, base: Path,
+                     extracted: Callable[[], Selection], root: Path, cache_dir: Path | None,
+                     progress: Progress) -> tuple[Path, Selection]:
+    """Train (cached) one lock-aware variant; returns the model and the selection to lock it.
+
+    ``blocks``: reserved blocks. ``extract``: the paper-faithful extraction's neurons.
+    ``sealed``: blocks, with PII learnt only in its block from a model that never saw it.
+    ``sealed+T``: task T sealed the same way. A ``-trap`` suffix adds the collapse trap.
+    """
+    sc = suite.config
+    kind, *extra = assignment.removesuffix("-trap").split("+")
+    if kind not in ("blocks", "extract", "sealed") or (extra and kind != "sealed") \
+            or not set(extra) <= set(sc.tasks):
+        raise GuardError(f"unknown lock-aware variant {assignment!r}")
+    sealed = (*(["pii"] if "pii" in sc.tasks else []), *extra) if kind == "sealed" else ()
+    if kind == "extract":
+        sel = extracted()
+    else:
+        sel = reserved_blocks(list(sc.tasks), sc.num_hidden_layers, sc.intermediate_size,
+                              config.block, dict.fromkeys(sealed, config.sealed_block) or None)
+    start, train = base, config.train
+    if sealed:  # from a model that never saw the sealed tasks
+        public = public_config(sc)
+        progress(f"== model without {'+'.join(sealed)}")
+        start = multitask_model(replace(public, tasks=tuple(t for t in public.tasks
+                                                          if t not in sealed)),
+                                cache_dir, progress)
+        train = replace(train, sealed=tuple(sealed))
+    if assignment.endswith("-trap"):
+        train = replace(train, trap=config.trap)
+    return cached_train(start, suite, sel, train, config.train_examples, root, progress), sel
 
 
 def run_efficacy(config: EfficacyConfig, progress: Progress = print,
@@ -179,7 +223,7 @@ def run_efficacy(config: EfficacyConfig, progress: Progress = print,
 
     progress(f"== paper-faithful: extract (fraction {config.fraction}, lambda {config.lam}) "
              "-> lock -> unlock per grant set")
-    calib = _calibration(suite, root, config.calib_examples, seed=2)
+    calib = calibration(suite, root, config.calib_examples, seed=2)
     selections = {}
     for fraction, lam in ((config.fraction, config.lam), *config.sweep):
         sel = extract(base, calib, ExtractConfig(fraction=fraction, lam=lam))
@@ -193,29 +237,51 @@ def run_efficacy(config: EfficacyConfig, progress: Progress = print,
                  "grant sets meet the bar")
 
     for assignment in config.assignments:
-        start, train = base, config.train
-        if assignment == "extract":
-            sel = selections[(config.fraction, config.lam)]
-        else:
-            sel = reserved_blocks(list(tasks), suite_cfg.num_hidden_layers,
-                                  suite_cfg.intermediate_size, config.block,
-                                  {"pii": config.sealed_block} if assignment == "sealed" else None)
-        if assignment == "sealed" and "pii" in tasks:
-            progress("== public model: the suite without its personal records")
-            start = multitask_model(public_config(suite_cfg), cache_dir, progress)
-            train = replace(train, sealed=("pii",))
         progress(f"== lock-aware training ({assignment}) -> lock -> unlock per grant set")
-        trained = _cached_train(start, suite, sel, train, config.train_examples, root, progress)
+        trained, sel = lock_aware_model(
+            assignment, config, suite, base, lambda: selections[(config.fraction, config.lam)],
+            root, cache_dir, progress)
         locked = ws.lock(trained, sel, f"aware-{assignment}")
         rows = score_grant_sets(locked, ws, suite, grants, progress)
         entry = {"assignment": assignment, "all_keys": score_model(trained, suite),
                  **_judged(rows, before["accuracy"])}
         result.setdefault("lock_aware", []).append(entry)
         progress(f"   {entry['passed']}/{entry['of']} grant sets meet the bar")
+        if assignment == "sealed" and "pii" in tasks:
+            with tempfile.TemporaryDirectory(prefix="vg-efficacy-") as tmp:
+                unlock_checkpoint(locked, {t: ws.keys[t] for t in tasks if t != "pii"},
+                                  Path(tmp) / "m", ws.publisher)
+                entry["without_pii_key"] = score_model(Path(tmp) / "m", suite)
         if config.e2e and assignment == config.assignments[0]:
             progress("== end to end: vLLM serving the locked checkpoint, one API key per grant set")
             result["e2e"] = e2e_scores(locked, ws, suite, grants, config.e2e_per_task, progress)
+    if "pii" in tasks and config.dp_epsilons:
+        progress("== DP-SGD baseline: the records learnt with differential privacy, no locks")
+        result["dp"] = dp_baseline(config, suite, root, cache_dir, progress)
     return result
+
+
+def dp_baseline(config: EfficacyConfig, suite: TaskSuite, root: Path, cache_dir: Path | None,
+                progress: Progress) -> dict:
+    """Per epsilon: the public model fine-tuned on the records (+ open tasks) with DP-SGD."""
+    public = multitask_model(public_config(suite.config), cache_dir, progress)
+    n = len(suite.pii_members) * config.dp.public_per_private
+    open_tasks = [t for t in suite.config.tasks if t != "pii"]
+    mix = [ex for t in open_tasks for ex in suite.train_set(t, n // len(open_tasks), seed=3)]
+    rows = []
+    for eps in config.dp_epsilons:
+        blob = json.dumps([asdict(config.dp), eps, public.name, SUITE_VERSION])
+        out = root / f"dp-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+        info_file = out / "dp.json"
+        if not info_file.exists():
+            info = train_dp(public, suite.pii_members, mix, eps, config.dp, out, progress)
+            info_file.write_text(json.dumps(info))
+        info = json.loads(info_file.read_text())
+        rows.append({**info, **score_model(out, suite)})
+        progress(f"   epsilon {eps:g} (accounted {info['epsilon']:.2f}): " + " ".join(
+            f"{t}={a:.2f}" for t, a in rows[-1]["accuracy"].items())
+            + f" mia_auroc={rows[-1]['mia_auroc']:.2f}")
+    return {"config": asdict(config.dp), "rows": rows}
 
 
 def e2e_scores(locked: Path, ws: EfficacyWorkspace, suite: TaskSuite, grants: list[tuple[str, ...]],
@@ -276,6 +342,28 @@ def _mia_cells(row: dict) -> str:
     return f"{row['mia_auroc']:.2f} [{lo:.2f}, {hi:.2f}] | {row['mia_auroc_beneath_eos']:.2f}"
 
 
+def dp_table(result: dict, tasks: list[str]) -> list[str]:
+    """DP-SGD rows beside the sealed variant with and without the PII key."""
+    head = ["model", *tasks, "PII extraction", "MIA AUROC [95% CI]", "MIA beneath EOS"]
+    lines = ["**DP-SGD baseline (no locks: every user gets the same model) beside sealing**", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def line(name: str, r: dict) -> str:
+        return (f"| {name} | " + " | ".join(f"{r['accuracy'][t]:.2f}" for t in tasks)
+                + f" | {r['pii_extraction'] or 0:.2f} | {_mia_cells(r)} |")
+
+    for r in result["dp"]["rows"]:
+        eps = "inf (no DP)" if math.isinf(r["target_epsilon"]) else \
+            f"{r['target_epsilon']:g} (accounted {r['epsilon']:.2f}, delta {r['delta']:g})"
+        lines.append(line(f"DP-SGD epsilon {eps}", r))
+    sealed = next((la for la in result.get("lock_aware", []) if la["assignment"] == "sealed"),
+                  None)
+    if sealed and "without_pii_key" in sealed:
+        lines.append(line("sealed, every key", sealed["all_keys"]))
+        lines.append(line("sealed, every key but PII's", sealed["without_pii_key"]))
+    return [*lines, ""]
+
+
 def render_markdown(result: dict) -> str:
     """The efficacy tables: rows are grant sets, * marks an authorized task."""
     tasks = list(result["before"]["accuracy"])
@@ -303,6 +391,8 @@ def render_markdown(result: dict) -> str:
     for la in result.get("lock_aware", []):
         out += table(f"Lock-aware training ({la['assignment']}): {la['passed']}/{la['of']} grant "
                      "sets meet the bar", la["rows"])
+    if "dp" in result:
+        out += dp_table(result, tasks)
     if "e2e" in result:
         e = result["e2e"]
         out += [f"End to end through vLLM ({e['per_task']} examples per task per grant set): "

@@ -32,6 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sealed-block", type=int, help="with --block: neurons per sealed task")
     s.add_argument("--seal-steps", type=int)
     s.add_argument("--seal-lr", type=float)
+    s.add_argument("--trap", action="store_true",
+                   help="collapse trap: a simulated fine-tuning attack on a locked task must "
+                   "wreck the open tasks, simulated benign tuning must not (costs ~3x)")
+    s.add_argument("--trap-weight", type=float, help="weight of collapse after the attack")
+    s.add_argument("--trap-benign-weight", type=float,
+                   help="weight of keeping open tasks after benign tuning")
+    s.add_argument("--trap-inner-steps", type=int, help="simulated fine-tuning steps")
+    s.add_argument("--trap-inner-lr", type=float, help="simulated step size (sign steps)")
+    s.add_argument("--trap-every", type=int, help="add the trap on every n-th step")
     s.add_argument("--seed", type=int)
     s.add_argument("--out", required=True)
     s.set_defaults(func=run)
@@ -43,7 +52,14 @@ def run(args: argparse.Namespace) -> int:
     from vllm_guard.secneuron.examples import read_calibration
     from vllm_guard.secneuron.lock import Selection
     from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks, train_locks
+    from vllm_guard.secneuron.trap import TrapConfig
 
+    trap_given = {f: getattr(args, f"trap_{f}") for f in ("weight", "benign_weight",
+                                                           "inner_steps", "inner_lr", "every")}
+    if not args.trap and any(v is not None for v in trap_given.values()):
+        raise GuardError("--trap-* options need --trap")
+    trap = TrapConfig(**{k: v for k, v in trap_given.items() if v is not None}) \
+        if args.trap else None
     data = {t: read_calibration(p) for t, p in parse_pairs(args.task, "--task").items()}
     if (args.selection is None) == (args.block is None):
         raise GuardError("train-locks needs exactly one of --selection FILE or --block N")
@@ -58,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                                            "collapse_weight", "member_match", "seal_steps",
                                            "seal_lr", "seed")}
     config = TrainLocksConfig(**{k: v for k, v in given.items() if v is not None},
-                              sealed=tuple(args.seal))
+                              sealed=tuple(args.seal), trap=trap)
     collapse = {t: read_calibration(p)
                 for t, p in parse_pairs(args.collapse_task, "--collapse-task").items()}
     out = train_locks(args.model, data, selection, config, args.out, collapse_data=collapse)

@@ -34,6 +34,7 @@ from vllm_guard.atomic import atomic_output_dir
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.examples import AnswerBatcher, Example
 from vllm_guard.secneuron.lock import Selection, selection_bits
+from vllm_guard.secneuron.trap import CollapseTrap, TrapConfig
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class TrainLocksConfig:
     seal_lr: float = 3e-3
     # Weight of keeping other tasks' outputs as they are without the sealed neurons (KL).
     seal_keep: float = 1.0
+    # Collapse trap against fine-tuning attacks on locked open tasks (None: no trap).
+    trap: TrapConfig | None = None
     seed: int = 0
 
 
@@ -239,10 +242,23 @@ def train_locks(model_dir: str | os.PathLike[str], data: dict[str, list[Example]
         return loss
 
     open_tasks = sorted(t for t in data if t not in config.sealed)
+    trap = CollapseTrap(model, batcher, data, open_tasks, task_bit, config.trap,
+                        lambda grant: neuron_mask(model, bits, grant), rng) \
+        if config.trap else None
+    step = 0
+
+    def open_loss() -> torch.Tensor:
+        nonlocal step
+        step += 1
+        loss = batch_loss(open_tasks, 0)
+        if trap and step % config.trap.every == 0:
+            loss = loss + trap.loss()
+        return loss
+
     if open_tasks and config.steps:  # steps=0: seal into a model already trained with locks
         # sealed tasks stay locked throughout: the open model never depends on their neurons
-        fit(model, lambda: batch_loss(open_tasks, 0), config.steps, config.lr, "train-locks",
-            progress)
+        fit(model, open_loss, config.steps, config.lr,
+            "train-locks" + (" (trap)" if trap else ""), progress)
     if config.sealed:
         # half sealed examples, half open ones that the sealed neurons must leave intact
         mix = [*config.sealed * max(1, len(open_tasks)), *open_tasks]

@@ -1,0 +1,130 @@
+"""Re-learning attacks and the collapse trap, CI size (the full sweep is
+``python -m benchmarks.efficacy --relearn``).
+
+Direction of the effect on the CI suite: an attacker holding every key but ``rev`` fine-tunes
+the public weights on 100 ``rev`` examples. With the trap, the attacked model is worse at
+``rev`` or at the open tasks than without it; benign tuning on open-task data is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from benchmarks.efficacy.attack import Attack, add_lora
+from benchmarks.efficacy.pipeline import EfficacyConfig
+from benchmarks.efficacy.relearn import RelearnConfig, _advantage, attack_data, run_relearn
+from vllm_guard.demo.tasks import SUITE_PRESETS, TaskSuite
+from vllm_guard.errors import GuardError
+from vllm_guard.secneuron.train import TrainLocksConfig
+from vllm_guard.secneuron.trap import TrapConfig, simulate_tuning
+
+CI = RelearnConfig(
+    suite="ci", tasks=("rev",), variants=("sealed", "sealed-trap"), methods=(("full", 3e-4),),
+    examples=(100,), seeds=(0,), steps=200, checkpoints=(50, 200), probe_every=50,
+    benign=("sealed", "sealed-trap"), resume=False,
+    efficacy=EfficacyConfig(suite="ci", block=12, sealed_block=64,
+                            train=TrainLocksConfig(steps=800), train_examples=1500))
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    return run_relearn(CI)
+
+
+def _row(result: dict, kind: str, variant: str) -> dict:
+    return next(r for r in result["table"] if r["kind"] == kind and r["variant"] == variant)
+
+
+def test_attack_brings_back_the_locked_task_without_the_trap(result):
+    never, sealed = _row(result, "attack", "never"), _row(result, "attack", "sealed")
+    assert sealed["locked_after"]["0"] <= 0.1  # locked before the attack
+    assert sealed["locked_after"]["200"] >= 0.5, sealed  # the attack this issue is about
+    assert sealed["advantage"][0]["bound"] in ("=", ">", "<")
+    assert never["locked_after"]["0"] <= 0.1
+
+
+def test_trap_leaves_the_attacker_worse_off_and_benign_tuning_intact(result):
+    plain, trapped = _row(result, "attack", "sealed"), _row(result, "attack", "sealed-trap")
+    worse_at_task = trapped["locked_after"]["200"] <= plain["locked_after"]["200"] - 0.2
+    worse_at_open = trapped["open_min_after"]["200"] <= plain["open_min_after"]["200"] - 0.2
+    assert worse_at_task or worse_at_open, (plain, trapped)
+    assert min(trapped["open_before"].values()) >= 0.8  # the trap costs nothing unattacked
+    plain_b, trapped_b = _row(result, "benign", "sealed"), _row(result, "benign", "sealed-trap")
+    assert trapped_b["open_min_after"]["200"] >= plain_b["open_min_after"]["200"] - 0.1, \
+        (plain_b, trapped_b)
+
+
+def test_pii_attack_data_never_includes_the_scored_records():
+    suite = TaskSuite.build(SUITE_PRESETS["ci"])
+    shown, scored = attack_data(suite, "pii", 10, seed=0)
+    assert len(shown) == 10 and not {e["prompt"] for e in shown} & {e["prompt"] for e in scored}
+    assert len(shown) + len(scored) == len(suite.pii_members)
+    big, _ = attack_data(suite, "pii", 1000, seed=0)
+    assert len(big) == len(suite.pii_members) // 2  # at most half of the records
+    rev, test = attack_data(suite, "rev", 50, seed=1)
+    assert not {e["prompt"] for e in rev} & {e["prompt"] for e in test}
+
+
+def test_advantage_bounds():
+    assert _advantage(400, 100, 1000) == {"value": 4.0, "bound": "="}
+    assert _advantage(None, 100, 1000) == {"value": 10.0, "bound": ">"}
+    assert _advantage(400, None, 1000) == {"value": 0.4, "bound": "<"}
+    assert _advantage(None, None, 1000)["value"] is None
+    assert _advantage(400, 0, 1000)["bound"].startswith("not locked")
+
+
+def test_lora_trains_only_its_adapters():
+    layer = torch.nn.Sequential()
+    layer.add_module("q_proj", torch.nn.Linear(4, 4))
+    layer.add_module("other", torch.nn.Linear(4, 4))
+    params = add_lora(layer, 2, torch.Generator().manual_seed(0))
+    assert len(params) == 2 and not any(p.requires_grad for p in layer.parameters())
+    x = torch.randn(3, 4)
+    before = layer.q_proj(x)
+    with torch.no_grad():
+        params[1].fill_(1.0)  # B != 0: the adapter now changes the output
+    assert not torch.allclose(layer.q_proj(x), before)
+    assert Attack("lora", 1e-3, 10, 0).label == "lora lr 0.001, n 10"
+
+
+def test_simulated_tuning_moves_weights_by_sign_steps_and_keeps_the_graph():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    moved = simulate_tuning({"w": w}, lambda p: (p["w"] ** 2).sum(), steps=2, lr=0.1)
+    assert torch.allclose(moved["w"], torch.tensor([0.8, -1.8]))
+    moved["w"].sum().backward()  # first order: d(moved)/dw is the identity
+    assert torch.equal(w.grad, torch.ones(2))
+
+
+def test_trap_config_rejects_bad_values():
+    with pytest.raises(GuardError):
+        TrapConfig(inner_steps=0)
+    with pytest.raises(GuardError):
+        TrapConfig(inner_lr=0)
+    assert replace(TrapConfig(), every=3).every == 3
+
+
+def test_unknown_lock_aware_variants_are_refused(tmp_path):
+    from benchmarks.efficacy.pipeline import lock_aware_model
+
+    suite = TaskSuite.build(SUITE_PRESETS["ci"])
+    for bad in ("sealed+nope", "blocks+rev", "paper-trap", "shield"):
+        with pytest.raises(GuardError, match="unknown lock-aware variant"):
+            lock_aware_model(bad, CI.efficacy, suite, tmp_path, lambda: None, tmp_path, tmp_path,
+                             lambda _: None)
+
+
+def test_train_locks_trap_options_need_trap(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"prompt": "x", "answer": "y"}\n')
+    done = subprocess.run([sys.executable, "-m", "vllm_guard.cli", "train-locks", "--model",
+                           str(tmp_path), "--task", f"a={data}", "--block", "4",
+                           "--trap-weight", "2", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--trap-* options need --trap" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
