@@ -48,12 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_efficacy(config)
     result["seconds"] = round(time.perf_counter() - start, 1)
     name = args.out or ("efficacy" if args.suite == "full" else f"efficacy-{args.suite}")
-    md = render_markdown(result)
-    print("\n" + md)
-    write_result(name, result)
-    (RESULTS / f"{name}.md").write_text(md + "\n")
-    print(f"efficacy benchmark took {result['seconds']:.0f} s")
-    return 0
+    return _report(name, result, render_markdown(result), "efficacy")
 
 
 def relearn_main(args: argparse.Namespace) -> int:
@@ -62,12 +57,15 @@ def relearn_main(args: argparse.Namespace) -> int:
     if args.quick:
         config = replace(config, methods=(("full", 1e-3),), examples=(100,), seeds=(0,))
     result = run_relearn(config)
-    name = args.out or f"relearn-{config.suite}"
-    md = render_relearn(result)
+    return _report(args.out or f"relearn-{config.suite}", result, render_relearn(result),
+                   "re-learning")
+
+
+def _report(name: str, result: dict, md: str, what: str) -> int:
     print("\n" + md)
     write_result(name, result)
     (RESULTS / f"{name}.md").write_text(md + "\n")
-    print(f"re-learning benchmark took {result['seconds']:.0f} s")
+    print(f"{what} benchmark took {result['seconds']:.0f} s")
     return 0
 
 
