@@ -5,8 +5,9 @@ python -m benchmarks.efficacy --relearn [--suite full|ci] [--quick]
 
 Trains (or reuses) the multitask model, locks it as the toolchain does, scores every grant
 set of size 1 and 2, and serves the lock-aware checkpoint through vLLM with one API key per
-grant set. Prints the tables and writes benchmarks/results/efficacy.{json,md}.
-Full suite: about 25 minutes on 2 cores from scratch, ~5 with every model cached.
+grant set, then adds the DP-SGD baseline (PII learnt with Opacus at epsilon 1, 5 and inf).
+Prints the tables and writes benchmarks/results/efficacy.{json,md}.
+Full suite: about 30 minutes on 2 cores from scratch, ~5 with every model cached.
 
 --relearn runs the re-learning attacks instead (benchmarks/efficacy/relearn.py) on the CI
 suite's model by default (~25 min on 2 cores with models cached, ~35 from scratch) and writes
