@@ -42,6 +42,9 @@ class MaskingConfig:
     allow_list: tuple[str, ...] = ()
     # per entity: words around a match that make it non-sensitive ("X Airport", "Mount X")
     context: dict[str, ContextRule] = field(default_factory=default_context)
+    # PERSON inside a known multi-word place or company name ("Nguyễn Trãi" the street,
+    # "Jelenia Góra") is not a person (masking/place_names.py)
+    known_places: bool = True
     # per entity: values masked whatever the context or the allow list says
     always_sensitive: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # per entity: "placeholder" (default), "surrogate" (realistic stand-in) or "fpe" (FF3-1)

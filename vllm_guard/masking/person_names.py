@@ -3,6 +3,11 @@ Cyrillic or Greek script: a run of capitalised words that are all known names, s
 with a first name and ending with a last name ("José Mari Carranza", "Davi Lucas da Cunha"),
 or family name first for East Asian names ("Nguyễn Văn An", "Tanaka Hiroshi").
 
+A first name no list holds ("Kuldeep Salvi", "Bülent Ergül") counts before a known surname
+when it is not a common English word (:mod:`vllm_guard.masking.common_words`): "Burger
+King" and "Black Friday" are not people. Japanese given names are too many to list, but
+their romanisation has a shape (":data:`HEPBURN`": "Yamaguchi Mitsuru").
+
 spaCy's small English model misses names in list-like text ("Contact: Jon Cole - 555-...")
 and most non-English names; requiring known names at both ends, capitalised, keeps
 sentence-initial words ("May", "Will") and lone surnames out.
@@ -14,6 +19,7 @@ import re
 
 from presidio_analyzer import EntityRecognizer, RecognizerResult
 
+from vllm_guard.masking.common_words import VERY_COMMON, is_common
 from vllm_guard.masking.name_gazetteer import Gazetteer, fold
 
 # letters only (no digits or "_"), with inner apostrophes and hyphens: O'Neil, Jean-Luc
@@ -32,7 +38,34 @@ NOT_FIRST = frozenset({"the", "a", "an", "and", "or", "of", "in", "on", "at", "t
                        "this", "that", "these", "those", "dear", "hi", "hello", "mr", "mrs",
                        "ms", "dr", "north", "south", "east", "west", "new", "saint", "san",
                        "santa", "st", "rio", "monte", "mont", "port", "lake", "mount", "fort",
-                       "easter"})
+                       "easter", "sainte", "porto", "los", "las", "el", "il", "le", "la", "les", "der",
+                       "die", "das", "bad", "villa", "isla", "cabo"})
+# a romanised Japanese given name: Hepburn syllables, a doubled consonant or a final "n"
+# allowed ("Mitsuru", "Yoshinori", "Ippei", "Kenichi", "Jun")
+HEPBURN = re.compile(r"(?:(?:([kgsztdbpmr])(?=\1))?(?:(?:[kgsztdnhbpmr]y?|sh|ch|ts|j|f|w|y)?"
+                     r"[aiueo]|n))+")
+MAX_GIVEN = 10  # letters in a romanised Japanese given name ("Kazuyoshi")
+
+
+def unlisted_first_name(word: str, names: Gazetteer) -> bool:
+    """A capitalised word that may be a first name no list holds: not a listed name, not a
+    word that starts places or sentences, not a common English word."""
+    key = fold(word)  # a surname may be one too ("Suman", "Lech", "Mohan" are listed as such)
+    return (len(key) > 1 and _capitalised(word) and key not in names.first
+            and key not in NOT_FIRST and not is_common(word))
+
+
+def plausible_person(words: list[str], names: Gazetteer) -> bool:
+    """Two or more words that could be one person's name: the first does not start places
+    or sentences, and each is a listed name or not a common English word ("Best Buy",
+    "Ford Focus" are not)."""
+    if not words or fold(words[0]) in PARTICLES:
+        return False
+    words = [w for w in words if w.lower() not in PARTICLES]
+    if len(words) < 2 or fold(words[0]) in NOT_FIRST or not _capitalised(words[0]):
+        return False
+    known = names.first | names.last
+    return all(fold(w) in known or not is_common(w) for w in words)
 
 
 def _capitalised(word: str) -> bool:
@@ -63,12 +96,30 @@ class GuardPersonNameRecognizer(EntityRecognizer):
         return ((any(p in n.first for p in parts[0]) and any(p in n.last for p in parts[-1]))
                 or (parts[0][0] in n.family_first and parts[-1][0] in n.given_after))
 
+    def _is_unlisted_first(self, words: list[str]) -> bool:
+        """An unlisted first name, then known names ending with a surname ("Kuldeep Salvi",
+        "Wiesław Ziętal", "Rogério da Rosa"). A listed surname first takes no particle:
+        "Barbosa de Minas", "Azevedo da Serra" are towns."""
+        names = [w for w in words if w.lower() not in PARTICLES]
+        if not 2 <= len(names) <= 3 or not unlisted_first_name(names[0], self.names):
+            return False
+        if len(names) < len(words) and fold(names[0]) in self.names.last:
+            return False
+        words = names
+        return (all(fold(w) in self._known for w in words[1:])
+                and fold(words[-1]) in self.names.last)
+
     def _is_family_first(self, words: list[str]) -> bool:
         """An East Asian family name and one or two short given-name syllables ("Trần Thị
         Hoa", "Wang Fang"): given names there are too many to list, their shape is not."""
         keys = [fold(w) for w in words]
-        return (keys[0] in self.names.family_first and keys[0] not in NOT_FIRST
-                and 2 <= len(keys) <= 4 and all(len(k) <= MAX_SYLLABLE for k in keys[1:]))
+        if keys[0] not in self.names.family_first or keys[0] in NOT_FIRST:
+            return False
+        if len(keys) == 2 and len(keys[1]) <= MAX_GIVEN and HEPBURN.fullmatch(keys[1]):
+            # "Yamaguchi Mitsuru", "Sato Ai"; after a family name that is also an everyday
+            # word, not an everyday word ("Abe Kobe", not "Abe Home")
+            return not (is_common(words[0], VERY_COMMON) and is_common(words[1]))
+        return 2 <= len(keys) <= 4 and all(len(k) <= MAX_SYLLABLE for k in keys[1:])
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts=None) -> list:
         out = []
@@ -95,7 +146,8 @@ class GuardPersonNameRecognizer(EntityRecognizer):
         while i < len(run):
             for j in range(min(len(run), i + MAX_WORDS), i + 1, -1):
                 if (words[i] not in PARTICLES and words[j - 1] not in PARTICLES
-                        and (self._is_name(words[i:j]) or self._is_family_first(words[i:j]))):
+                        and (self._is_name(words[i:j]) or self._is_family_first(words[i:j])
+                             or self._is_unlisted_first(words[i:j]))):
                     found.append(RecognizerResult("PERSON", run[i].start(), run[j - 1].end(),
                                                   self.SCORE))
                     i = j
