@@ -19,12 +19,16 @@ from importlib import resources
 FAMILY_FIRST = ("ja_JP", "zh_CN", "zh_TW", "ko_KR", "vi_VN")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Gazetteer:
     first: frozenset[str]
     last: frozenset[str]
     family_first: frozenset[str]  # last names of FAMILY_FIRST locales
     given_after: frozenset[str]  # their first and middle names
+
+    @functools.cached_property
+    def known(self) -> frozenset[str]:
+        return self.first | self.last
 
 
 def fold(word: str) -> str:

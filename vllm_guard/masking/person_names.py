@@ -64,8 +64,7 @@ def plausible_person(words: list[str], names: Gazetteer) -> bool:
     words = [w for w in words if w.lower() not in PARTICLES]
     if len(words) < 2 or fold(words[0]) in NOT_FIRST or not _capitalised(words[0]):
         return False
-    known = names.first | names.last
-    return all(fold(w) in known or not is_common(w) for w in words)
+    return all(fold(w) in names.known or not is_common(w) for w in words)
 
 
 def _capitalised(word: str) -> bool:
@@ -77,7 +76,7 @@ class GuardPersonNameRecognizer(EntityRecognizer):
 
     def __init__(self, names: Gazetteer) -> None:
         self.names = names
-        self._known = names.first | names.last
+        self._known = names.known
         super().__init__(supported_entities=["PERSON"], name=type(self).__name__,
                          supported_language="en")
 
