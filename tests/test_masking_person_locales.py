@@ -117,7 +117,7 @@ def test_model_person_guesses_need_the_shape_of_a_name():
                  "The Davis-Mullins team met with Ford Focus about the new contract."):
         assert persons(det, text) == set(), text
     assert "Okafor" in persons(det, "Please ask Dr. Okafor to sign it.")
-    assert persons(det, "Please ask Chinedu Okafor to sign it.") == {"Chinedu Okafor"}
+    assert persons(det, "Please ask Oluwaseun Adebayo to sign it.") == {"Oluwaseun Adebayo"}
 
 
 def test_known_places_can_be_turned_off():
@@ -125,3 +125,22 @@ def test_known_places_can_be_turned_off():
     assert persons(build_detector(MaskingConfig(ner="off", detector_workers=0)), text) == set()
     off = build_detector(MaskingConfig(ner="off", known_places=False, detector_workers=0))
     assert persons(off, text) == {"Nguyễn Văn Cừ"}
+
+
+def test_model_runs_only_where_the_lists_cannot_explain():
+    """Sentences whose capitalised words the lists explain skip the model; a name no list
+    holds, a title or a place cue sends a sentence to it."""
+    from vllm_guard.masking.name_gazetteer import gazetteer
+    from vllm_guard.masking.ner import candidate_sentences
+
+    names = gazetteer()
+    for skipped in ("Please ask John Smith to sign.", "The Burger King menu changed."):
+        assert candidate_sentences(skipped, names).strip() == "", skipped
+        assert candidate_sentences(skipped) == skipped  # without the lists: all capitalised
+    for kept in ("Please ask Oluwaseun Adebayo to sign.", "Ask Dr. Smith now.",
+                 "Flights to Paris are late."):
+        assert candidate_sentences(kept, names) == kept, kept
+    text = "Please ask Oluwaseun Adebayo to sign it."  # in no list: the model's
+    assert persons(build_detector(MaskingConfig(detector_workers=0)), text) == {
+        "Oluwaseun Adebayo"}
+    assert persons(build_detector(MaskingConfig(ner="off", detector_workers=0)), text) == set()

@@ -237,7 +237,9 @@ def build_detector(config: MaskingConfig) -> CompositeDetector:
             pipelines[lang] = other
         from vllm_guard.masking.name_gazetteer import gazetteer
 
-        detectors.append(SpacyNerDetector(pipelines, ner, gazetteer()))
+        detectors.append(SpacyNerDetector(pipelines, ner, gazetteer(),
+                                          lists_detect=config.name_lists
+                                          and "PERSON" in config.enabled()))
     elif ner and config.ner != "off":
         logger.info("vllm-guard masking: no spaCy NER pipeline; LOCATION, and names outside "
                     "the name lists, not detected (install the 'ner' extra)")

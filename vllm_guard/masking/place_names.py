@@ -3,8 +3,8 @@ named after historical figures ("Nguyễn Trãi", "Lê Văn Sỹ"), Polish towns
 Turkish companies ("Çelik Enerji"). A PERSON match inside one is not a person (the operator's
 always-sensitive list still wins).
 
-Source: the fixed country, city, street and company lists of every Faker locale, lower-cased, matched
-between word boundaries with one Aho-Corasick pass over the text.
+Source: the fixed country, city, street and company lists of every Faker locale,
+lower-cased, matched between word boundaries with one Aho-Corasick pass over the text.
 """
 
 from __future__ import annotations
