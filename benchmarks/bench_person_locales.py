@@ -1,8 +1,9 @@
 """PERSON recall and precision per locale, per masking profile (JSON + a printed table).
 
-Positives: English sentences around a full name of the locale (Faker's lists, and with
-``--held-out`` first names from gender-guesser's independent list). Negatives: sentences of
-capitalised non-names (the locale's cities, companies, streets; products, organisations).
+Positives: English sentences around a full name of the locale (Faker's lists, and first
+names from gender-guesser's independent list). Negatives: sentences of capitalised non-names
+(the locale's cities, companies, streets from Faker; products, organisations), and, held out
+from every list the masker uses, towns of the locale's country from GeoNames.
 Chinese names in Chinese text are measured by tests/test_masking_chinese_names.py.
 
 ``python -m benchmarks.bench_person_locales --n 200``
@@ -21,6 +22,7 @@ from tests.support.person_corpus import (
     LOCALES,
     held_out_first_names,
     negatives,
+    place_negatives,
     positives,
 )
 from tests.support.pii_corpus import score
@@ -76,9 +78,17 @@ def measure(n: int, profiles: dict[str, dict], seed: int = 0) -> dict:
                 # every PERSON found in a negative sentence is a false positive
                 row[source] = {**_row(det, pos, neg),
                                "seconds": round(time.perf_counter() - t, 2)}
+                places = place_negatives(locale, n // 2, seed)
+                if places:  # precision against towns no list of ours holds
+                    held = _row(det, pos, places)
+                    row[source]["precision_held_out_places"] = held["precision"]
+                    row[source]["false_positives_in_places"] = held[
+                        "false_positives_in_negatives"]
             rows[locale] = row
             print(f"{profile:8s} {locale}: " + "  ".join(
-                f"{s} R {r['recall']:.2f} P {r['precision']:.2f}" for s, r in row.items()),
+                f"{s} R {r['recall']:.2f} P {r['precision']:.2f} "
+                f"P(places) {r.get('precision_held_out_places', float('nan')):.2f}"
+                for s, r in row.items()),
                 flush=True)
         out["profiles"][profile] = rows
     return out

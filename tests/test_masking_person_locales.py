@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.person_corpus import LOCALES, held_out_first_names, negatives, positives
+from tests.support.person_corpus import (
+    LOCALES,
+    held_out_first_names,
+    negatives,
+    place_negatives,
+    positives,
+)
 from tests.support.pii_corpus import score
 from vllm_guard.masking.config import MaskingConfig
 from vllm_guard.masking.detector import build_detector
@@ -45,6 +51,11 @@ def test_names_of_every_locale_found_precisely(request, profile, locale):
         recall, precision = _recall_precision(det, positives(locale, 100, 3, first), neg)
         assert recall >= 0.90, (locale, bool(first), recall)
         assert precision >= 0.95, (locale, bool(first), precision)
+    places = place_negatives(locale, 50, seed=3)  # GeoNames towns, when the bench extra is in
+    if places:
+        _, precision = _recall_precision(det, positives(locale, 100, 3), places)
+        # below 0.95 in towns named after people (pt_BR, vi_VN): docs say so
+        assert precision >= 0.88, (locale, "GeoNames towns", precision)
 
 
 @pytest.mark.parametrize(("text", "want"), [

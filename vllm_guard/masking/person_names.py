@@ -39,20 +39,34 @@ NOT_FIRST = frozenset({"the", "a", "an", "and", "or", "of", "in", "on", "at", "t
                        "ms", "dr", "north", "south", "east", "west", "new", "saint", "san",
                        "santa", "st", "rio", "monte", "mont", "port", "lake", "mount", "fort",
                        "easter", "sainte", "porto", "los", "las", "el", "il", "le", "la",
-                       "les", "der", "die", "das", "bad", "villa", "isla", "cabo"})
+                       "les", "der", "die", "das", "bad", "villa", "isla", "cabo", "sant",
+                       "são", "santo", "governador", "presidente", "marechal", "princesa",
+                       "coronel", "sankt", "ciudad", "cidade", "ciutat", "barri", "bairro",
+                       "vila", "nueva", "nuevo", "nova", "novo", "nowy", "nowa", "nowe",
+                       "stary", "stara", "stare", "cerro", "ouro", "balneário", "estância",
+                       "ribeirão", "três", "cuatro", "quatro", "puerto", "puente", "ponte",
+                       "castel", "hohen", "ober", "unter", "nieder"})
 # a romanised Japanese given name: Hepburn syllables, a doubled consonant or a final "n"
 # allowed ("Mitsuru", "Yoshinori", "Ippei", "Kenichi", "Jun")
 HEPBURN = re.compile(r"(?:(?:([kgsztdbpmr])(?=\1))?(?:(?:[kgsztdnhbpmr]y?|sh|ch|ts|j|f|w|y)?"
                      r"[aiueo]|n))+")
 MAX_GIVEN = 10  # letters in a romanised Japanese given name ("Kazuyoshi")
+# the commonest Vietnamese family names (with Faker's vi_VN list, ~90% of people)
+VIETNAMESE_FAMILY = frozenset(fold(w) for w in (
+    "Nguyễn", "Trần", "Lê", "Phạm", "Hoàng", "Huỳnh", "Phan", "Vũ", "Võ", "Đặng", "Bùi", "Đỗ",
+    "Hồ", "Ngô", "Dương", "Lý", "Mai", "Đinh", "Trương", "Lâm", "Đoàn", "Tạ", "Lưu", "Cao"))
+# letters only Vietnamese uses among Latin scripts (ơ, ư, đ, ă and the stacked tones)
+VIETNAMESE = re.compile("[\u0102\u0103\u0110\u0111\u01a0\u01a1\u01af\u01b0\u1ea0-\u1ef9]")
 
 
 def unlisted_first_name(word: str, names: Gazetteer) -> bool:
     """A capitalised word that may be a first name no list holds: not a listed name, not a
     word that starts places or sentences, not a common English word."""
     key = fold(word)  # a surname may be one too ("Suman", "Lech", "Mohan" are listed as such)
-    return (len(key) > 1 and capitalised(word) and key not in names.first
-            and key not in NOT_FIRST and not is_common(word))
+    # Vietnamese syllables are not first names of this shape ("Giá Rai", "Thới Lai" are
+    # towns): Vietnamese names are the family-first rule's
+    return (len(key) > 2 and capitalised(word) and key not in names.first
+            and key not in NOT_FIRST and not is_common(word) and not VIETNAMESE.search(word))
 
 
 def plausible_person(words: list[str], names: Gazetteer) -> bool:
@@ -91,6 +105,8 @@ class GuardPersonNameRecognizer(EntityRecognizer):
         if (len(parts) < 2 or parts[0][0] in NOT_FIRST
                 or any(not any(p in self._known for p in word) for word in parts)):
             return False
+        if len(parts) == 2 and any(VIETNAMESE.search(w) for w in words):
+            return False  # Vietnamese towns have two syllables ("Hải Dương"), people three
         n = self.names
         return ((any(p in n.first for p in parts[0]) and any(p in n.last for p in parts[-1]))
                 or (parts[0][0] in n.family_first and parts[-1][0] in n.given_after))
@@ -114,6 +130,10 @@ class GuardPersonNameRecognizer(EntityRecognizer):
         keys = [fold(w) for w in words]
         if keys[0] not in self.names.family_first or keys[0] in NOT_FIRST:
             return False
+        if any(not k.isascii() for k in keys[1:]) and keys[0] not in VIETNAMESE_FAMILY:
+            return False  # accented syllables after a pinyin name: a place ("Long Xuyên")
+        if len(keys) == 2 and any(VIETNAMESE.search(w) for w in words):
+            return False  # Vietnamese towns have two syllables ("Hải Dương"), people three
         if len(keys) == 2 and len(keys[1]) <= MAX_GIVEN and HEPBURN.fullmatch(keys[1]):
             # "Yamaguchi Mitsuru", "Sato Ai"; after a family name that is also an everyday
             # word, not an everyday word ("Abe Kobe", not "Abe Home")
