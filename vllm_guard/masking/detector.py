@@ -247,6 +247,11 @@ def build_detector(config: MaskingConfig) -> CompositeDetector:
         detectors.append(TermListDetector(config.terms_file))
     if "PERSON" in config.enabled():
         from vllm_guard.masking.chinese_names import ChineseNameDetector
+        from vllm_guard.masking.common_words import common_english
+        from vllm_guard.masking.place_names import place_spans
+
+        common_english()  # load the lazy tables now, not in the first request (~0.5 s)
+        place_spans("")
 
         detectors.append(ChineseNameDetector(max(config.enabled()["PERSON"], 0.85)))
     if config.always_sensitive:
