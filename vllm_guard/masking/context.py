@@ -46,8 +46,9 @@ PLACE_WORDS = ("Alley", "Bay", "Beach", "Bluff", "Boulevard", "Branch", "Brook",
                "Views", "Village", "Villages", "Vista", "Walk", "Way", "Ways")
 # towns and their parts: "Carson City", "Camden Town", "Roquetas de Mar", "Jastrzębie
 # Zdrój", "Altstadt Nord"
-TOWN_WORDS = ("City", "Town", "Township", "County", "District", "Borough", "Village", "Mar",
-              "Frontera", "Norte", "Sur", "Nord", "Süd", "Feld", "Zdrój", "Górny", "Górne",
+ENGLISH_TOWN_WORDS = ("City", "Town", "Township", "County", "District", "Borough", "Village")
+# (these lose any listed name: "Monte", "Serra", "Lubelski" are surnames too)
+TOWN_WORDS = ("Mar", "Frontera", "Norte", "Sur", "Nord", "Süd", "Feld", "Zdrój", "Górny", "Górne",
               "Górna", "Dolny", "Dolne", "Dolna", "Wielki", "Wielkie", "Wielka", "Północ",
               "Południe", "Río", "Monte", "Alta", "Alto", "Baja", "Bajo", "Altas", "Bajas",
               # Polish towns take their region's adjective: "Tomaszów Lubelski"
@@ -60,10 +61,17 @@ ORGANISATION_WORDS = ("Airport", "University", "College", "School", "Academy", "
                       "Award", "Trust", "Fund", "Corporation", "Company", "Inc", "Inc.", "Ltd",
                       "Ltd.", "LLC", "GmbH", "AG", "SA", "S.A.", "Group", "Holdings", "Motors",
                       "Controls", "Club", "Times", "Review", "Bank", "Cross",
-                      "Công", "Tập", "Doanh")  # Vietnamese: "Công ty" (company), "Tập
-# đoàn" (group), "Doanh nghiệp" (enterprise)
+                      "Công", "Tập")  # Vietnamese "Công ty" (company), "Tập đoàn" (group)
+# organisation words that are no name part, matched anywhere after a span's first word
+_ANYWHERE = frozenset({"công", "tập"})
 # Indian place words: road, town, district, square, market
 INDIAN_PLACE_WORDS = ("Marg", "Nagar", "Zila", "Chowk", "Ganj", "Bazaar", "Bazar", "Mandi")
+
+
+def _first_name(word: str) -> bool:
+    from vllm_guard.masking.name_gazetteer import fold, gazetteer
+
+    return fold(word) in gazetteer().first
 
 
 @functools.cache
@@ -88,19 +96,22 @@ def street_types() -> tuple[str, ...]:
 
 @functools.cache
 def place_suffixes() -> tuple[str, ...]:
-    """Last words of the town and street suffixes of every Faker locale ("Ville", "do Sul",
-    "Verde", "Trafficway", "Burgs"), less the commonest US surnames ("Green", "Hill",
-    "Brooks", "Cruz"), and less street words that are names somewhere (Malay
-    streets end in "Abdullah"): "Stacey Run" and "Souza Verde" are places."""
+    """Last words of the town and street suffixes of every Faker locale ("Ville", "Paulista",
+    "Trafficway", "Burgs"), less names ("Green", "Grande", "Serra"): "Stacey Run" is a
+    place, "Ariana Grande" a person."""
     try:
         package = importlib.import_module("faker.providers.address")
     except ImportError:
         return ()
-    from vllm_guard.masking.name_gazetteer import common_surnames, faker_names, fold
+    from vllm_guard.masking.name_gazetteer import common_surnames, faker_names, first_names, fold
 
-    surnames, names = common_surnames(), faker_names()
+    # rare US surnames ("Mill", "Row", "Union") stay place words; Faker's names, first names
+    # and common surnames ("Grande", "Cliff", "Wells") do not
+    names = faker_names() | first_names() | common_surnames(5000)
     words: set[str] = set()
     for mod in pkgutil.iter_modules(package.__path__):
+        if mod.name == "en_MS":  # Malaysian streets end in people's names ("Tun Razak")
+            continue
         provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
         for attr in dir(provider):
             values = getattr(provider, attr)
@@ -112,7 +123,7 @@ def place_suffixes() -> tuple[str, ...]:
                 if not (len(last) > 2 and last[0].isupper() and last.isalpha()):
                     continue
                 key = fold(last)
-                if key not in surnames and (attr.startswith("city_suffix") or key not in names):
+                if key not in names:
                     words.add(last)
     return tuple(sorted(words))
 
@@ -132,13 +143,24 @@ def company_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
         for attr, target in (("company_prefixes", before), ("company_preffixes", before),
                              ("company_types", before), ("company_suffixes", after)):
             for value in getattr(provider, attr, ()):
-                word = value.split()[0] if isinstance(value, str) and value.split() else ""
-                if len(word) > 1 and word[0].isupper():
-                    target.add(word)
+                parts = value.split() if isinstance(value, str) else []
+                # not the head of a lowercase phrase: "Doanh nghiệp" (enterprise), Doanh a name
+                if (parts and len(parts[0]) > 1 and parts[0][0].isupper()
+                        and not (len(parts) > 1 and parts[1][0].islower())):
+                    target.add(parts[0])
     # after-words are matched in any case: short acronyms would hit given names ("BA" and
     # "Ba", "Ky"); "S.L." and "GmbH" stay
     after = {w for w in after if "." in w or len(w) > 3 or w in ("AG", "KG", "SA", "SPA")}
-    return tuple(sorted(before)), tuple(sorted(after))
+    return _not_names(before), _not_names(after)
+
+
+def _not_names(words) -> tuple[str, ...]:  # noqa: ANN001 - any iterable of words
+    """``words`` less any listed first or last name: context words must never hide a
+    person ("Ariana Grande", "Abdul Rahman", "Joan Serra")."""
+    from vllm_guard.masking.name_gazetteer import fold, gazetteer
+
+    known = gazetteer().known
+    return tuple(sorted({w for w in words if fold(w) not in known}))
 
 
 def default_context() -> dict[str, ContextRule]:
@@ -146,7 +168,8 @@ def default_context() -> dict[str, ContextRule]:
     person = ContextRule(
         after=("Street", "St.", "Avenue", "Ave.", "Road", "Drive", "Lane", "Square", "Bridge",
                "Park", "Station", "Tunnel", "Highway", "Port", "Walks", *PLACE_WORDS,
-               *TOWN_WORDS, *ORGANISATION_WORDS, *INDIAN_PLACE_WORDS, *suffixes, *place_suffixes()),
+               *ORGANISATION_WORDS, *ENGLISH_TOWN_WORDS,
+               *_not_names((*TOWN_WORDS, *INDIAN_PLACE_WORDS)), *suffixes, *place_suffixes()),
         before=("Mount", "Lake", "Fort", "Cape", "Port", "C.", "Av.", "Avda.", "Pza.",
                 *street_types(), *prefixes))
     return {"PERSON": person}
@@ -183,9 +206,11 @@ class ContextFilter:
             return True
         after, before = self.after.get(entity), self.before.get(entity)
         if after:
-            # inside too: NER may swallow it ("X Reagan St."), a name run too ("Dương Tập Đoàn")
-            inside = _WORD.findall(text[start:end])
-            if any(w.lower().rstrip(".") in after for w in inside[1:]):
+            # the last word inside too: NER may swallow it ("X Reagan St."); a hand-written
+            # organisation word anywhere after the first ("Dương Tập Đoàn")
+            inside = [w.lower().rstrip(".") for w in _WORD.findall(text[start:end])]
+            if len(inside) > 1 and (inside[-1] in after or any(
+                    w in after and w in _ANYWHERE for w in inside[1:])):
                 return True
             pos = end
             for _ in range(_FOLLOWING):
@@ -197,7 +222,9 @@ class ContextFilter:
                 pos = m.end()
         if before:
             inside = _WORD.findall(text[start:end])  # "Ronda Olga Almansa": a street
-            if len(inside) > 1 and inside[0].rstrip(".") in before:
+            # two words only when the first is no first name ("Grupa Katana", not "Glen Smith")
+            if inside and inside[0].rstrip(".") in before and (
+                    len(inside) > 2 or (len(inside) == 2 and not _first_name(inside[0]))):
                 return True
             # the word before, past particles: "Plaza de Josefa Salinas", "C. de Modesta"
             head = _PARTICLES_AT_END.sub("", text[:start].rstrip(" \t"))

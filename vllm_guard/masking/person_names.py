@@ -51,6 +51,7 @@ NOT_FIRST = frozenset({"the", "a", "an", "and", "or", "of", "in", "on", "at", "t
 HEPBURN = re.compile(r"(?:(?:([kgsztdbpmr])(?=\1))?(?:(?:[kgsztdnhbpmr]y?|sh|ch|ts|j|f|w|y)?"
                      r"[aiueo]|n))+")
 MAX_GIVEN = 10  # letters in a romanised Japanese given name ("Kazuyoshi")
+_NO_MACRONS = str.maketrans("āēīōū", "aeiou")
 # the commonest Vietnamese family names (with Faker's vi_VN list, ~90% of people)
 VIETNAMESE_FAMILY = frozenset(fold(w) for w in (
     "Nguyễn", "Trần", "Lê", "Phạm", "Hoàng", "Huỳnh", "Phan", "Vũ", "Võ", "Đặng", "Bùi", "Đỗ",
@@ -71,13 +72,17 @@ def unlisted_first_name(word: str, names: Gazetteer) -> bool:
 
 def plausible_person(words: list[str], names: Gazetteer) -> bool:
     """Two or more words that could be one person's name: the first does not start places
-    or sentences, and each is a listed name or not a common English word ("Best Buy",
-    "Ford Focus" are not)."""
+    or sentences, and each is a listed name or not a common English word ("Best Buy" is
+    not); or a listed first name leads and the last word is no everyday word ("Mark Twain",
+    not "Ford Focus"). Upper case counts as capitalised ("JOHN SMITH")."""
     if not words or fold(words[0]) in PARTICLES:
         return False
     words = [w for w in words if w.lower() not in PARTICLES]
-    if len(words) < 2 or fold(words[0]) in NOT_FIRST or not capitalised(words[0]):
+    if (len(words) < 2 or fold(words[0]) in NOT_FIRST
+            or not (capitalised(words[0]) or words[0].isupper())):
         return False
+    if fold(words[0]) in names.first and not is_common(words[-1], VERY_COMMON):
+        return True
     return all(fold(w) in names.known or not is_common(w) for w in words)
 
 
@@ -105,8 +110,6 @@ class GuardPersonNameRecognizer(EntityRecognizer):
         if (len(parts) < 2 or parts[0][0] in NOT_FIRST
                 or any(not any(p in self._known for p in word) for word in parts)):
             return False
-        if len(parts) == 2 and any(VIETNAMESE.search(w) for w in words):
-            return False  # Vietnamese towns have two syllables ("Hải Dương"), people three
         n = self.names
         return ((any(p in n.first for p in parts[0]) and any(p in n.last for p in parts[-1]))
                 or (parts[0][0] in n.family_first and parts[-1][0] in n.given_after))
@@ -130,11 +133,13 @@ class GuardPersonNameRecognizer(EntityRecognizer):
         keys = [fold(w) for w in words]
         if keys[0] not in self.names.family_first or keys[0] in NOT_FIRST:
             return False
-        if any(not k.isascii() for k in keys[1:]) and keys[0] not in VIETNAMESE_FAMILY:
-            return False  # accented syllables after a pinyin name: a place ("Long Xuyên")
-        if len(keys) == 2 and any(VIETNAMESE.search(w) for w in words):
-            return False  # Vietnamese towns have two syllables ("Hải Dương"), people three
-        if len(keys) == 2 and len(keys[1]) <= MAX_GIVEN and HEPBURN.fullmatch(keys[1]):
+        if (any(not k.translate(_NO_MACRONS).isascii() for k in keys[1:])
+                and keys[0] not in VIETNAMESE_FAMILY):
+            # accented syllables after a pinyin name: a place ("Long Xuyên"); Japanese
+            # macrons are a name's ("Sato Yūko")
+            return False
+        given = keys[-1].translate(_NO_MACRONS)
+        if len(keys) == 2 and len(given) <= MAX_GIVEN and HEPBURN.fullmatch(given):
             # "Yamaguchi Mitsuru", "Sato Ai"; after a family name that is also an everyday
             # word, not an everyday word ("Abe Kobe", not "Abe Home")
             return not (is_common(words[0], VERY_COMMON) and is_common(words[1]))
