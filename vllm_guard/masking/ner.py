@@ -50,6 +50,7 @@ _SWALLOWED = re.compile(r"\s[-–—]\s|[\d@(,;:]")  # where a neighbour starts
 PLACE_CUES = frozenset({"in", "at", "from", "to", "near", "via", "into", "across", "visit",
                         "visited", "flights", "flight", "moved", "live", "lives", "living"})
 _PREVIOUS_WORD = re.compile(r"([^\W\d_]+)(,?)[ \t]+$")
+_DIGIT_NEXT = re.compile(r"\d")
 _LIST_GOES_ON = re.compile(r"\s*(?:,|&|(?:and|y|e|et|und)\b)")
 NAME_SUFFIXES = frozenset({"Jr", "Sr", "II", "III", "IV"})
 
@@ -99,8 +100,11 @@ def candidate_sentences(view: str, names: Gazetteer | None = None,
         w = m.group()
         if not w[0].isupper():
             return False
-        if previous.lower() in PLACE_CUES or previous in TITLES or (len(w) > 1 and w.isupper()):
+        if previous.lower() in PLACE_CUES or previous in TITLES:
             return True
+        if len(w) > 1 and w.isupper():  # a name in capitals, not letters of a code (IBAN)
+            return not (_DIGIT_NEXT.match(view, m.end())
+                        or (m.start() > 0 and view[m.start() - 1].isdigit()))
         if any(a <= m.start() and m.end() <= b for a, b in listed):
             return False
         return fold(w) in names.known or not is_common(w)
