@@ -2,8 +2,8 @@
 word that is one ("Burger King", "Best Buy", "Black Friday") is no evidence of a name, while
 an unlisted, uncommon one next to a known surname is ("Kuldeep Salvi", "Wiesław Ziętal").
 
-Loaded once, lazily (0.3 s). Without ``wordfreq`` the set is empty and
-:func:`available` is False: callers then keep to their stricter rules.
+Loaded once (0.3 s; build_detector does it up front). Without ``wordfreq`` the set is empty:
+no word is common, so the rules that rely on it accept more and the log says so once.
 """
 
 from __future__ import annotations
@@ -32,10 +32,6 @@ def common_english(min_zipf: float = MIN_ZIPF) -> frozenset[str]:
     # the list is sorted by frequency
     return frozenset(itertools.takewhile(lambda w: wordfreq.zipf_frequency(w, "en") >= min_zipf,
                                          wordfreq.top_n_list("en", TOP_N)))
-
-
-def available() -> bool:
-    return bool(common_english())
 
 
 def is_common(word: str, min_zipf: float = MIN_ZIPF) -> bool:

@@ -103,11 +103,11 @@ def place_suffixes() -> tuple[str, ...]:
         package = importlib.import_module("faker.providers.address")
     except ImportError:
         return ()
-    from vllm_guard.masking.name_gazetteer import common_surnames, faker_names, first_names, fold
+    from vllm_guard.masking.name_gazetteer import common_surnames, faker_names, fold, gazetteer
 
     # rare US surnames ("Mill", "Row", "Union") stay place words; Faker's names, first names
     # and common surnames ("Grande", "Cliff", "Wells") do not
-    names = faker_names() | first_names() | common_surnames(5000)
+    names = faker_names() | gazetteer().first | common_surnames(5000)
     words: set[str] = set()
     for mod in pkgutil.iter_modules(package.__path__):
         if mod.name == "en_MS":  # Malaysian streets end in people's names ("Tun Razak")

@@ -98,12 +98,6 @@ def _faker_names() -> tuple[frozenset[str], ...]:
     return frozenset(first), frozenset(last), frozenset(fam), frozenset(given)
 
 
-@functools.cache
-def first_names() -> frozenset[str]:
-    """Every listed first name (census and Faker)."""
-    return gazetteer().first
-
-
 def faker_names() -> frozenset[str]:
     """Every first and last name of Faker's locales (not the census lists)."""
     first, last, _, _ = _faker_names()
