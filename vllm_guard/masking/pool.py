@@ -85,16 +85,23 @@ class DetectorPool:
         async with self._free:
             worker = self._idle.pop()
             loop = asyncio.get_running_loop()
+            answered = False
             try:
                 reply = await asyncio.wait_for(
                     loop.run_in_executor(self._threads, worker.call, payload), self.timeout_s)
-            except (DetectionFailed, OSError, asyncio.TimeoutError, ValueError) as e:
+                answered = True
+            except (DetectionFailed, OSError, asyncio.TimeoutError, ValueError,
+                    MemoryError) as e:
                 logger.error("vllm-guard masking: detector worker replaced (%s)",
                              type(e).__name__ if not isinstance(e, DetectionFailed) else e)
-                worker.kill()  # unblocks the thread if it is still waiting
-                worker = _Worker(self.config_path)  # type: ignore[arg-type]
                 raise DetectionFailed("sensitive-value detection failed") from None
             finally:
+                # Anything but a reply read in full (an error, a timeout, this task cancelled)
+                # leaves the worker's pipes mid-frame: the next request would read this one's
+                # reply. Kill it (which also unblocks the thread) and start a fresh one.
+                if not answered:
+                    worker.kill()
+                    worker = _Worker(self.config_path)  # type: ignore[arg-type]
                 self._idle.append(worker)
         return [Analysis(r["text"], [Span(s, e, ent, 1.0) for s, e, ent in r["spans"]])
                 for r in reply["results"]]
