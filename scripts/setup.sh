@@ -22,6 +22,9 @@ fi
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "== installing redis-server (Debian package)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+  # wait for another apt run (a second setup, unattended upgrades) instead of failing
+  $SUDO apt-get -o DPkg::Lock::Timeout=300 update -qq
+  $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq redis-server >/dev/null
+  command -v redis-server >/dev/null || { echo "setup: redis-server is not installed" >&2; exit 1; }
 fi
 echo "== setup done: $(.venv/bin/python -c 'import vllm; print("vllm", vllm.__version__)')"
