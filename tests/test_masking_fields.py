@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from vllm_guard.asgi import PRINCIPAL_KEY
+from vllm_guard.asgi import PRINCIPAL_KEY, SERVER_SET_KEY
 from vllm_guard.masking import fields
 from vllm_guard.masking.config import MaskingConfig
 from vllm_guard.masking.detector import build_detector
@@ -187,8 +187,8 @@ def test_session_binder_ties_sessions_to_principals():
 # --- the middleware with a fake engine that answers with placeholders ---------------------
 
 
-def run_app(app, path: str, body: dict, headers: dict[str, str],
-            principal: str | None) -> tuple[int, dict, dict, list]:
+def run_app(app, path: str, body: dict, headers: dict[str, str], principal: str | None,
+            server_set: frozenset[str] = frozenset()) -> tuple[int, dict, dict, list]:
     seen: list[dict] = []
 
     async def engine(scope, receive, send):
@@ -204,6 +204,8 @@ def run_app(app, path: str, body: dict, headers: dict[str, str],
              "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
     if principal:
         scope[PRINCIPAL_KEY] = principal
+    if server_set:
+        scope[SERVER_SET_KEY] = server_set
     sent: list[dict] = []
     data = json.dumps(body).encode()
 
@@ -251,6 +253,29 @@ def test_without_grants_only_server_issued_sessions_restore(middleware):
         _, _, resp, _ = run_app(middleware, "/v1/completions", {"model": "m", "prompt": "x"},
                                 {"x-vllm-guard-session": forged}, None)
         assert EMAIL not in json.dumps(resp) and SSN not in json.dumps(resp)
+
+
+def test_without_grants_the_prefix_cache_is_isolated_per_session(middleware):
+    """No grants, so no salt from them: anonymous sessions must not share vLLM's prefix cache
+    (one could time another's prompt prefixes), even when they send the same salt."""
+    def salt_seen(headers: dict[str, str], body: dict | None = None) -> tuple[str, str]:
+        _, h, _, seen = run_app(middleware, "/v1/completions",
+                                {"model": "m", "prompt": "hi", **(body or {})}, headers, None)
+        return seen[0].get("cache_salt"), h[b"x-vllm-guard-session"].decode()
+
+    first, token = salt_seen({})
+    other, _ = salt_seen({})
+    assert first and other and first != other
+    assert salt_seen({"x-vllm-guard-session": token})[0] == first  # a session reuses its own
+    chosen = [salt_seen({}, {"cache_salt": "everyone"})[0] for _ in range(2)]
+    assert chosen[0] != chosen[1] and "everyone" not in chosen
+
+
+def test_a_salt_the_grant_middleware_set_is_kept(middleware):
+    body = {"model": "m", "prompt": "hi", "cache_salt": "vg-from-grants"}
+    _, _, _, seen = run_app(middleware, "/v1/completions", body, {}, "key:alice",
+                            server_set=frozenset({"cache_salt"}))
+    assert seen[0]["cache_salt"] == "vg-from-grants"
 
 
 @pytest.mark.parametrize("path", ["/v1/embeddings", "/tokenize", "/v1/messages",

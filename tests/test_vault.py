@@ -209,6 +209,21 @@ def test_in_memory_bounds_sessions_lru():
     asyncio.run(go())
 
 
+def test_in_memory_sessions_are_not_evicted_by_requests_without_values():
+    """Every anonymous request without a session id is a new namespace: if a request with
+    nothing to mask created a session, a flood of them would evict everyone else's."""
+    async def go():
+        v = InMemoryVault(ttl_seconds=60, max_sessions=2)
+        alice = ns("alice")
+        await v.assign(alice, EMAIL, OLD)
+        for i in range(5):
+            assert await v.assign_many(ns(f"flood{i}"), []) == []
+            assert await v.mapping(ns(f"flood{i}")) == {}
+        assert await v.mapping(alice) == {"<EMAIL_ADDRESS_1>": OLD}
+
+    asyncio.run(go())
+
+
 # --- Redis only -------------------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from vllm_guard.masking.masker import Masker
 from vllm_guard.masking.metrics import METRICS
 from vllm_guard.masking.pool import DetectionFailed, DetectorPool
 from vllm_guard.masking.restorer import ResponseRestorer
-from vllm_guard.masking.sessions import SessionBinder, load_session_key
+from vllm_guard.masking.sessions import SessionBinder, load_session_key, session_cache_salt
 from vllm_guard.masking.strategies import make_stand_ins
 from vllm_guard.masking.vault import (
     InMemoryVault,
@@ -115,14 +115,16 @@ class MaskingMiddleware(JsonRequestMiddleware):
         principal = scope.get(PRINCIPAL_KEY)
         namespace, token = self.sessions.resolve(principal, header(scope, self.session_header))
         route = route_path(scope)
+        server_set = scope.get(SERVER_SET_KEY, frozenset())
         try:
-            mapping = await self.masker.mask_request(namespace, route, body,
-                                                     scope.get(SERVER_SET_KEY, frozenset()))
+            mapping = await self.masker.mask_request(namespace, route, body, server_set)
         except (VaultUnavailable, DetectionFailed) as e:
             METRICS["vault_unavailable" if isinstance(e, VaultUnavailable)
                     else "detection_failed"] += 1
             logger.error("vllm-guard masking: %s; request refused (fail closed)", e)
             code = "vault_unavailable" if isinstance(e, VaultUnavailable) else "masking_failed"
             raise RequestError(503, f"{e}; request not forwarded", code) from None
+        if "cache_salt" not in server_set:  # no grant middleware in front: isolate sessions
+            body["cache_salt"] = session_cache_salt(namespace, body.get("cache_salt"))
         send = with_header(send, self.session_header, token)
         return body, ResponseRestorer(send, mapping, route)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import os
 import re
 import secrets
@@ -55,3 +56,11 @@ class SessionBinder:
             token, who = f"{sid}.{self._mac(sid)}", "anonymous"
         ns = hmac.new(self._ns_key, f"{who}\x00{sid}".encode(), hashlib.sha256).hexdigest()
         return ns, token
+
+
+def session_cache_salt(namespace: str, client_salt: object) -> str:
+    """vLLM's prefix-cache salt when no grant set one: per session, so sessions never share
+    KV blocks (a shared cache lets one client time another's prompt prefixes). A salt the
+    client sends only narrows it further."""
+    own = client_salt if isinstance(client_salt, str) else ""
+    return "vs" + hashlib.sha256(json.dumps([namespace, own]).encode()).hexdigest()[:40]

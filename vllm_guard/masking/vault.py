@@ -105,6 +105,8 @@ class InMemoryVault(Vault):
             self._sessions.popitem(last=False)
 
     async def assign_many(self, namespace: str, items: list[tuple[str, str]]) -> list[str]:
+        if not items:
+            return []  # never creates (nor evicts for) a session: requests without values
         async with self._lock:
             now = time.monotonic()
             s = self._live(namespace, now) or _Session()
