@@ -9,6 +9,7 @@ is refused (fail closed). ``workers=0`` detects in a thread of this process inst
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import threading
@@ -69,6 +70,12 @@ class DetectorPool:
         self._free: asyncio.Semaphore | None = None
         self._threads = ThreadPoolExecutor(workers, thread_name_prefix="vllm-guard-detect")
 
+    def _spawn(self) -> _Worker:
+        try:
+            return _Worker(self.config_path)  # type: ignore[arg-type]
+        except OSError as e:
+            raise DetectionFailed(f"detector worker could not start ({e})") from None
+
     def _detect_inline(self, texts, rewrite, known) -> list[Analysis]:
         with self._lock:
             return analyse(self._detector, texts, rewrite, known)
@@ -83,7 +90,7 @@ class DetectorPool:
             self._free = asyncio.Semaphore(self.workers)
         payload = encode({"texts": texts, "rewrite": rewrite, "known": known})
         async with self._free:
-            worker = self._idle.pop()
+            worker = self._idle.pop() if self._idle else self._spawn()
             loop = asyncio.get_running_loop()
             answered = False
             try:
@@ -98,11 +105,13 @@ class DetectorPool:
             finally:
                 # Anything but a reply read in full (an error, a timeout, this task cancelled)
                 # leaves the worker's pipes mid-frame: the next request would read this one's
-                # reply. Kill it (which also unblocks the thread) and start a fresh one.
-                if not answered:
+                # reply. Kill it (which also unblocks the thread); a fresh one takes its slot.
+                if answered:
+                    self._idle.append(worker)
+                else:
                     worker.kill()
-                    worker = _Worker(self.config_path)  # type: ignore[arg-type]
-                self._idle.append(worker)
+                    with contextlib.suppress(DetectionFailed):  # else the slot's next request
+                        self._idle.append(self._spawn())  # tries again
         return [Analysis(r["text"], [Span(s, e, ent, 1.0) for s, e, ent in r["spans"]])
                 for r in reply["results"]]
 
