@@ -79,6 +79,12 @@ def test_names_of_every_locale_found_precisely(request, profile, locale):
     ("Flights to Jelenia Góra via Nguyễn Trãi.", set()),
     ("We paid Transportes Vazquez and Kreusel KG, near C. de Modesta Gallego.", set()),
     ("Barbosa de Minas and Sachdeva Marg are far.", set()),
+    # company suffixes as written, place words after a surname, a street type before first names
+    ("We paid Araújo Lima e Filhos, Guerra Rios - ME and Masson Blanchet et Fils.", set()),
+    ("Ship it to Yıldırım San. ve Tic. today, or to Đặng Doanh nghiệp tư nhân.", set()),
+    ("Flights to Andrade Grande via Baria Nagar and Grupa Zgoła.", set()),
+    ("Meet at Travessa Ana Lívia Teixeira.", set()),
+    ("Yesterday I met Mehmet Yılmaz San.", {"Mehmet Yılmaz San"}),  # a sentence's end
 ])
 def test_name_shapes(fast, text, want):
     assert persons(fast, text) == want
@@ -89,7 +95,8 @@ def test_name_shapes(fast, text, want):
     "Wesley Snipes", "Glen Smith", "Ronda Rousey", "Davis Miller", "Abdul Rahman",
     "Lim Chee Seng", "Ariana Grande", "Joan Serra", "Maria del Mar Garcia", "Maria Flora Rossi",
     "Marco Bari", "Lucas Campo", "Anna Feld", "Maria Monte", "Pedro Alto", "Nina Sur",
-    "Sato Yūko", "Ito Shōhei", "Trần Hùng", "Nguyễn Hoa", "Phạm Văn Doanh"])
+    "Sato Yūko", "Ito Shōhei", "Trần Hùng", "Nguyễn Hoa", "Phạm Văn Doanh", "Stuart Ford",
+    "Maria Fernanda Carvalho", "Ali San"])
 def test_names_that_read_like_places_are_still_people(fast, name):
     assert persons(fast, f"Yesterday {name} called.") == {name}
 

@@ -26,6 +26,12 @@ _FOLLOWING = 4  # capitalised words after a match that may still carry the conte
 class ContextRule:
     after: tuple[str, ...] = ()  # e.g. "Airport": "X Airport", "X Washington Airport"
     before: tuple[str, ...] = ()  # e.g. "Mount": "Mount X" (matched as written)
+    # as written, right after the match or from its last word on: "X e Filhos", "X - ME",
+    # "X San. ve Tic." (an abbreviation only before a lowercase word or a comma)
+    phrases: tuple[str, ...] = ()
+    # first or last word of a match whose first word is no listed first name, even when the
+    # word is a name too: "Andrade Grande", "Baria Nagar", "Evans Field" (not "Ariana Grande")
+    unnamed_ends: tuple[str, ...] = ()
 
 
 # Street and place words (USPS suffixes and geography), less those that are common surnames
@@ -66,6 +72,12 @@ ORGANISATION_WORDS = ("Airport", "University", "College", "School", "Academy", "
 _ANYWHERE = frozenset({"công", "tập"})
 # Indian place words: road, town, district, square, market
 INDIAN_PLACE_WORDS = ("Marg", "Nagar", "Zila", "Chowk", "Ganj", "Bazaar", "Bazar", "Mandi")
+
+
+def fold_word(word: str) -> str:
+    from vllm_guard.masking.name_gazetteer import fold
+
+    return fold(word.rstrip("."))
 
 
 def _first_name(word: str) -> bool:
@@ -154,6 +166,65 @@ def company_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return _not_names(before), _not_names(after)
 
 
+@functools.cache
+def company_phrases() -> tuple[str, ...]:
+    """Company suffixes of every Faker locale that a single word cannot carry: several words
+    or a lowercase head ("e Filhos", "- ME", "Doanh nghiệp tư nhân"), or an abbreviation
+    ("San.", "Ltda.", "Şti.")."""
+    try:
+        package = importlib.import_module("faker.providers.company")
+    except ImportError:
+        return ()
+    out: set[str] = set()
+    for mod in pkgutil.iter_modules(package.__path__):
+        provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
+        for value in getattr(provider, "company_suffixes", ()):
+            if isinstance(value, str) and len(value) > 2 and (
+                    " " in value.strip() or value.endswith(".") or not value[0].isupper()):
+                out.add(value.strip())
+    return tuple(sorted(out, key=len, reverse=True))
+
+
+@functools.cache
+def unnamed_place_ends() -> tuple[str, ...]:
+    """Street, town and company words of every Faker locale and ours, names included
+    ("Grande", "Field", "Nagar", "Grupa"): they end (or start) a match only when its first
+    word is no listed first name."""
+    words = {*PLACE_WORDS, *TOWN_WORDS, *INDIAN_PLACE_WORDS, *ENGLISH_TOWN_WORDS,
+             *_faker_address_words(("street_suffix", "city_suffix", "street_prefix",
+                                    "city_prefix"))}
+    try:
+        package = importlib.import_module("faker.providers.company")
+        for mod in pkgutil.iter_modules(package.__path__):
+            provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
+            for attr in ("company_prefixes", "company_preffixes"):
+                words.update(v for v in getattr(provider, attr, ()) if isinstance(v, str)
+                             and " " not in v and len(v) > 2 and v[0].isupper())
+    except ImportError:
+        pass
+    return tuple(sorted(words))
+
+
+def _faker_address_words(prefixes: tuple[str, ...]) -> set[str]:
+    """Capitalised single words of the Faker address lists whose names start with
+    ``prefixes`` (every locale)."""
+    try:
+        package = importlib.import_module("faker.providers.address")
+    except ImportError:
+        return set()
+    out: set[str] = set()
+    for mod in pkgutil.iter_modules(package.__path__):
+        if mod.name == "en_MS":  # Malaysian streets end in people's names ("Tun Razak")
+            continue
+        provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
+        for attr in dir(provider):
+            values = getattr(provider, attr)
+            if attr.startswith(prefixes) and isinstance(values, tuple | list):
+                out.update(v for v in values if isinstance(v, str) and " " not in v
+                           and len(v) > 2 and v[0].isupper() and v.isalpha())
+    return out
+
+
 def _not_names(words) -> tuple[str, ...]:  # noqa: ANN001 - any iterable of words
     """``words`` less any listed first or last name: context words must never hide a
     person ("Ariana Grande", "Abdul Rahman", "Joan Serra")."""
@@ -171,7 +242,8 @@ def default_context() -> dict[str, ContextRule]:
                *ORGANISATION_WORDS, *ENGLISH_TOWN_WORDS,
                *_not_names((*TOWN_WORDS, *INDIAN_PLACE_WORDS)), *suffixes, *place_suffixes()),
         before=("Mount", "Lake", "Fort", "Cape", "Port", "C.", "Av.", "Avda.", "Pza.",
-                *street_types(), *prefixes))
+                *street_types(), *prefixes),
+        phrases=company_phrases(), unnamed_ends=unnamed_place_ends())
     return {"PERSON": person}
 
 
@@ -186,6 +258,8 @@ class ContextFilter:
         self.before = {e: {v for w in r.before for v in (w.rstrip("."), w[:1].upper()
                                                            + w[1:].rstrip("."))}
                        for e, r in rules.items()}
+        self.phrases = {e: r.phrases for e, r in rules.items()}
+        self.unnamed_ends = {e: {fold_word(w) for w in r.unnamed_ends} for e, r in rules.items()}
         self.always = {t.lower() for terms in always.values() for t in terms}
         self.known_places = known_places
         self._places: tuple[str, list[tuple[int, int]]] = ("", [])  # the last text's
@@ -205,6 +279,14 @@ class ContextFilter:
         if entity == "PERSON" and self.known_places and self._in_known_place(text, start, end):
             return True
         after, before = self.after.get(entity), self.before.get(entity)
+        if self._firm_phrase(text, start, end, self.phrases.get(entity, ())):
+            return True
+        ends = self.unnamed_ends.get(entity)
+        if ends:
+            inside = _WORD.findall(text[start:end])
+            if (len(inside) > 1 and not _first_name(inside[0])
+                    and (fold_word(inside[-1]) in ends or fold_word(inside[0]) in ends)):
+                return True
         if after:
             # the last word inside too: NER may swallow it ("X Reagan St."); a hand-written
             # organisation word anywhere after the first ("Dương Tập Đoàn")
@@ -226,9 +308,39 @@ class ContextFilter:
             if inside and inside[0].rstrip(".") in before and (
                     len(inside) > 2 or (len(inside) == 2 and not _first_name(inside[0]))):
                 return True
-            # the word before, past particles: "Plaza de Josefa Salinas", "C. de Modesta"
+            # the word before, past particles and first names: "Plaza de Josefa Salinas",
+            # "C. de Modesta", "Travessa Ana Lívia Teixeira"
             head = _PARTICLES_AT_END.sub("", text[:start].rstrip(" \t"))
-            words = _WORD.findall(head[-40:])
-            if words and head.endswith(words[-1]) and words[-1].rstrip(".") in before:
-                return True
+            words = _WORD.findall(head[-60:])
+            for _ in range(3):
+                if not words or not head.endswith(words[-1]):
+                    break
+                if words[-1].rstrip(".") in before:
+                    return True
+                if not _first_name(words[-1]):
+                    break
+                head = head[:-len(words[-1])].rstrip(" \t")
+                words.pop()
+        return False
+
+    @staticmethod
+    def _firm_phrase(text: str, start: int, end: int, phrases: tuple[str, ...]) -> bool:
+        """A company suffix right after the match, or from its last word on."""
+        if not phrases:
+            return False
+        last = _WORD.findall(text[start:end])
+        tails = [text[end:].lstrip(" \t")]
+        if len(last) > 1:
+            tails.append(text[end - len(last[-1]):])
+        for tail in tails:
+            for phrase in phrases:
+                if not tail.startswith(phrase):
+                    continue
+                rest = tail[len(phrase):]
+                if phrase.endswith("."):  # an abbreviation, not a sentence's end
+                    nxt = rest.lstrip(" \t")[:1]
+                    if rest[:1] in (" ", "\t") and nxt and (nxt.islower() or nxt in ",;)"):
+                        return True
+                elif not rest[:1].isalnum():
+                    return True
         return False
