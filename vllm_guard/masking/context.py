@@ -12,7 +12,7 @@ import functools
 import importlib
 import pkgutil
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from vllm_guard.masking.place_names import inside_place, place_spans
@@ -70,6 +70,8 @@ ORGANISATION_WORDS = ("Airport", "University", "College", "School", "Academy", "
                       "Công", "Tập")  # Vietnamese "Công ty" (company), "Tập đoàn" (group)
 # organisation words that are no name part, matched anywhere after a span's first word
 _ANYWHERE = frozenset({"công", "tập"})
+NO_PLACES = ("en_MS",)  # Malaysian streets end in people's names ("Tun Razak")
+COMPANY_PREFIX_LISTS = ("company_prefixes", "company_preffixes", "company_types")
 # Indian place words: road, town, district, square, market
 INDIAN_PLACE_WORDS = ("Marg", "Nagar", "Zila", "Chowk", "Ganj", "Bazaar", "Bazar", "Mandi")
 
@@ -86,24 +88,38 @@ def _first_name(word: str) -> bool:
     return fold(word) in gazetteer().first
 
 
+def _faker_lists(kind: str, wanted: Callable[[str], bool],
+                 skip: tuple[str, ...] = ()) -> Iterator[list[str]]:
+    """The string lists of every Faker locale's ``kind`` provider ("address", "company")
+    whose attribute name passes ``wanted``, but for the locales in ``skip``; nothing without
+    Faker."""
+    try:
+        package = importlib.import_module(f"faker.providers.{kind}")
+    except ImportError:
+        return
+    for mod in pkgutil.iter_modules(package.__path__):
+        if mod.name in skip:
+            continue
+        provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
+        for attr in dir(provider):
+            values = getattr(provider, attr)
+            if wanted(attr) and isinstance(values, tuple | list | dict):  # dict: weighted
+                yield [v for v in values if isinstance(v, str)]
+
+
+def _single_words(lists: Iterator[list[str]]) -> set[str]:
+    return {w for values in lists for w in values
+            if " " not in w and len(w) > 2 and w[0].isupper() and w.isalpha()}
+
+
 @functools.cache
 def street_types() -> tuple[str, ...]:
     """Street-type words of every Faker locale ("Calle", "rue", "Rambla", "Viale", "ulica"):
     a name right after one names a street ("Calle Julia Montserrat")."""
-    try:
-        package = importlib.import_module("faker.providers.address")
-    except ImportError:
-        return ()
-    words: set[str] = set()
-    for mod in pkgutil.iter_modules(package.__path__):
-        provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
-        for attr in dir(provider):
-            values = getattr(provider, attr)
-            if (attr.startswith("street_") and ("prefix" in attr or "suffix" in attr)
-                    and isinstance(values, tuple | list)):
-                words.update(w for w in values if isinstance(w, str) and " " not in w
-                             and len(w) > 2 and w[0].isalpha())
-    return tuple(sorted(words))
+    lists = _faker_lists("address", lambda a: a.startswith("street_")
+                         and ("prefix" in a or "suffix" in a))
+    return tuple(sorted({w for values in lists for w in values
+                         if " " not in w and len(w) > 2 and w[0].isalpha()}))
 
 
 @functools.cache
@@ -111,32 +127,18 @@ def place_suffixes() -> tuple[str, ...]:
     """Last words of the town and street suffixes of every Faker locale ("Ville", "Paulista",
     "Trafficway", "Burgs"), less names ("Green", "Grande", "Serra"): "Stacey Run" is a
     place, "Ariana Grande" a person."""
-    try:
-        package = importlib.import_module("faker.providers.address")
-    except ImportError:
-        return ()
     from vllm_guard.masking.name_gazetteer import common_surnames, faker_names, fold, gazetteer
 
     # rare US surnames ("Mill", "Row", "Union") stay place words; Faker's names, first names
     # and common surnames ("Grande", "Cliff", "Wells") do not
     names = faker_names() | gazetteer().first | common_surnames(5000)
     words: set[str] = set()
-    for mod in pkgutil.iter_modules(package.__path__):
-        if mod.name == "en_MS":  # Malaysian streets end in people's names ("Tun Razak")
-            continue
-        provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
-        for attr in dir(provider):
-            values = getattr(provider, attr)
-            if (not attr.startswith(("street_suffix", "city_suffix"))
-                    or not isinstance(values, tuple | list)):
-                continue
-            for value in values:
-                last = value.split()[-1] if isinstance(value, str) and value.split() else ""
-                if not (len(last) > 2 and last[0].isupper() and last.isalpha()):
-                    continue
-                key = fold(last)
-                if key not in names:
-                    words.add(last)
+    for values in _faker_lists("address", lambda a: a.startswith(("street_suffix",
+                                                                  "city_suffix")), NO_PLACES):
+        for value in values:
+            last = value.split()[-1] if value.split() else ""
+            if len(last) > 2 and last[0].isupper() and last.isalpha() and fold(last) not in names:
+                words.add(last)
     return tuple(sorted(words))
 
 
@@ -144,22 +146,18 @@ def place_suffixes() -> tuple[str, ...]:
 def company_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Company prefixes ("Grupa", "Transportes", "Hermanos") and the first words of company
     suffixes ("Sp.", "S.L.", "San.", "KG") of every Faker locale: (before, after)."""
-    try:
-        package = importlib.import_module("faker.providers.company")
-    except ImportError:
-        return (), ()
-    before: set[str] = set()
-    after: set[str] = set()
-    for mod in pkgutil.iter_modules(package.__path__):
-        provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
-        for attr, target in (("company_prefixes", before), ("company_preffixes", before),
-                             ("company_types", before), ("company_suffixes", after)):
-            for value in getattr(provider, attr, ()):
-                parts = value.split() if isinstance(value, str) else []
-                # not the head of a lowercase phrase: "Doanh nghiệp" (enterprise), Doanh a name
-                if (parts and len(parts[0]) > 1 and parts[0][0].isupper()
-                        and not (len(parts) > 1 and parts[1][0].islower())):
-                    target.add(parts[0])
+    def heads(lists: Iterator[list[str]]) -> set[str]:
+        out = set()
+        for value in (v for values in lists for v in values):
+            parts = value.split()
+            # not the head of a lowercase phrase: "Doanh nghiệp" (enterprise), Doanh a name
+            if (parts and len(parts[0]) > 1 and parts[0][0].isupper()
+                    and not (len(parts) > 1 and parts[1][0].islower())):
+                out.add(parts[0])
+        return out
+
+    before = heads(_faker_lists("company", lambda a: a in COMPANY_PREFIX_LISTS))
+    after = heads(_faker_lists("company", lambda a: a == "company_suffixes"))
     # after-words are matched in any case: short acronyms would hit given names ("BA" and
     # "Ba", "Ky"); "S.L." and "GmbH" stay
     after = {w for w in after if "." in w or len(w) > 3 or w in ("AG", "KG", "SA", "SPA")}
@@ -171,17 +169,9 @@ def company_phrases() -> tuple[str, ...]:
     """Company suffixes of every Faker locale that a single word cannot carry: several words
     or a lowercase head ("e Filhos", "- ME", "Doanh nghiệp tư nhân"), or an abbreviation
     ("San.", "Ltda.", "Şti.")."""
-    try:
-        package = importlib.import_module("faker.providers.company")
-    except ImportError:
-        return ()
-    out: set[str] = set()
-    for mod in pkgutil.iter_modules(package.__path__):
-        provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
-        for value in getattr(provider, "company_suffixes", ()):
-            if isinstance(value, str) and len(value) > 2 and (
-                    " " in value.strip() or value.endswith(".") or not value[0].isupper()):
-                out.add(value.strip())
+    out = {v.strip() for values in _faker_lists("company", lambda a: a == "company_suffixes")
+           for v in values if len(v) > 2
+           and (" " in v.strip() or v.endswith(".") or not v[0].isupper())}
     return tuple(sorted(out, key=len, reverse=True))
 
 
@@ -190,39 +180,11 @@ def unnamed_place_ends() -> tuple[str, ...]:
     """Street, town and company words of every Faker locale and ours, names included
     ("Grande", "Field", "Nagar", "Grupa"): they end (or start) a match only when its first
     word is no listed first name."""
-    words = {*PLACE_WORDS, *TOWN_WORDS, *INDIAN_PLACE_WORDS, *ENGLISH_TOWN_WORDS,
-             *_faker_address_words(("street_suffix", "city_suffix", "street_prefix",
-                                    "city_prefix"))}
-    try:
-        package = importlib.import_module("faker.providers.company")
-        for mod in pkgutil.iter_modules(package.__path__):
-            provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
-            for attr in ("company_prefixes", "company_preffixes"):
-                words.update(v for v in getattr(provider, attr, ()) if isinstance(v, str)
-                             and " " not in v and len(v) > 2 and v[0].isupper())
-    except ImportError:
-        pass
-    return tuple(sorted(words))
-
-
-def _faker_address_words(prefixes: tuple[str, ...]) -> set[str]:
-    """Capitalised single words of the Faker address lists whose names start with
-    ``prefixes`` (every locale)."""
-    try:
-        package = importlib.import_module("faker.providers.address")
-    except ImportError:
-        return set()
-    out: set[str] = set()
-    for mod in pkgutil.iter_modules(package.__path__):
-        if mod.name == "en_MS":  # Malaysian streets end in people's names ("Tun Razak")
-            continue
-        provider = importlib.import_module(f"{package.__name__}.{mod.name}").Provider
-        for attr in dir(provider):
-            values = getattr(provider, attr)
-            if attr.startswith(prefixes) and isinstance(values, tuple | list):
-                out.update(v for v in values if isinstance(v, str) and " " not in v
-                           and len(v) > 2 and v[0].isupper() and v.isalpha())
-    return out
+    address = _faker_lists("address", lambda a: a.startswith(
+        ("street_suffix", "city_suffix", "street_prefix", "city_prefix")), NO_PLACES)
+    company = _faker_lists("company", lambda a: a in ("company_prefixes", "company_preffixes"))
+    return tuple(sorted({*PLACE_WORDS, *TOWN_WORDS, *INDIAN_PLACE_WORDS, *ENGLISH_TOWN_WORDS,
+                         *_single_words(address), *_single_words(company)}))
 
 
 def _not_names(words) -> tuple[str, ...]:  # noqa: ANN001 - any iterable of words
