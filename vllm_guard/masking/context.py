@@ -220,7 +220,10 @@ class ContextFilter:
         self.before = {e: {v for w in r.before for v in (w.rstrip("."), w[:1].upper()
                                                            + w[1:].rstrip("."))}
                        for e, r in rules.items()}
-        self.phrases = {e: r.phrases for e, r in rules.items()}
+        # one alternation per entity, longest first (so "S.L.U." wins over "S.L.")
+        self.phrases = {e: re.compile("|".join(map(re.escape, sorted(r.phrases, key=len,
+                                                                     reverse=True))))
+                        for e, r in rules.items() if r.phrases}
         self.unnamed_ends = {e: {fold_word(w) for w in r.unnamed_ends} for e, r in rules.items()}
         self.always = {t.lower() for terms in always.values() for t in terms}
         self.known_places = known_places
@@ -241,7 +244,7 @@ class ContextFilter:
         if entity == "PERSON" and self.known_places and self._in_known_place(text, start, end):
             return True
         after, before = self.after.get(entity), self.before.get(entity)
-        if self._firm_phrase(text, start, end, self.phrases.get(entity, ())):
+        if self._firm_phrase(text, start, end, self.phrases.get(entity)):
             return True
         ends = self.unnamed_ends.get(entity)
         if ends:
@@ -286,23 +289,23 @@ class ContextFilter:
         return False
 
     @staticmethod
-    def _firm_phrase(text: str, start: int, end: int, phrases: tuple[str, ...]) -> bool:
+    def _firm_phrase(text: str, start: int, end: int, phrases: re.Pattern | None) -> bool:
         """A company suffix right after the match, or from its last word on."""
-        if not phrases:
+        if phrases is None:
             return False
         last = _WORD.findall(text[start:end])
         tails = [text[end:].lstrip(" \t")]
         if len(last) > 1:
             tails.append(text[end - len(last[-1]):])
         for tail in tails:
-            for phrase in phrases:
-                if not tail.startswith(phrase):
-                    continue
-                rest = tail[len(phrase):]
-                if phrase.endswith("."):  # an abbreviation, not a sentence's end
-                    nxt = rest.lstrip(" \t")[:1]
-                    if rest[:1] in (" ", "\t") and nxt and (nxt.islower() or nxt in ",;)"):
-                        return True
-                elif not rest[:1].isalnum():
+            m = phrases.match(tail)
+            if m is None:
+                continue
+            rest = tail[m.end():]
+            if m.group().endswith("."):  # an abbreviation, not a sentence's end
+                nxt = rest.lstrip(" \t")[:1]
+                if rest[:1] in (" ", "\t") and nxt and (nxt.islower() or nxt in ",;)"):
                     return True
+            elif not rest[:1].isalnum():
+                return True
         return False
