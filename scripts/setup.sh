@@ -22,9 +22,14 @@ fi
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "== installing redis-server (Debian package)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  # wait for another apt run (a second setup, unattended upgrades) instead of failing
-  $SUDO apt-get -o DPkg::Lock::Timeout=300 update -qq
-  $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq redis-server >/dev/null
+  # another apt run (a second setup, unattended upgrades) holds the lock: wait and retry
+  for try in 1 2 3 4 5 6; do
+    $SUDO apt-get -o DPkg::Lock::Timeout=120 update -qq \
+      && $SUDO apt-get -o DPkg::Lock::Timeout=120 install -y -qq redis-server >/dev/null \
+      && break
+    echo "setup: apt busy or failed (try $try of 6); retrying in 20 s" >&2
+    sleep 20
+  done
   command -v redis-server >/dev/null || { echo "setup: redis-server is not installed" >&2; exit 1; }
 fi
 echo "== setup done: $(.venv/bin/python -c 'import vllm; print("vllm", vllm.__version__)')"

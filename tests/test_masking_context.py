@@ -9,7 +9,7 @@ import pytest
 
 from vllm_guard.errors import GuardError
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.context import ContextRule
+from vllm_guard.masking.context import ContextFilter, ContextRule, default_context
 from vllm_guard.masking.detector import build_detector
 
 FAST = MaskingConfig(ner="off")  # census name lists: no spaCy needed for these tests
@@ -67,6 +67,36 @@ def test_operator_context_rules_replace_the_default_per_entity(tmp_path):
     assert found(cfg, "Fly via Ronald Reagan Airport.") == [("Ronald Reagan", "PERSON")]
     none = MaskingConfig(ner="off", context={})
     assert found(none, "Fly via Ronald Reagan Airport.") == [("Ronald Reagan", "PERSON")]
+    firms = "Paid Ana Silva e Filhos and Baria Nagar."
+    assert found(MaskingConfig(ner="off"), firms) == []
+    path.write_text(json.dumps({"ner": "off", "context": {"PERSON": {
+        "phrases": ["e Filhos"], "unnamed_ends": ["Nagar"]}}}))
+    assert MaskingConfig.load(path).context["PERSON"] == ContextRule(
+        phrases=("e Filhos",), unnamed_ends=("Nagar",))
+    path.write_text(json.dumps({"ner": "off", "context": {"PERSON": {}}}))
+    assert {v for v, _ in found(MaskingConfig.load(path), firms)} == {"Ana Silva",
+                                                                       "Baria Nagar"}
+
+
+@pytest.mark.parametrize("text, name", [
+    # lowercase street types that are English words ("put", "rang", "route") hide nothing
+    ("Please put Ana Smith on the list.", "Ana Smith"),
+    ("I rang Maria Ana Smith yesterday.", "Maria Ana Smith"),
+    ("The route John Smith took was long.", "John Smith"),
+])
+def test_context_words_never_hide_a_person_in_ordinary_text(text, name):
+    assert (name, "PERSON") in found(FAST, text)
+
+
+@pytest.mark.parametrize("text, name", [
+    ("Ask J. Grande or A. Nagar.", "J. Grande"), ("Ask J. Grande or A. Nagar.", "A. Nagar"),
+    ("Films by W.C. Fields.", "W.C. Fields")])
+def test_an_initial_is_no_evidence_of_a_place(text, name):
+    """NER finds such names; the place-word rule for matches without a listed first name
+    must not read an initial as that evidence."""
+    start = text.index(name)
+    rules = ContextFilter(default_context(), {})
+    assert not rules.exempt(text, start, start + len(name), "PERSON")
 
 
 @pytest.mark.parametrize("doc, key", [
@@ -74,6 +104,8 @@ def test_operator_context_rules_replace_the_default_per_entity(tmp_path):
     ({"context": {"PERSON": {"afterr": ["Airport"]}}}, "afterr"),
     ({"always_sensitive": {"NAME": ["x"]}}, "NAME"),
     ({"always_sensitive": {"PERSON": [" "]}}, "empty"),
+    ({"context": {"PERSON": {"phrases": [""]}}}, "phrases"),  # would exempt every name
+    ({"context": {"PERSON": {"unnamed_ends": [","]}}}, "unnamed_ends"),
 ])
 def test_bad_context_config_is_one_clear_error(tmp_path, doc, key):
     path = tmp_path / "masking.json"

@@ -269,6 +269,9 @@ def test_without_grants_the_prefix_cache_is_isolated_per_session(middleware):
     assert salt_seen({"x-vllm-guard-session": token})[0] == first  # a session reuses its own
     chosen = [salt_seen({}, {"cache_salt": "everyone"})[0] for _ in range(2)]
     assert chosen[0] != chosen[1] and "everyone" not in chosen
+    status, _, resp, seen = run_app(middleware, "/v1/completions",
+                                    {"model": "m", "prompt": "hi", "cache_salt": 5}, {}, None)
+    assert status == 400 and not seen, resp
 
 
 def test_a_salt_the_grant_middleware_set_is_kept(middleware):

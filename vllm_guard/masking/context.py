@@ -33,6 +33,13 @@ class ContextRule:
     # word is a name too: "Andrade Grande", "Baria Nagar", "Evans Field" (not "Ariana Grande")
     unnamed_ends: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        for name in ("after", "before", "phrases", "unnamed_ends"):
+            bad = [w for w in getattr(self, name) if not any(c.isalpha() for c in w)]
+            if bad:  # "" would exempt every match
+                raise ValueError(f"context rule '{name}' holds {bad[0]!r}: every entry needs "
+                                 "a letter")
+
 
 # Street and place words (USPS suffixes and geography), less those that are common surnames
 # (Green, Hill, Ford, Brooks, Wells, Mills, Fields, Park...): "X Meadows" is a place.
@@ -74,6 +81,25 @@ NO_PLACES = ("en_MS",)  # Malaysian streets end in people's names ("Tun Razak")
 COMPANY_PREFIX_LISTS = ("company_prefixes", "company_preffixes", "company_types")
 # Indian place words: road, town, district, square, market
 INDIAN_PLACE_WORDS = ("Marg", "Nagar", "Zila", "Chowk", "Ganj", "Bazaar", "Bazar", "Mandi")
+
+
+# lowercase Faker street types that are also street words in English text; the other common
+# English words among them ("put", "rang", "ring", "tie", "route") are ordinary words there
+STREET_WORDS_IN_ENGLISH = frozenset({"avenue", "boulevard", "rue"})
+
+
+def _before_forms(word: str) -> set[str]:
+    """How a ``before`` word is matched: as written, and capitalised when written in lower
+    case ("rue", "Rue"); never a lowercase common English word that is no street word in
+    English, or "Please put Ana Smith on the list" would hide her. Abbreviations stay
+    ("ul.")."""
+    from vllm_guard.masking.common_words import is_common
+
+    w = word.rstrip(".")
+    if (w[:1].islower() and not word.endswith(".") and w not in STREET_WORDS_IN_ENGLISH
+            and is_common(w)):
+        return set()
+    return {w, w[:1].upper() + w[1:]}
 
 
 def fold_word(word: str) -> str:
@@ -166,9 +192,9 @@ def company_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 @functools.cache
 def company_phrases() -> tuple[str, ...]:
-    """Company suffixes of every Faker locale that a single word cannot carry: several words
-    or a lowercase head ("e Filhos", "- ME", "Doanh nghiệp tư nhân"), or an abbreviation
-    ("San.", "Ltda.", "Şti.")."""
+    """Company suffixes of every Faker locale that a single word cannot carry: several words,
+    a head that is no capital (lowercase or uncased: "e Filhos", "- ME", Thai words), or an
+    abbreviation ("San.", "Ltda.", "Şti.")."""
     out = {v.strip() for values in _faker_lists("company", lambda a: a == "company_suffixes")
            for v in values if len(v) > 2
            and (" " in v.strip() or v.endswith(".") or not v[0].isupper())}
@@ -217,8 +243,7 @@ class ContextFilter:
         self.after = {e: {w.lower().rstrip(".") for w in r.after} for e, r in rules.items()}
         # as written ("Via" the street type, not "via" the preposition), and a lowercase word
         # capitalised too ("rue", "Rue")
-        self.before = {e: {v for w in r.before for v in (w.rstrip("."), w[:1].upper()
-                                                           + w[1:].rstrip("."))}
+        self.before = {e: {v for w in r.before for v in _before_forms(w)}
                        for e, r in rules.items()}
         # one alternation per entity, longest first (so "S.L.U." wins over "S.L.")
         self.phrases = {e: re.compile("|".join(map(re.escape, sorted(r.phrases, key=len,
@@ -249,8 +274,11 @@ class ContextFilter:
         ends = self.unnamed_ends.get(entity)
         if ends:
             inside = _WORD.findall(text[start:end])
-            if (len(inside) > 1 and not _first_name(inside[0])
-                    and (fold_word(inside[-1]) in ends or fold_word(inside[0]) in ends)):
+            first = inside[0] if inside else ""
+            # an initial ("J. Grande", "W.C. Fields") is no evidence either way: a person
+            if (len(inside) > 1 and "." not in first and len(first) > 2
+                    and not _first_name(first)
+                    and (fold_word(inside[-1]) in ends or fold_word(first) in ends)):
                 return True
         if after:
             # the last word inside too: NER may swallow it ("X Reagan St."); a hand-written
@@ -303,8 +331,8 @@ class ContextFilter:
                 continue
             rest = tail[m.end():]
             if m.group().endswith("."):  # an abbreviation, not a sentence's end
-                nxt = rest.lstrip(" \t")[:1]
-                if rest[:1] in (" ", "\t") and nxt and (nxt.islower() or nxt in ",;)"):
+                after, nxt = rest[:1], rest.lstrip(" \t")[:1]
+                if (after and after in ",;)") or (after in (" ", "\t") and nxt.islower()):
                     return True
             elif not rest[:1].isalnum():
                 return True

@@ -125,6 +125,9 @@ class MaskingMiddleware(JsonRequestMiddleware):
             code = "vault_unavailable" if isinstance(e, VaultUnavailable) else "masking_failed"
             raise RequestError(503, f"{e}; request not forwarded", code) from None
         if "cache_salt" not in server_set:  # no grant middleware in front: isolate sessions
-            body["cache_salt"] = session_cache_salt(namespace, body.get("cache_salt"))
+            salt = body.get("cache_salt")
+            if salt is not None and not isinstance(salt, str):
+                raise RequestError(400, "'cache_salt' must be a string", "invalid_cache_salt")
+            body["cache_salt"] = session_cache_salt(namespace, salt)
         send = with_header(send, self.session_header, token)
         return body, ResponseRestorer(send, mapping, route)

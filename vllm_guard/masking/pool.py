@@ -73,8 +73,9 @@ class DetectorPool:
     def _spawn(self) -> _Worker:
         try:
             return _Worker(self.config_path)  # type: ignore[arg-type]
-        except OSError as e:
-            raise DetectionFailed(f"detector worker could not start ({e})") from None
+        except OSError as e:  # the detail is for the log, not for the client
+            logger.error("vllm-guard masking: detector worker could not start (%s)", e)
+            raise DetectionFailed("sensitive-value detection failed") from None
 
     def _detect_inline(self, texts, rewrite, known) -> list[Analysis]:
         with self._lock:
@@ -109,6 +110,8 @@ class DetectorPool:
                 if answered:
                     self._idle.append(worker)
                 else:
+                    logger.warning("vllm-guard masking: detector worker replaced (its reply "
+                                   "was not read in full)")
                     worker.kill()
                     with contextlib.suppress(DetectionFailed):  # else the slot's next request
                         self._idle.append(self._spawn())  # tries again

@@ -58,9 +58,9 @@ class SessionBinder:
         return ns, token
 
 
-def session_cache_salt(namespace: str, client_salt: object) -> str:
+def session_cache_salt(namespace: str, client_salt: str | None) -> str:
     """vLLM's prefix-cache salt when no grant set one: per session, so sessions never share
     KV blocks (a shared cache lets one client time another's prompt prefixes). A salt the
     client sends only narrows it further."""
-    own = client_salt if isinstance(client_salt, str) else ""
+    own = client_salt or ""
     return "vs" + hashlib.sha256(json.dumps([namespace, own]).encode()).hexdigest()[:40]
