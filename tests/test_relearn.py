@@ -128,3 +128,19 @@ def test_train_locks_trap_options_need_trap(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "--trap-* options need --trap" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_benign_tuning_is_also_judged_against_the_same_tuning_without_the_trap():
+    from benchmarks.efficacy.relearn import summarise
+
+    def run(variant: str, seed: int, up_after: float) -> dict:
+        at = {"0": {"rev": 0.0, "up": 1.0}, "200": {"rev": 0.0, "up": up_after}}
+        return {"variant": variant, "target": "rev", "kind": "benign", "steps_to_half": None,
+                "attack": {"method": "full", "lr": 1e-3, "examples": 10, "seed": seed}, "at": at}
+    cfg = replace(CI, steps=200)
+    rows = summarise([run("sealed", 0, 0.5), run("sealed-trap", 0, 0.5)], cfg)
+    trapped = next(r for r in rows if r["variant"] == "sealed-trap")
+    assert not trapped["benign_kept"] and trapped["kept_vs_no_trap"]  # the tuning's own loss
+    rows = summarise([run("sealed", 0, 0.9), run("sealed-trap", 0, 0.5)], cfg)
+    assert not next(r for r in rows if r["variant"] == "sealed-trap")["kept_vs_no_trap"]
+    assert "kept_vs_no_trap" not in next(r for r in rows if r["variant"] == "sealed")

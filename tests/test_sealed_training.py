@@ -90,3 +90,23 @@ def test_sealing_refuses_shared_neurons_and_missing_data(start, tmp_path):
         train_locks(start, {"inc": data["inc"]}, sel, CONFIG, tmp_path / "y",
                     progress=lambda _: None)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_trap_terms_stop_for_the_settle_share(start, tmp_path, monkeypatch):
+    from vllm_guard.secneuron import trap as trap_mod
+
+    calls: list[int] = []
+
+    def counted(self):
+        calls.append(len(calls))
+        return torch.zeros(())
+    monkeypatch.setattr(trap_mod.CollapseTrap, "loss", counted)
+    suite = TaskSuite.build(SUITE_PRESETS["ci"])
+    data = {"inc": suite.train_set("inc", 32, seed=1), "up": suite.train_set("up", 32, seed=1)}
+    sel = reserved_blocks(["inc", "up"], 2, 64, 8)
+    trap = trap_mod.TrapConfig(every=1, settle=0.25)
+    train_locks(start, data, sel, replace(TrainLocksConfig(steps=8, batch_size=4), trap=trap),
+                tmp_path / "m", progress=lambda _: None)
+    assert len(calls) == 6  # steps 1-6 of 8: the last quarter settles without the trap
+    with pytest.raises(GuardError, match="settle"):
+        trap_mod.TrapConfig(settle=1.0)

@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--trap-inner-steps", type=int, help="simulated fine-tuning steps")
     s.add_argument("--trap-inner-lr", type=float, help="simulated step size (sign steps)")
     s.add_argument("--trap-every", type=int, help="add the trap on every n-th step")
+    s.add_argument("--trap-settle", type=float,
+                   help="share of the last steps without the trap (default 0.2)")
     s.add_argument("--seed", type=int)
     s.add_argument("--out", required=True)
     s.set_defaults(func=run)
@@ -54,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks, train_locks
     from vllm_guard.secneuron.trap import TrapConfig
 
-    trap_given = {f: getattr(args, f"trap_{f}") for f in ("weight", "benign_weight",
-                                                           "inner_steps", "inner_lr", "every")}
+    trap_given = {f: getattr(args, f"trap_{f}") for f in (
+        "weight", "benign_weight", "inner_steps", "inner_lr", "every", "settle")}
     if not args.trap and any(v is not None for v in trap_given.values()):
         raise GuardError("--trap-* options need --trap")
     trap = TrapConfig(**{k: v for k, v in trap_given.items() if v is not None}) \

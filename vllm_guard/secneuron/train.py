@@ -246,12 +246,13 @@ def train_locks(model_dir: str | os.PathLike[str], data: dict[str, list[Example]
                         lambda grant: neuron_mask(model, bits, grant), rng) \
         if config.trap else None
     step = 0
+    trap_until = int(config.steps * (1 - config.trap.settle)) if config.trap else 0
 
     def open_loss() -> torch.Tensor:
         nonlocal step
         step += 1
         loss = batch_loss(open_tasks, 0)
-        if trap and step % config.trap.every == 0:
+        if trap and step % config.trap.every == 0 and step <= trap_until:
             loss = loss + trap.loss()
         return loss
 

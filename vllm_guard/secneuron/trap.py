@@ -14,7 +14,8 @@ a few examples of t. The trap shapes training so that such an update destroys th
 
 It is first order: the simulated updates are constants, so the gradient of (2) and (3) with
 respect to the weights is their gradient at the updated point, as in first-order MAML. One
-trap step costs about ``2 * inner_steps + 2`` forward/backward passes; ``every`` spaces them.
+trap step costs about ``2 * inner_steps + 2`` forward/backward passes; ``every`` spaces them,
+and the last ``settle`` share of training runs without them.
 """
 
 from __future__ import annotations
@@ -41,12 +42,17 @@ class TrapConfig:
     inner_lr: float = 3e-3  # per simulated step, per weight (sign steps, like Adam's)
     batch_size: int = 16
     every: int = 2  # add the trap terms on every n-th training step
+    # Share of the last training steps without the trap terms, so the open tasks settle
+    # back (with none, `sort` stayed at 0.96-0.97 of 1.00 on the full suite).
+    settle: float = 0.2
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1 or self.every < 1 or self.batch_size < 1:
             raise GuardError("trap inner steps, batch size and spacing must be at least 1")
         if self.inner_lr <= 0 or min(self.weight, self.locked_weight, self.benign_weight) < 0:
             raise GuardError("trap step size must be positive and its weights not negative")
+        if not 0 <= self.settle < 1:
+            raise GuardError("trap settle share must be in [0, 1)")
 
 
 Params = dict[str, torch.Tensor]
