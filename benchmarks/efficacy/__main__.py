@@ -1,6 +1,7 @@
 """Protection efficacy: SecNeuron's table, paper-faithful and with lock-aware training.
 
-python -m benchmarks.efficacy [--suite full|ci] [--no-e2e] [--assignments sealed,blocks,extract]
+python -m benchmarks.efficacy [--suite full|ci] [--no-e2e] [--no-dp]
+    [--assignments sealed,blocks,extract]
 python -m benchmarks.efficacy --relearn [--suite full|ci] [--quick]
 
 Trains (or reuses) the multitask model, locks it as the toolchain does, scores every grant
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="lock-aware variants to train: sealed (blocks, PII learnt only in its "
                     "block), blocks, extract (PII trained jointly)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the real-server pass")
+    ap.add_argument("--no-dp", action="store_true",
+                    help="skip the DP-SGD baseline (~10 min per epsilon on 2 cores)")
     ap.add_argument("--out", default=None, help="result name (default efficacy[-ci])")
     ap.add_argument("--relearn", action="store_true",
                     help="fine-tuning attacks on the locked checkpoints instead")
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return relearn_main(args)
     args.suite = args.suite or "full"
     config = replace(EfficacyConfig(suite=args.suite), e2e=not args.no_e2e,
+                     dp_epsilons=() if args.no_dp else EfficacyConfig.dp_epsilons,
                      assignments=tuple(a for a in args.assignments.split(",") if a))
     start = time.perf_counter()
     result = run_efficacy(config)
