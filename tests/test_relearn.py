@@ -19,7 +19,7 @@ from benchmarks.efficacy.relearn import RelearnConfig, _advantage, attack_data, 
 from vllm_guard.demo.tasks import SUITE_PRESETS, TaskSuite
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.train import TrainLocksConfig
-from vllm_guard.secneuron.trap import TrapConfig, simulate_tuning
+from vllm_guard.secneuron.trap import TrapConfig, simulate_lora_tuning, simulate_tuning
 
 CI = RelearnConfig(
     suite="ci", tasks=("rev",), variants=("sealed", "sealed-trap"), methods=(("full", 3e-4),),
@@ -98,11 +98,36 @@ def test_simulated_tuning_moves_weights_by_sign_steps_and_keeps_the_graph():
     assert torch.equal(w.grad, torch.ones(2))
 
 
+def test_simulated_lora_tuning_makes_a_low_rank_shift_of_the_projections_only():
+    torch.manual_seed(0)
+    params = {"layer.q_proj.weight": torch.nn.Parameter(torch.randn(6, 5)),
+              "layer.norm.weight": torch.nn.Parameter(torch.randn(5)),
+              "layer.other.weight": torch.nn.Parameter(torch.randn(6, 5))}
+    x = torch.randn(4, 5)
+
+    def loss(p):
+        return ((x @ p["layer.q_proj.weight"].T) ** 2).sum() + (p["layer.norm.weight"] ** 2).sum() \
+            + (x @ p["layer.other.weight"].T).sum()
+    moved = simulate_lora_tuning(params, loss, steps=3, lr=0.1, rank=2,
+                                 generator=torch.Generator().manual_seed(0))
+    shift = (moved["layer.q_proj.weight"] - params["layer.q_proj.weight"]).detach()
+    assert shift.abs().max() > 0 and torch.linalg.matrix_rank(shift) <= 2
+    assert loss(moved) < loss(params)  # the adapters lower the attacker's loss
+    assert moved["layer.norm.weight"] is params["layer.norm.weight"]
+    assert moved["layer.other.weight"] is params["layer.other.weight"]
+    moved["layer.q_proj.weight"].sum().backward()  # first order: the adapters are constants
+    assert torch.equal(params["layer.q_proj.weight"].grad, torch.ones(6, 5))
+
+
 def test_trap_config_rejects_bad_values():
     with pytest.raises(GuardError):
         TrapConfig(inner_steps=0)
     with pytest.raises(GuardError):
         TrapConfig(inner_lr=0)
+    with pytest.raises(GuardError):
+        TrapConfig(lora_share=1.5)
+    with pytest.raises(GuardError):
+        TrapConfig(lora_rank=0)
     assert replace(TrapConfig(), every=3).every == 3
 
 

@@ -17,8 +17,7 @@ import torch
 
 from benchmarks.efficacy.scoring import accuracy, score_answers
 from vllm_guard.secneuron.examples import AnswerBatcher, Example
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from vllm_guard.secneuron.trap import LORA_ALPHA, LORA_TARGETS
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class Attack:
 
 
 def add_lora(model, rank: int, generator: torch.Generator) -> list[torch.nn.Parameter]:
-    """Freeze ``model`` and add rank-``rank`` adapters (B = 0 at start, scale 16 / rank)."""
+    """Freeze ``model`` and add rank-``rank`` adapters (B = 0 at start, scale alpha / rank)."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = []
@@ -48,7 +47,7 @@ def add_lora(model, rank: int, generator: torch.Generator) -> list[torch.nn.Para
                 generator=generator))
             b = torch.nn.Parameter(torch.zeros(module.out_features, rank))
             module.register_forward_hook(
-                lambda _m, args, out, a=a, b=b: out + (args[0] @ a.T @ b.T) * (16 / rank))
+                lambda _m, args, out, a=a, b=b: out + (args[0] @ a.T @ b.T) * (LORA_ALPHA / rank))
             params += [a, b]
     return params
 

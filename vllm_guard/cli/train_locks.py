@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--trap-every", type=int, help="add the trap on every n-th step")
     s.add_argument("--trap-settle", type=float,
                    help="share of the last steps without the trap (default 0.2)")
+    s.add_argument("--trap-lora-share", type=float,
+                   help="share of simulated attacks made through LoRA adapters (default 0.5)")
+    s.add_argument("--trap-lora-rank", type=int, help="rank of those adapters (default 8)")
     s.add_argument("--seed", type=int)
     s.add_argument("--out", required=True)
     s.set_defaults(func=run)
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from vllm_guard.secneuron.trap import TrapConfig
 
     trap_given = {f: getattr(args, f"trap_{f}") for f in (
-        "weight", "benign_weight", "inner_steps", "inner_lr", "every", "settle")}
+        "weight", "benign_weight", "inner_steps", "inner_lr", "every", "settle", "lora_share",
+        "lora_rank")}
     if not args.trap and any(v is not None for v in trap_given.values()):
         raise GuardError("--trap-* options need --trap")
     trap = TrapConfig(**{k: v for k, v in trap_given.items() if v is not None}) \

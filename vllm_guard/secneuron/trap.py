@@ -5,7 +5,9 @@ a few examples of t. The trap shapes training so that such an update destroys th
 
 1. attack simulation: from the current weights, with t locked (the attacker holds every other
    key), take ``inner_steps`` Adam-like steps (``inner_lr`` times the gradient's sign) that
-   lower t's loss;
+   lower t's loss; on a ``lora_share`` of trap steps the steps go through fresh rank-
+   ``lora_rank`` adapters on the projections instead (LoRA's update, ``B @ A``, is low rank,
+   and a trap taught only full-weight updates let LoRA attacks through);
 2. trap: on the updated weights, the *open* tasks must collapse to EOS (CTRAP's collapse), and
    with ``locked_weight`` t itself must still answer EOS (tamper resistance, as in TAR,
    arXiv 2408.00761);
@@ -20,6 +22,7 @@ and the last ``settle`` share of training runs without them.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +32,10 @@ from torch.func import functional_call
 
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.examples import AnswerBatcher, Example
+
+# The projections LoRA adapts (attention and MLP of a Llama-style model), and PEFT's usual alpha.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_ALPHA = 16.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,9 @@ class TrapConfig:
     # Share of the last training steps without the trap terms, so the open tasks settle
     # back (with none, `sort` stayed at 0.96-0.97 of 1.00 on the full suite).
     settle: float = 0.2
+    # Share of trap steps whose simulated tuning goes through LoRA adapters, and their rank.
+    lora_share: float = 0.5
+    lora_rank: int = 8
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1 or self.every < 1 or self.batch_size < 1:
@@ -53,6 +63,8 @@ class TrapConfig:
             raise GuardError("trap step size must be positive and its weights not negative")
         if not 0 <= self.settle < 1:
             raise GuardError("trap settle share must be in [0, 1)")
+        if not 0 <= self.lora_share <= 1 or self.lora_rank < 1:
+            raise GuardError("trap LoRA share must be in [0, 1] and its rank at least 1")
 
 
 Params = dict[str, torch.Tensor]
@@ -70,6 +82,30 @@ def simulate_tuning(params: Params, loss_at: Callable[[Params], torch.Tensor], s
         for n, g in zip(names, grads, strict=True):
             if g is not None:
                 shifted[n] = shifted[n] - lr * g.detach().sign()
+    return shifted
+
+
+def simulate_lora_tuning(params: Params, loss_at: Callable[[Params], torch.Tensor], steps: int,
+                         lr: float, rank: int, generator: torch.Generator) -> Params:
+    """Weights after ``steps`` sign-gradient steps on fresh LoRA adapters (B = 0, A uniform,
+    as an attacker starts them) on the projections; the adapters are constants."""
+    names = [n for n, p in params.items() if p.requires_grad and n.endswith(".weight")
+             and n.removesuffix(".weight").rsplit(".", 1)[-1] in LORA_TARGETS]
+    scale = LORA_ALPHA / rank
+    a = {n: torch.empty(rank, params[n].shape[1]).uniform_(
+        -1 / math.sqrt(params[n].shape[1]), 1 / math.sqrt(params[n].shape[1]),
+        generator=generator) for n in names}
+    b = {n: torch.zeros(params[n].shape[0], rank) for n in names}
+    shifted = dict(params)
+    for _ in range(steps):
+        grads = torch.autograd.grad(loss_at(shifted), [shifted[n] for n in names],
+                                    allow_unused=True)
+        for n, g in zip(names, grads, strict=True):
+            if g is None:
+                continue
+            g = g.detach() * scale  # d loss / d(B @ A)
+            b[n], a[n] = b[n] - lr * (g @ a[n].T).sign(), a[n] - lr * (b[n].T @ g).sign()
+            shifted[n] = params[n] + scale * b[n] @ a[n]
     return shifted
 
 
@@ -107,17 +143,22 @@ class CollapseTrap:
         others = [t for t in self.open_tasks if t != target]
         grant = sum(self.task_bit[t] for t in others)  # every key but the target's
         params = dict(self.model.named_parameters())
+        if self.rng.random() < cfg.lora_share:  # the attacker (and the benign user) uses LoRA
+            seed = self.rng.getrandbits(62)
+
+            def tune(loss_at: Callable[[Params], torch.Tensor]) -> Params:
+                return simulate_lora_tuning(params, loss_at, cfg.inner_steps, cfg.inner_lr,
+                                            cfg.lora_rank, torch.Generator().manual_seed(seed))
+        else:
+            def tune(loss_at: Callable[[Params], torch.Tensor]) -> Params:
+                return simulate_tuning(params, loss_at, cfg.inner_steps, cfg.inner_lr)
         attack_rows = self._rows([target])
-        attacked = simulate_tuning(
-            params, lambda p: self._loss(p, attack_rows, grant, False), cfg.inner_steps,
-            cfg.inner_lr)
+        attacked = tune(lambda p: self._loss(p, attack_rows, grant, False))
         trap = cfg.weight * self._loss(attacked, self._rows(others), grant, True)
         if cfg.locked_weight:
             trap = trap + cfg.locked_weight * self._loss(attacked, self._rows([target]), grant,
                                                          True)
         benign_rows = self._rows(others)
-        tuned = simulate_tuning(
-            params, lambda p: self._loss(p, benign_rows, grant, False), cfg.inner_steps,
-            cfg.inner_lr)
+        tuned = tune(lambda p: self._loss(p, benign_rows, grant, False))
         benign = self._loss(tuned, self._rows(others), grant, False)
         return trap + cfg.benign_weight * benign
