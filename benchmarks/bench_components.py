@@ -14,12 +14,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import percentile, write_result
+from harness.measure import percentile, write_result
 
 
 def _english_1kb(n: int) -> list:
     """~1 KB English prompts: consecutive corpus examples joined, spans shifted."""
-    from tests.support.pii_corpus import LabelledText, generate
+    from harness.pii_corpus import LabelledText, generate
 
     out, text, spans = [], "", []
     for ex in generate(n * 8, seed=3):
@@ -62,7 +62,7 @@ def masker_timings(n: int = 150) -> dict:
     from presidio_analyzer import AnalyzerEngine
     from presidio_analyzer.nlp_engine import SpacyNlpEngine
 
-    from tests.support.pii_corpus import generate, score
+    from harness.pii_corpus import generate, score
     from vllm_guard.masking.detector import _offline_tldextract, build_detector
     from vllm_guard.masking.masker import Masker
     from vllm_guard.masking.ner import NER_PACKAGE
@@ -161,7 +161,7 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 100, rounds:
     """
     import numpy as np
 
-    from tests.support.fixtures import PRESETS
+    from harness.fixtures import PRESETS
     from vllm_guard.kernels.masked_silu import masked_silu_and_mul_torch
     from vllm_guard.runtime import PUBLIC_BIT
     from vllm_guard.runtime.grant_state import STATE
@@ -229,7 +229,7 @@ def decrypt_timings(preset: str = "qwen2-0.5b-shape", rounds: int = 5) -> dict:
     from pathlib import Path
 
     from benchmarks.bench_crypto import TASKS, random_selection
-    from tests.support.fixtures import fixture_model
+    from harness.fixtures import fixture_model
     from vllm_guard.secneuron.checkpoint import load_checkpoint
     from vllm_guard.secneuron.keys import TaskKey
     from vllm_guard.secneuron.lock import decrypt_in_place, lock_checkpoint, open_data_keys

@@ -15,8 +15,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import print_result, timed, write_result
-from tests.support.fixtures import fixture_model
+from harness.fixtures import fixture_model
+from harness.measure import print_result, timed, write_result
 from vllm_guard.secneuron.checkpoint import (
     checkpoint_files,
     ffn_layout,

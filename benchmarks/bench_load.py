@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.bench_crypto import TASKS, random_selection
-from benchmarks.common import write_result
-from tests.support.fixtures import fixture_model
-from tests.support.server import VllmServer
+from harness.fixtures import fixture_model
+from harness.measure import write_result
+from harness.server import VllmServer
 from vllm_guard.secneuron.keys import TaskKey, save_task_key
 from vllm_guard.secneuron.lock import lock_checkpoint
 

@@ -19,9 +19,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.common import write_result
-from tests.support.fixtures import fixture_model
-from tests.support.server import VllmServer, post
+from harness.fixtures import fixture_model
+from harness.measure import write_result
+from harness.server import VllmServer, post
 
 PROFILES = {"default": {}, "fast": {"ner": "off"}}
 

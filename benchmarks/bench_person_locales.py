@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from tests.support.person_corpus import (
+from harness.person_corpus import (
     FR_NEGATIVE_TEMPLATES,
     FR_TEMPLATES,
     LOCALES,
@@ -25,7 +25,7 @@ from tests.support.person_corpus import (
     place_negatives,
     positives,
 )
-from tests.support.pii_corpus import score
+from harness.pii_corpus import score
 from vllm_guard.masking.config import MaskingConfig
 from vllm_guard.masking.detector import build_detector
 

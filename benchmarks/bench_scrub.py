@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import print_result, write_result
-from tests.support.pii_corpus import generate
+from harness.measure import print_result, write_result
+from harness.pii_corpus import generate
 from vllm_guard.cli.common import config_file
 from vllm_guard.masking.config import MaskingConfig
 from vllm_guard.masking.detector import build_detector

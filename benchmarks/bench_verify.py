@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.bench_crypto import TASKS, random_selection
-from benchmarks.common import print_result, timed, write_result
-from tests.support.fixtures import fixture_model
+from harness.fixtures import fixture_model
+from harness.measure import print_result, timed, write_result
 from vllm_guard.secneuron.checkpoint import load_checkpoint
 from vllm_guard.secneuron.crypto import read_hashed
 from vllm_guard.secneuron.keys import TaskKey, generate_signing_key, load_signing_key, save_task_key

@@ -29,9 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine_info, percentile
-from tests.support.fixtures import WORDS, fixture_model
-from tests.support.server import VllmServer
+from harness.fixtures import WORDS, fixture_model
+from harness.measure import RESULTS, machine_info, percentile
+from harness.server import VllmServer
 from vllm_guard.grants.credentials import hash_api_key
 
 BASELINE = Path(__file__).resolve().parent / "baseline.json"
@@ -115,7 +115,7 @@ class BenchWorkspace:
     def locked(self) -> tuple[Path, dict]:
         if self._locked is None:
             if self.preset == "tiny":
-                from tests.support.locked import locked_fixture
+                from harness.locked import locked_fixture
 
                 art = locked_fixture()
                 self._locked = art.locked, art.loader_config()
@@ -177,14 +177,28 @@ def suite_prompts(mode: dict, seed: int) -> list[str]:
             for _ in range(mode["n1"] + mode["nN"] + 2)]
 
 
+@dataclass
+class AttachedServer:
+    """A server someone else started (``--attach``): measured as it is, never stopped."""
+
+    url: str
+
+    def __enter__(self) -> AttachedServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def run_config(ws: BenchWorkspace, name: str, spec: dict, mode: dict, server_args: list[str],
-               env: dict, seed: int) -> dict:
+               env: dict, seed: int, attach: str | None = None) -> dict:
     prompts = suite_prompts(mode, seed)
     toks = list(ws.tokens.values())
     headers = [{"Authorization": f"Bearer {toks[i % len(toks)]}"} if spec.get("grants") else {}
                for i in range(len(prompts))]
     t0 = time.perf_counter()
-    with ws.server(name, spec, server_args, env) as srv:
+    server = AttachedServer(attach) if attach else ws.server(name, spec, server_args, env)
+    with server as srv:
         startup = time.perf_counter() - t0
         for i in range(2):  # warm-up
             stream_request(srv.url, prompts[i], mode["output_len"], headers[i])
@@ -399,7 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guard-server-arg", action="append", default=[], metavar="ARG",
                     help="extra vLLM argument for the guarded configurations only (e.g. "
                     "--guard-server-arg=--middleware=MODULE.CLASS)")
+    ap.add_argument("--attach", action="append", default=[], metavar="CONFIG=URL",
+                    help="measure an already running server for CONFIG instead of starting "
+                    "one (the tests share their servers this way)")
     args = ap.parse_args(argv)
+    attached = dict(a.split("=", 1) for a in args.attach if "=" in a)
+    if len(attached) != len(args.attach):
+        ap.error("--attach takes CONFIG=URL")
 
     mode = dict(MODES[args.mode])
     if args.repeats:
@@ -408,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     if "plain" not in configs:
         configs.insert(0, "plain")
     unknown = set(configs) - set(CONFIGS)
-    if unknown:
-        ap.error(f"unknown config(s) {sorted(unknown)}; known: {list(CONFIGS)}")
+    if unknown or set(attached) - set(configs):
+        ap.error(f"unknown config(s) {sorted(unknown | (set(attached) - set(configs)))}; "
+                 f"known: {list(CONFIGS)}")
     server_args = ["--enable-prefix-caching"] + (["--enforce-eager"] if args.eager else [])
     if args.preset != "tiny":
         server_args += ["--dtype", "bfloat16", "--gpu-memory-utilization", "0.3"]
@@ -426,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{rep + 1}: {cfg}", flush=True)
                 guarded = args.guard_server_arg if CONFIGS[cfg].get("guard") else []
                 results[cfg].append(run_config(ws, cfg, CONFIGS[cfg], mode,
-                                               [*server_args, *guarded], env, seed=rep))
+                                               [*server_args, *guarded], env, seed=rep,
+                                               attach=attached.get(cfg)))
     report = {"preset": args.preset, "mode": args.mode, "workload": mode,
               "eager": args.eager, "machine": machine_info(), "results": results,
               "ratios": ratios(results), "spreads": spreads(results),

@@ -1,56 +1,123 @@
-"""Shared fixtures: cached fixture models and real vLLM servers on loopback."""
+"""Tiers by directory, shared fixtures, and the pool of real vLLM servers.
+
+- ``tests/unit``: in process; no vLLM server, no training, no redis-server (plain ``pytest``).
+- ``tests/server``: real vLLM servers and a real redis-server on loopback.
+- ``tests/pipelines``: training, efficacy, re-learning, DP, the benchmark gate, the demo build.
+
+Each test gets its tier's marker and xdist group from its directory, so none can forget it.
+Servers come from one session pool keyed by configuration: each starts once per run and
+stops after the last test that uses it; the run ends with a count of every start.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tests.support.fixtures import fixture_model
-from tests.support.server import VllmServer, free_port, post
+from harness.fixtures import fixture_model
+from harness.server import LEDGER_ENV, ServerPool, VllmServer, free_port, post, read_ledger
 
-LOG_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test-logs"
+ROOT = Path(__file__).resolve().parents[1]
+LOG_DIR = ROOT / ".cache" / "test-logs"
+TIERS = ("unit", "server", "pipelines")
+
+# --- tiers -------------------------------------------------------------------------------
+
+
+def tier_of(path: Path) -> str:
+    rel = path.resolve().relative_to(Path(__file__).resolve().parent)
+    if len(rel.parts) < 2 or rel.parts[0] not in TIERS:
+        raise pytest.UsageError(f"tests/{rel}: a test lives in tests/unit, tests/server or "
+                                "tests/pipelines")
+    return rel.parts[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = tier_of(Path(str(item.fspath)))
+        item.add_marker(getattr(pytest.mark, tier))
+        if tier != "unit" and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(tier))
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: count only what runs
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _users.clear()
+    for item in session.items:
+        for name in POOLED & set(getattr(item, "fixturenames", ())):
+            _users[name] += 1
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        ledger = LOG_DIR / f"servers-{os.getpid()}.jsonl"
+        ledger.unlink(missing_ok=True)
+        os.environ[LEDGER_ENV] = str(ledger)  # inherited by workers, benchmarks, servers
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    ledger = os.environ.get(LEDGER_ENV)
+    if hasattr(config, "workerinput") or not ledger:
+        return
+    starts = read_ledger(Path(ledger))
+    if not starts:
+        return
+    total = sum(s["seconds"] for s in starts)
+    terminalreporter.section("vLLM servers")
+    terminalreporter.write_line(f"vLLM server starts: {len(starts)}, {total:.0f} s until ready "
+                                "or refused in all")
+    for s in starts:
+        terminalreporter.write_line(f"  {s['name']}: {s['outcome']} after {s['seconds']} s")
+
+
+# --- the server pool ---------------------------------------------------------------------
+
+# Fixtures that hand out a pooled server; each stops after the last test that uses it.
+POOLED = {"plain_server", "grants_eager", "grants_compiled", "loader_subset",
+          "loader_no_keys", "isolation_memory", "isolation_redis", "masking_strategies"}
+_users: Counter[str] = Counter()
+_pool: ServerPool | None = None
+
+
+@pytest.fixture(scope="session")
+def server_pool():
+    global _pool
+    _pool = ServerPool(LOG_DIR)
+    yield _pool
+    _pool.close()
+    _pool = None
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    for name in POOLED & set(getattr(item, "fixturenames", ())):
+        _users[name] -= 1
+        if _users[name] <= 0 and _pool is not None:
+            _pool.release(name)
+
+
+# --- models, keys, redis -----------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
+    """The trained tiny fixture (built once per cache, a few seconds of training)."""
     return fixture_model("tiny")
 
 
-def start_server(name: str, model: str | Path, args: list[str] | None = None,
-                 guard: bool = True, env: dict[str, str] | None = None) -> VllmServer:
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    return VllmServer(str(model), list(args or []), LOG_DIR / f"{name}.log", dict(env or {}),
-                      guard).start()
-
-
-def stream(url: str, body: dict, timeout: float = 120) -> list[dict]:
-    """POST with stream=true; return the parsed SSE data events (without [DONE])."""
-    req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(),
-                                 {"Content-Type": "application/json"})
-    events, done = [], False
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if line == "data: [DONE]":
-                done = True
-            elif line.startswith("data: "):
-                events.append(json.loads(line[6:]))
-    assert done, "stream ended without data: [DONE]"
-    return events
-
-
-def complete(server: VllmServer, prompt: str, max_tokens: int = 8) -> str:
-    status, body = post(server.url + "/v1/completions",
-                        {"model": "test", "prompt": prompt, "max_tokens": max_tokens,
-                         "temperature": 0})
-    assert status == 200, body
-    return body["choices"][0]["text"]
+@pytest.fixture(scope="session")
+def random_tiny() -> Path:
+    """The tiny fixture's shape with random weights: no training (unit tier)."""
+    return fixture_model("tiny-random")
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +126,6 @@ def keydir(tmp_path_factory) -> Path:
     from vllm_guard.secneuron.keys import KeyDir
 
     return KeyDir.create(tmp_path_factory.mktemp("keys"), ("add", "capital", "reverse")).root
-
-
-# --- real redis-server ---------------------------------------------------------------------
 
 
 class Redis:
@@ -101,8 +165,37 @@ class Redis:
         return redis.Redis(port=self.port)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def redis_server():
     r = Redis().start()
     yield r
     r.stop()
+
+
+# --- small clients -----------------------------------------------------------------------
+
+
+def stream(url: str, body: dict, timeout: float = 120,
+           headers: dict[str, str] | None = None) -> list[dict]:
+    """POST with stream=true; return the parsed SSE data events (without [DONE])."""
+    req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(),
+                                 {"Content-Type": "application/json", **(headers or {})})
+    events, done = [], False
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert done, "stream ended without data: [DONE]"
+    return events
+
+
+def complete(server: VllmServer, prompt: str, max_tokens: int = 8,
+             headers: dict[str, str] | None = None) -> str:
+    status, body = post(server.url + "/v1/completions",
+                        {"model": "test", "prompt": prompt, "max_tokens": max_tokens,
+                         "temperature": 0}, headers)
+    assert status == 200, body
+    return body["choices"][0]["text"]

@@ -21,9 +21,9 @@ import argparse
 import time
 from dataclasses import replace
 
-from benchmarks.common import RESULTS, write_result
 from benchmarks.efficacy.pipeline import EfficacyConfig, render_markdown, run_efficacy
 from benchmarks.efficacy.relearn import RelearnConfig, render_relearn, run_relearn
+from harness.measure import RESULTS, write_result
 
 
 def main(argv: list[str] | None = None) -> int:

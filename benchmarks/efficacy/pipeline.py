@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks.efficacy.dp import DpConfig, train_dp
 from benchmarks.efficacy.scoring import accuracy, auroc, auroc_interval, score_answers
-from tests.support.fixtures import default_cache_dir
+from harness.fixtures import default_cache_dir
 from vllm_guard.demo.tasks import (
     SUITE_PRESETS,
     SUITE_VERSION,
@@ -288,7 +288,7 @@ def e2e_scores(locked: Path, ws: EfficacyWorkspace, suite: TaskSuite, grants: li
                per_task: int, progress: Progress) -> dict:
     """Accuracy per grant set through a real server (all keys loaded, credentials per request),
     beside the offline score of the same examples."""
-    from tests.support.server import VllmServer, post
+    from harness.server import VllmServer, post
     from vllm_guard.grants.credentials import hash_api_key
 
     tokens = {"+".join(g): f"vg-efficacy-{'-'.join(g)}" for g in grants}

@@ -34,7 +34,7 @@ from benchmarks.efficacy.pipeline import (
     calibration,
     lock_aware_model,
 )
-from tests.support.fixtures import default_cache_dir
+from harness.fixtures import default_cache_dir
 from vllm_guard.demo.tasks import SUITE_PRESETS, TaskSuite, multitask_model, public_config
 from vllm_guard.secneuron.examples import Example
 from vllm_guard.secneuron.extract import ExtractConfig, extract

@@ -1,0 +1,203 @@
+"""``vllm-guard demo`` as a newcomer runs it: the cached demo build served by the real command
+(``python -m vllm_guard.cli demo --port N``), then its two API keys, its printed ``curl``
+commands and its masking checked against the live server."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import harness.fixtures  # noqa: F401  (sets $VLLM_GUARD_CACHE to the checkout's .cache)
+from harness.server import VllmServer, post
+from tests.conftest import LOG_DIR
+from vllm_guard.demo import build
+from vllm_guard.demo.api_keys import GRANTS_FILE, TOKENS_FILE, create_api_keys
+from vllm_guard.demo.build import DemoArtefacts, demo_artefacts
+from vllm_guard.demo.guide import MASKED_PROMPT, MASKING_PROMPT, completion_body, guide
+from vllm_guard.demo.recipe import ALL_KEY, ONE_KEY, RECIPE, SHOWCASE
+from vllm_guard.demo.tasks import TaskSuite
+from vllm_guard.errors import GuardError
+from vllm_guard.grants.credentials import Authenticator
+
+PER_TASK = 40  # held-out prompts per task per key
+REPORT = Path(__file__).resolve().parents[2] / ".cache" / "reports" / "demo_scores.json"
+ADDRESS = MASKING_PROMPT.split()[1].rstrip(",")
+
+
+def test_demo_help():
+    out = subprocess.run([sys.executable, "-m", "vllm_guard.cli", "demo", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--port" in out.stdout and "--no-serve" in out.stdout
+
+
+def test_an_interrupted_build_is_never_reused(tmp_path, monkeypatch):
+    calls = []
+
+    def failing(out: Path, recipe, progress) -> None:
+        (out / "locked").mkdir()
+        raise GuardError("interrupted")
+
+    def working(out: Path, recipe, progress) -> None:
+        calls.append(out)
+        (out / build.SUMMARY_FILE).write_text("{}")
+
+    monkeypatch.setattr(build, "_build", failing)
+    with pytest.raises(GuardError):
+        demo_artefacts(tmp_path, progress=lambda _: None)
+    root = build.demo_root(tmp_path)
+    assert not root.exists() and not list(root.parent.glob(".*partial*"))
+    stale = root.parent / f".{root.name}.partial-killed"  # as a SIGKILLed build leaves it
+    stale.mkdir()
+    monkeypatch.setattr(build, "_build", working)
+    for _ in range(2):
+        art = demo_artefacts(tmp_path, progress=lambda _: None)
+    assert art.ready and art.root == root and len(calls) == 1  # built once, then reused
+    assert not stale.exists()
+
+
+def test_api_keys_are_private_and_only_their_hashes_are_granted(tmp_path):
+    keys = create_api_keys(tmp_path, RECIPE.api_grants(), RECIPE.tasks)
+    assert (tmp_path / TOKENS_FILE).stat().st_mode & 0o777 == 0o600
+    grants = (tmp_path / GRANTS_FILE).read_text()
+    auth = Authenticator(tmp_path / GRANTS_FILE)
+    for key in keys:
+        assert key.token not in grants and key.token not in repr(key)
+        assert auth.authenticate(f"Bearer {key.token}").tasks == set(key.tasks)
+    assert {k.name: k.tasks for k in keys} == {ALL_KEY: RECIPE.tasks,
+                                               ONE_KEY: (RECIPE.one_task,)}
+
+
+def test_guide_prints_a_curl_per_key_and_for_masking(tmp_path):
+    art = DemoArtefacts(tmp_path)
+    keys = create_api_keys(tmp_path, RECIPE.api_grants(), RECIPE.tasks)
+    text = guide(art, 8123)
+    curls = [line for line in text.splitlines() if line.startswith("curl ")]
+    assert len(curls) == 4 and all("http://127.0.0.1:8123/v1/completions" in c for c in curls)
+    assert all(any(k.token in c for c in curls) for k in keys)
+    assert SHOWCASE[RECIPE.one_task][0] in text and MASKING_PROMPT in text
+
+
+class DemoServer(VllmServer):
+    """The ``vllm-guard demo`` command itself, on a free port."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "vllm_guard.cli", "demo", "--port", str(self.port)]
+
+
+@pytest.fixture(scope="module")
+def art() -> DemoArtefacts:
+    return demo_artefacts()  # built once (~2 min), then reused from .cache/demo
+
+
+@pytest.fixture(scope="module")
+def server(art):
+    # guard=False: the environment is the caller's, as for a newcomer; the demo sets the rest
+    srv = DemoServer("demo", log_path=LOG_DIR / "demo_server.log", guard=False)
+    srv.start()
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def tokens(art) -> dict[str, str]:
+    return {k.name: k.token for k in art.api_keys()}
+
+
+def complete(server, token: str | None, body: dict) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return post(server.url + "/v1/completions", body, headers)
+
+
+def served_accuracy(server, token: str, art: DemoArtefacts) -> dict[str, float]:
+    """Exact match per task on held-out prompts, with the guide's request body (greedy,
+    8 tokens): the text must be the answer and nothing more."""
+    test = TaskSuite.build(art.recipe.suite).test
+
+    def ask(ex: dict) -> bool:
+        status, body = complete(server, token, completion_body(ex["prompt"]))
+        assert status == 200, body
+        return body["choices"][0]["text"] == ex["answer"]
+
+    with ThreadPoolExecutor(16) as pool:
+        return {t: sum(pool.map(ask, rows[:PER_TASK])) / PER_TASK for t, rows in test.items()}
+
+
+@pytest.fixture(scope="module")
+def scores(server, art, tokens) -> dict[str, dict[str, float]]:
+    out = {name: served_accuracy(server, tokens[name], art) for name in (ALL_KEY, ONE_KEY)}
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(json.dumps({"per_task": PER_TASK, "served": out,
+                                  "build": art.summary()}, indent=1))
+    return out
+
+
+@pytest.mark.server
+def test_all_tasks_key_answers_every_task(scores, art):
+    assert set(scores[ALL_KEY]) == set(art.tasks)
+    assert all(a >= 0.95 for a in scores[ALL_KEY].values()), scores
+
+
+@pytest.mark.server
+def test_one_task_key_answers_its_task_and_nothing_else(scores, art):
+    (mine,) = art.recipe.api_grants()[ONE_KEY]
+    for task, acc in scores[ONE_KEY].items():
+        assert acc >= 0.95 if task == mine else acc <= 0.10, scores
+
+
+@pytest.mark.server
+def test_no_key_is_refused(server):
+    status, body = complete(server, None, completion_body("REV planet="))
+    assert status == 401, body
+
+
+@pytest.mark.server
+def test_masked_address_is_restored_and_never_reaches_the_engine(server, tokens, art):
+    import transformers
+
+    token = tokens[ALL_KEY]
+    status, body = complete(server, token, completion_body(MASKING_PROMPT, max_tokens=1,
+                                                           echo=True))
+    assert status == 200, body
+    assert body["choices"][0]["text"].startswith(MASKING_PROMPT)  # restored echo
+    assert body["usage"]["prompt_tokens"] == len(MASKED_PROMPT) + 1  # characters + BOS
+    # the prompt as the engine tokenized it (vLLM skips echo when token ids are asked for)
+    status, body = complete(server, token, completion_body(MASKING_PROMPT, max_tokens=1,
+                                                           return_token_ids=True))
+    assert status == 200, body
+    tok = transformers.AutoTokenizer.from_pretrained(art.locked)
+    seen = tok.decode(body["choices"][0]["prompt_token_ids"], skip_special_tokens=True)
+    assert seen == MASKED_PROMPT and ADDRESS not in seen
+    # the guide printed at startup holds the address (in its curl); vLLM's own log must not
+    vllm_log = server.log_text().split("Without an API key", 1)[1]
+    assert "Application startup complete" in vllm_log and ADDRESS not in vllm_log
+
+
+@pytest.mark.server
+def test_printed_curl_commands_show_what_they_promise(server, tokens):
+    """Run the guide's commands exactly as printed (the newcomer's copy and paste)."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    log = server.log_text()
+    assert all(t in log for t in tokens.values())
+    steps = re.findall(r"^# (\d)\. (.*?)\n(?:#.*\n)*(curl .*)$", log, re.MULTILINE)
+    assert [s[0] for s in steps] == ["1", "2", "3", "4"], steps
+    for _, says, command in steps:
+        assert f"127.0.0.1:{server.port}/" in command
+        out = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                             timeout=60).stdout
+        expect = re.search(r'expect ("text":".*")', says)
+        if expect:
+            assert out.strip() == expect.group(1), (says, out)
+        else:  # masking
+            assert out.startswith(f'"text":"{MASKING_PROMPT}'), out
+            assert f'"prompt_tokens":{len(MASKED_PROMPT) + 1}' in out, out

@@ -1,0 +1,134 @@
+"""Tenant isolation against a real vLLM server with grants and masking (in-memory and Redis
+vault): one principal never reads another's values, whatever session id it sends, and no
+route or field carries a raw value to the engine (checked in vLLM's own DEBUG request log)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import urllib.request
+
+import pytest
+
+from harness.locked import locked_fixture
+from harness.server import VllmServer, post
+from tests.conftest import LOG_DIR
+from tests.unit.masking.test_fields import TEXT_BODIES
+from vllm_guard.grants.credentials import hash_api_key
+from vllm_guard.masking.fields import ROUTES
+from vllm_guard.masking.middleware import BODYLESS_POSTS
+
+pytestmark = pytest.mark.server
+
+EMAIL, SSN = "alice.private@example.com", "078-05-1120"
+SECRET = f"write to {EMAIL} about {SSN}"
+TOKENS = {"alice": "vg-test-alice-key", "bob": "vg-test-bob-key"}
+TASKS = ["add", "capital", "reverse"]
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def server(request, redis_server, tmp_path_factory):
+    art = locked_fixture()
+    d = tmp_path_factory.mktemp(f"isolation-{request.param}")
+    (d / "grants.json").write_text(json.dumps({
+        "mode": "required", "tasks": TASKS,
+        "api_keys": [{"name": n, "sha256": hash_api_key(t), "tasks": TASKS}
+                     for n, t in TOKENS.items()]}))
+    (d / "masking.json").write_text(json.dumps({
+        "ner": "off", "vault": request.param, "redis_url": redis_server.url}))
+    env = {"VLLM_LOGGING_LEVEL": "DEBUG",
+           "VLLM_GUARD_VAULT_KEY": base64.b64encode(os.urandom(32)).decode(),
+           "VLLM_GUARD_SESSION_KEY": base64.b64encode(os.urandom(32)).decode()}
+    srv = VllmServer(str(art.locked), [
+        "--load-format", "secneuron", "--model-loader-extra-config",
+        json.dumps(art.loader_config()), "--enforce-eager", "--enable-log-requests"],
+        LOG_DIR / f"isolation_{request.param}.log", env, grants=str(d / "grants.json"),
+        masking=str(d / "masking.json"))
+    srv.start()
+    try:
+        yield srv.wait_ready(900)
+    finally:
+        srv.stop()
+
+
+def call(server, who: str, body: dict, session: str | None = None,
+         path: str = "/v1/completions") -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {TOKENS[who]}"}
+    if session:
+        headers["x-vllm-guard-session"] = session
+    return post(server.url + path, {"model": "test", **body}, headers)
+
+
+def streamed(server, who: str, body: dict, session: str) -> str:
+    req = urllib.request.Request(
+        server.url + "/v1/completions", json.dumps({"model": "test", **body,
+                                                    "stream": True}).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {TOKENS[who]}",
+         "x-vllm-guard-session": session})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.read().decode()
+
+
+FORCE = {"max_tokens": 48, "temperature": 0,
+         "structured_outputs": {"regex": "<EMAIL_ADDRESS_1> <US_SSN_1>"}}
+
+
+def test_model_output_restores_only_the_callers_own_values(server):
+    """Bob forces the engine to emit Alice's placeholders in Alice's session id."""
+    status, body = call(server, "alice", {"prompt": SECRET, **FORCE}, "shared")
+    assert status == 200, body
+    assert body["choices"][0]["text"] == f"{EMAIL} {SSN}"  # the channel works for Alice
+    assert EMAIL in streamed(server, "alice", {"prompt": SECRET, **FORCE}, "shared")
+    status, body = call(server, "bob", {"prompt": "hello", **FORCE}, "shared")
+    assert status == 200 and body["choices"][0]["text"] == "<EMAIL_ADDRESS_1> <US_SSN_1>"
+    out = streamed(server, "bob", {"prompt": "hello", **FORCE}, "shared")
+    assert EMAIL not in out and SSN not in out
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_of_typed_placeholders_restores_nothing(server, stream):
+    assert call(server, "alice", {"prompt": SECRET, "max_tokens": 1}, "shared2")[0] == 200
+    body = {"prompt": "<EMAIL_ADDRESS_1> <US_SSN_1>", "max_tokens": 1, "echo": True}
+    for who in ("bob", "alice"):  # typed look-alikes are neutralised, even for the owner
+        out = streamed(server, who, body, "shared2") if stream else json.dumps(
+            call(server, who, body, "shared2")[1])
+        assert EMAIL not in out and SSN not in out
+
+
+def test_a_raw_value_reveals_nothing_about_another_session(server):
+    assert call(server, "alice", {"prompt": SECRET, "max_tokens": 1}, "shared3")[0] == 200
+    status, body = call(server, "bob", {"prompt": f"bob@x.org {EMAIL}", "max_tokens": 1,
+                                        "echo": True, "logprobs": 1}, "shared3")
+    assert status == 200, body
+    tokens = "".join(body["choices"][0]["logprobs"]["tokens"])
+    assert "<EMAIL_ADDRESS_1>" in tokens and "<EMAIL_ADDRESS_2>" in tokens
+    assert tokens.index("<EMAIL_ADDRESS_1>") < tokens.index("<EMAIL_ADDRESS_2>")
+
+
+@pytest.mark.parametrize("route,body", TEXT_BODIES)
+def test_every_text_field_is_masked_or_refused_at_the_engine(server, route, body):
+    body = json.loads(json.dumps(body).replace("jane.roe@example.com", EMAIL))
+    if route != "/v1/responses":
+        body["max_tokens"] = 2
+    status, resp = call(server, "alice", body, path=route)
+    assert status == 200 or 400 <= status < 500, resp
+    assert EMAIL not in server.log_text()
+
+
+def test_every_other_post_route_is_refused(server):
+    req = urllib.request.Request(server.url + "/openapi.json",
+                                 headers={"Authorization": f"Bearer {TOKENS['alice']}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        spec = json.loads(r.read())
+    posts = [p for p, ops in spec["paths"].items() if "post" in ops]
+    assert len(posts) > 10 and all(r in posts for r in ROUTES)
+    for path in posts:
+        if path in ROUTES or path in BODYLESS_POSTS or "{" in path:
+            continue
+        status, resp = call(server, "alice", {"prompt": SECRET, "input": SECRET,
+                                              "messages": [{"role": "user",
+                                                            "content": SECRET}]}, path=path)
+        assert 400 <= status < 500, (path, status, resp)
+    assert EMAIL not in server.log_text() and SSN not in server.log_text()
+    assert "details: prompt:" in server.log_text()  # vLLM's DEBUG request log is on

@@ -1,0 +1,124 @@
+"""Masked SiluAndMul: Triton kernel (TRITON_INTERPRET=1 on CPU) and torch path vs a reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vllm_guard.kernels.masked_silu import masked_silu_and_mul_torch
+from vllm_guard.runtime import PUBLIC_BIT
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def cases(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    for dtype in DTYPES:
+        for tokens, d in [(1, 1), (3, 7), (17, 37), (5, 300), (2, 1000)]:
+            x = (torch.randn(tokens, 2 * d, generator=gen) * 3).to(dtype)
+            bits = torch.randint(1, 16, (d,), generator=gen, dtype=torch.int64)  # >= 1 task
+            bits[torch.rand(d, generator=gen) < 0.3] = -1  # public neurons
+            grants = torch.randint(0, 16, (tokens + 4,), generator=gen, dtype=torch.int64)
+            grants |= PUBLIC_BIT
+            yield f"{dtype}-{tokens}x{d}-mixed", x, bits, grants
+            yield f"{dtype}-{tokens}x{d}-all", x, bits, torch.full((tokens,), -1)
+            yield f"{dtype}-{tokens}x{d}-none", x, bits & 15, torch.full(
+                (tokens,), PUBLIC_BIT)
+
+
+def reference(x, bits, grants):
+    d = x.shape[-1] // 2
+    keep = (bits[None, :] & grants[: x.shape[0], None]) != 0
+    return (F.silu(x[:, :d].float()) * x[:, d:].float() * keep).to(x.dtype), keep
+
+
+def test_torch_path_matches_reference_and_masks_exactly():
+    for name, x, bits, grants in cases():
+        out = masked_silu_and_mul_torch(x, bits, grants)
+        ref, keep = reference(x, bits, grants)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[x.dtype],
+                                   atol=TOL[x.dtype], msg=name)
+        assert torch.count_nonzero(out[~keep]) == 0, name
+        if name.endswith("-none"):
+            assert torch.count_nonzero(out) == 0, name
+
+
+def test_torch_path_is_bitwise_plain_silu_and_mul_when_all_granted():
+    """All granted must equal vLLM's native SiluAndMul bit for bit (greedy outputs match)."""
+    for _, x, bits, _ in cases(1):
+        d = x.shape[-1] // 2
+        plain = F.silu(x[:, :d]) * x[:, d:]
+        out = masked_silu_and_mul_torch(x, bits, torch.full((x.shape[0],), -1))
+        assert torch.equal(out, plain)
+
+
+def _check_triton() -> None:
+    """Runs in a subprocess with TRITON_INTERPRET=1 (it must be set before triton loads)."""
+    from vllm_guard.kernels.masked_silu import HAS_TRITON, masked_silu_and_mul_triton
+
+    assert HAS_TRITON
+    checked = 0
+    for name, x, bits, grants in cases():
+        ref, keep = reference(x, bits, grants)
+        for block in (16, 64, 256):
+            out = torch.full_like(ref, float("nan"))  # poisoned: unwritten elements show
+            masked_silu_and_mul_triton(x, bits, grants, block=block, out=out)
+            assert not torch.isnan(out).any(), f"{name} block {block}: unwritten output"
+            torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[x.dtype],
+                                       atol=TOL[x.dtype], msg=f"{name} block {block}")
+            assert torch.count_nonzero(out[~keep]) == 0, name
+            checked += 1
+    print(f"triton cases checked: {checked}")
+
+
+def test_triton_kernel_under_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c",
+                          "import tests.unit.kernels.test_masked_silu as t; t._check_triton()"],
+                         env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "triton cases checked: 135" in out.stdout
+
+
+def test_planned_step_masks_per_token_without_per_layer_analysis(monkeypatch):
+    """The runner hook plans the step once; layers then use the plan (no torch.unique per
+    layer) and cached drop rows, and the result is exactly the reference."""
+    import numpy as np
+
+    from vllm_guard.runtime.grant_state import GrantState
+
+    state = GrantState()
+    monkeypatch.setattr("vllm_guard.kernels.masked_silu.STATE", state)
+    buf = state.ensure_buffer(64)
+    gen = torch.Generator().manual_seed(3)
+    d = 50
+    bits = torch.randint(1, 8, (d,), generator=gen, dtype=torch.int64)
+    bits[:10] = -1
+    calls = []
+    for fn in ("unique", "unique_consecutive"):
+        real = getattr(torch, fn)
+        monkeypatch.setattr(torch, fn, lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+    many = [PUBLIC_BIT | (i % 3 + 1) for i in range(12)]  # more runs than MAX_RUNS: gathered
+    for per_request, counts in (([PUBLIC_BIT | 1, PUBLIC_BIT | 6], [3, 2]),
+                                ([PUBLIC_BIT | 7], [4]), ([-1], [2]),
+                                ([PUBLIC_BIT, PUBLIC_BIT | 2, PUBLIC_BIT], [1, 5, 2]),
+                                (many, [1, 2] * 6)):
+        state.fill(per_request, np.array(counts))
+        x = torch.randn(sum(counts), 2 * d, generator=gen)
+        for _ in range(3):  # three "layers" of one step
+            out = masked_silu_and_mul_torch(x, bits, buf)
+            ref, keep = reference(x, bits, buf)
+            torch.testing.assert_close(out, ref)
+            assert torch.count_nonzero(out[~keep]) == 0
+    assert not calls, "a layer re-derived the step's grants"
+    bits.copy_(torch.full((d,), 1))  # the loader re-attaches in place: the cache must notice
+    state.fill([PUBLIC_BIT | 2], np.array([2]))
+    assert torch.count_nonzero(masked_silu_and_mul_torch(torch.randn(2, 2 * d), bits, buf)) == 0

@@ -1,0 +1,136 @@
+"""``vllm-guard scrub``: JSONL training data de-identified line by line, restored exactly from
+the sealed mapping, and no raw value in the output, the report, stderr or the mapping file."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.pii_corpus import generate
+from vllm_guard.masking.config import MaskingConfig
+from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.scrub import Scrubber, ScrubError, scrub_file
+
+ROOT = Path(__file__).resolve().parents[3]
+STRICT = {"EMAIL_ADDRESS", "CREDIT_CARD", "US_SSN", "CN_RESIDENT_ID", "IBAN_CODE"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    examples = generate(90, seed=11)
+    path = tmp_path_factory.mktemp("scrub") / "train.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(0, len(examples), 2):
+            a, b = examples[i], examples[i + 1]
+            doc = {"id": i, "prompt": a.text, "answer": b.text, "meta": {"source": "crm"},
+                   "messages": [{"role": "user", "content": b.text}]}
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    values = {(e, ex.text[s:t]) for ex in examples for s, t, e in ex.spans}
+    return path, values
+
+
+def cli(*args: str, key: str | None = None, masking: str = "masking.fast.json",
+        env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in ("VLLM_GUARD_SCRUB_KEY", "VLLM_GUARD_FPE_KEY"):  # other modules set them
+        env.pop(name, None)
+    env.update(env_extra or {})
+    if key:
+        env["VLLM_GUARD_SCRUB_KEY"] = key
+    return subprocess.run([sys.executable, "-m", "vllm_guard.cli", "scrub", *args,
+                           "--masking", masking, "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_scrub_then_restore_is_exact_and_leaks_nothing(dataset, tmp_path):
+    src, values = dataset
+    key = base64.b64encode(os.urandom(32)).decode()
+    out, mapping, report = tmp_path / "clean.jsonl", tmp_path / "map.json", tmp_path / "r.json"
+    done = cli(str(src), str(out), "--fields", "prompt,answer,messages",
+               "--keep-mapping", str(mapping), "--report", str(report), key=key)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scrubbed = out.read_text(encoding="utf-8")
+    sealed = mapping.read_text()
+    logs = done.stderr + done.stdout + report.read_text()
+    leaked = {v for v in values if v[1] in scrubbed}
+    assert not {v for v in leaked if v[0] in STRICT}, "a checksummed value survived"
+    assert len(leaked) <= 0.02 * len(values), sorted(e for e, _ in leaked)
+    assert not any(v in logs or v in sealed for _, v in values)
+    rows = [json.loads(line) for line in scrubbed.splitlines()]
+    assert all(r["meta"] == {"source": "crm"} and isinstance(r["id"], int) for r in rows)
+    summary = json.loads(report.read_text())
+    assert summary["lines"] == len(rows) and summary["masked"]["EMAIL_ADDRESS"] > 0
+    # the same value gets the same placeholder everywhere in the file
+    assert all(r["messages"][0]["content"] == r["answer"] for r in rows)
+
+    back = tmp_path / "restored.jsonl"
+    done = cli(str(out), str(back), "--restore", "--keep-mapping", str(mapping),
+               "--fields", "prompt,answer,messages", key=key)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert back.read_text(encoding="utf-8") == src.read_text(encoding="utf-8")
+
+    wrong = base64.b64encode(os.urandom(32)).decode()
+    done = cli(str(out), str(tmp_path / "x.jsonl"), "--restore", "--keep-mapping",
+               str(mapping), key=wrong)
+    assert done.returncode == 1 and "wrong key or tampered" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    done = cli(str(src), str(out), key=key)  # exists, no --force
+    assert done.returncode == 1 and "--force" in done.stderr
+
+
+def test_bad_line_names_its_number_and_leaves_no_output(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"prompt": "mail jane.roe@example.com"}\n{"prompt": "jane.roe@example.com'
+                   '\n{"prompt": 5}\n', encoding="utf-8")
+    det = build_detector(MaskingConfig(ner="off"))
+    with pytest.raises(ScrubError, match="line 2: not valid JSON") as e:
+        scrub_file(src, tmp_path / "out.jsonl", Scrubber(det))
+    assert "jane" not in str(e.value)
+    assert list(tmp_path.iterdir()) == [src]  # nothing partial left behind
+    src.write_text('{"prompt": 5}\n', encoding="utf-8")
+    with pytest.raises(ScrubError, match="line 1: field 'prompt' is not text"):
+        scrub_file(src, tmp_path / "out.jsonl", Scrubber(det))
+
+
+def test_values_found_once_are_masked_on_later_lines(tmp_path):
+    src = tmp_path / "in.jsonl"
+    lines = [{"text": "Customer: Mary Smith, mary@example.com"},
+             {"text": "mary smith? no: Mary Smith called again"}]
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    scrubber = Scrubber(build_detector(MaskingConfig(ner="off")))
+    scrub_file(src, tmp_path / "out.jsonl", scrubber)
+    out = (tmp_path / "out.jsonl").read_text()
+    assert "Mary Smith" not in out and out.count("<PERSON_1>") == 2
+    assert scrubber.mapping["<PERSON_1>"] == "Mary Smith"
+
+
+def test_scrub_with_surrogates_and_fpe_restores_exactly(dataset, tmp_path):
+    src, values = dataset
+    config = tmp_path / "masking.json"
+    config.write_text(json.dumps({"ner": "off", "strategies": {
+        "PERSON": "surrogate", "EMAIL_ADDRESS": "surrogate", "IP_ADDRESS": "surrogate",
+        "IBAN_CODE": "surrogate", "CREDIT_CARD": "fpe", "US_SSN": "fpe",
+        "CN_RESIDENT_ID": "fpe", "PHONE_NUMBER": "fpe"}}))
+    key = base64.b64encode(os.urandom(32)).decode()
+    fpe_key = {"VLLM_GUARD_FPE_KEY": base64.b64encode(os.urandom(32)).decode()}
+    out, mapping = tmp_path / "clean.jsonl", tmp_path / "map.json"
+    fields = "prompt,answer,messages"
+    missing = cli(str(src), str(out), "--fields", fields, masking=str(config))
+    assert missing.returncode == 1 and "VLLM_GUARD_FPE_KEY" in missing.stderr  # one line
+    done = cli(str(src), str(out), "--fields", fields, "--keep-mapping", str(mapping),
+               key=key, masking=str(config), env_extra=fpe_key)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scrubbed = out.read_text(encoding="utf-8")
+    assert not {v for v in values if v[0] in STRICT and v[1] in scrubbed}
+    assert "<EMAIL_ADDRESS_" not in scrubbed and "@example." in scrubbed  # surrogates
+    back = tmp_path / "restored.jsonl"
+    done = cli(str(out), str(back), "--restore", "--keep-mapping", str(mapping),
+               "--fields", fields, key=key, masking=str(config), env_extra=fpe_key)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert back.read_text(encoding="utf-8") == src.read_text(encoding="utf-8")
