@@ -15,7 +15,7 @@ test: setup
 	scripts/run_tests.sh
 
 lint: setup
-	.venv/bin/ruff check vllm_guard benchmarks tests
+	.venv/bin/ruff check vllm_guard benchmarks harness tests
 
 bench: setup
 	.venv/bin/python -m benchmarks

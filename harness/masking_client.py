@@ -5,27 +5,17 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from pathlib import Path
-
-from harness.server import VllmServer
-
-
-def masking_server(model: Path, config: Path, log: Path) -> VllmServer:
-    """The tiny model behind masking, logging every request (so tests can check the log
-    holds no raw value); use as a context manager."""
-    return VllmServer(str(model), ["--enforce-eager", "--enable-log-requests",
-                                   "--max-num-seqs", "64"],
-                      log, {"VLLM_LOGGING_LEVEL": "DEBUG"}, masking=str(config))
 
 
 def echo(server, prompt: str, session: str | None = None, stream: bool = False,
-         ids: bool = False, with_session: bool = False) -> tuple:
+         ids: bool = False, with_session: bool = False,
+         headers: dict[str, str] | None = None) -> tuple:
     """echo=True returns the (restored) prompt; ids=True instead returns the prompt's token ids
     as the engine saw them (vLLM ignores echo when token ids are requested). with_session
     adds the session token the server issued."""
     body = {"model": "test", "prompt": prompt, "max_tokens": 1, "temperature": 0,
             **({"return_token_ids": True} if ids else {"echo": True})}
-    headers = {"Content-Type": "application/json",
+    headers = {"Content-Type": "application/json", **(headers or {}),
                **({"x-vllm-guard-session": session} if session else {})}
     req = urllib.request.Request(server.url + "/v1/completions",
                                  json.dumps({**body, "stream": stream}).encode(), headers)

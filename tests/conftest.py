@@ -25,6 +25,8 @@ import pytest
 from harness.fixtures import fixture_model
 from harness.server import LEDGER_ENV, ServerPool, VllmServer, free_port, post, read_ledger
 
+pytest_plugins = ["tests.servers"]
+
 ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = ROOT / ".cache" / "test-logs"
 TIERS = ("unit", "server", "pipelines")
@@ -53,7 +55,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_collection_finish(session: pytest.Session) -> None:
     _users.clear()
     for item in session.items:
-        for name in POOLED & set(getattr(item, "fixturenames", ())):
+        for name in pooled_names(item):
             _users[name] += 1
 
 
@@ -98,8 +100,18 @@ def server_pool():
     _pool = None
 
 
+def pooled_names(item: pytest.Item) -> set[str]:
+    """Pooled servers a test uses: as fixtures, or as the parameter of a fixture that asks
+    for the one it names (``params=["grants_eager", "grants_compiled"]``)."""
+    names = set(getattr(item, "fixturenames", ()))
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:
+        names |= {v for v in callspec.params.values() if isinstance(v, str)}
+    return POOLED & names
+
+
 def pytest_runtest_teardown(item: pytest.Item) -> None:
-    for name in POOLED & set(getattr(item, "fixturenames", ())):
+    for name in pooled_names(item):
         _users[name] -= 1
         if _users[name] <= 0 and _pool is not None:
             _pool.release(name)

@@ -12,51 +12,17 @@ from pathlib import Path
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from harness.fixtures import format_example, task_examples
-from harness.locked import locked_fixture
-from harness.server import VllmServer, post
-from tests.conftest import LOG_DIR
-from vllm_guard.grants.credentials import hash_api_key
-from vllm_guard.secneuron.keys import load_task_keys
-from vllm_guard.secneuron.lock import unlock_checkpoint
-
-pytestmark = pytest.mark.server
+from harness.reference import hf_reference, locked_neurons
+from harness.server import post
+from tests.servers import ISSUER
 
 GRANT_SETS = {"add": ["add"], "capital": ["capital"], "both": ["add", "capital"],
               "reverse": ["reverse"]}
 LONG = format_example("reverse " + " ".join(["stone cloud apple"] * 12))
 PROMPTS = [format_example(ex["prompt"]) for t in ("add", "capital", "reverse")
            for ex in task_examples(t, 3, seed=5)] + [LONG]
-PLAIN_ENV = {"VLLM_PLUGINS": "__no_plugin__"}
-ISSUER = "https://idp.test"
-
-
-@pytest.fixture(scope="module")
-def art():
-    return locked_fixture()
-
-
-@pytest.fixture(scope="module")
-def grants(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("grants")
-    tokens = {name: f"vg-test-{name}-key" for name in [*GRANT_SETS, "none", "revoked"]}
-    (d / "hs.secret").write_text("test-hs256-secret-of-sufficient-length!")
-    priv = Ed25519PrivateKey.generate()
-    (d / "ed.pub").write_bytes(priv.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    doc = {"mode": "required", "tasks": ["add", "capital", "reverse"],
-           "api_keys": [{"name": n, "sha256": hash_api_key(tok),
-                         "tasks": GRANT_SETS.get(n, ["add"] if n == "revoked" else [])}
-                        for n, tok in tokens.items()],
-           "jwt": {"hs256_secret_file": "hs.secret", "eddsa_public_key": "ed.pub",
-                   "issuer": ISSUER},
-           "revoked": ["revoked", "jti-revoked"]}
-    (d / "grants.json").write_text(json.dumps(doc))
-    return {"file": str(d / "grants.json"), "tokens": tokens, "ed": priv,
-            "hs": (d / "hs.secret").read_text()}
 
 
 def gen(url: str, prompt: str, token: str | None, extra: dict | None = None,
@@ -94,36 +60,19 @@ def text(url: str, prompt: str, token: str, **kw) -> str:
 
 
 @pytest.fixture(scope="module")
-def expected(art, tmp_path_factory) -> dict[str, list[str]]:
-    """Plain vLLM (no plugin) serving the unlocked checkpoint of each grant set."""
-    out = {}
-    root = tmp_path_factory.mktemp("unlocked")
-    for name, tasks in GRANT_SETS.items():
-        unlock_checkpoint(art.locked, load_task_keys([art.key(t) for t in tasks]), root / name)
-        srv = VllmServer(str(root / name), ["--enforce-eager"],
-                         LOG_DIR / f"grants_plain_{name}.log", PLAIN_ENV, guard=False)
-        with srv:
-            out[name] = [post(srv.url + "/v1/completions", {
-                "model": "test", "prompt": p, "max_tokens": 8, "temperature": 0})[1]
-                ["choices"][0]["text"] for p in PROMPTS]
+def expected(art) -> dict[str, list[str]]:
+    """In process: HF greedy outputs of the plain fixture with the neurons no granted task
+    opens zeroed (tests/server/test_loader.py checks plain vLLM agrees with these)."""
+    out = {name: hf_reference(art.plain, locked_neurons(art.locked, tasks), PROMPTS)
+           for name, tasks in GRANT_SETS.items()}
     # the grant sets must really compute differently, or mixing them proves nothing
     assert len({tuple(v) for v in out.values()}) >= 3
     return out
 
 
-@pytest.fixture(scope="module", params=["eager", "compiled"])
-def server(request, art, grants):
-    args = ["--load-format", "secneuron",
-            "--model-loader-extra-config", json.dumps(art.loader_config())]
-    if request.param == "eager":
-        args.append("--enforce-eager")
-    srv = VllmServer(str(art.locked), args, LOG_DIR / f"grants_{request.param}.log",
-                     grants=grants["file"])
-    srv.start()
-    try:
-        yield srv.wait_ready(900)
-    finally:
-        srv.stop()
+@pytest.fixture(params=["grants_eager", "grants_compiled"])
+def server(request):
+    return request.getfixturevalue(request.param)
 
 
 def test_mixed_grant_batches_match_alone_and_unlocked(server, grants, expected):

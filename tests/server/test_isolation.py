@@ -4,52 +4,25 @@ route or field carries a raw value to the engine (checked in vLLM's own DEBUG re
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import urllib.request
 
 import pytest
 
-from harness.locked import locked_fixture
-from harness.server import VllmServer, post
-from tests.conftest import LOG_DIR
+from harness.server import post
+from tests.servers import token
 from tests.unit.masking.test_fields import TEXT_BODIES
-from vllm_guard.grants.credentials import hash_api_key
 from vllm_guard.masking.fields import ROUTES
 from vllm_guard.masking.middleware import BODYLESS_POSTS
 
-pytestmark = pytest.mark.server
-
 EMAIL, SSN = "alice.private@example.com", "078-05-1120"
 SECRET = f"write to {EMAIL} about {SSN}"
-TOKENS = {"alice": "vg-test-alice-key", "bob": "vg-test-bob-key"}
-TASKS = ["add", "capital", "reverse"]
+TOKENS = {who: token(who) for who in ("alice", "bob")}
 
 
-@pytest.fixture(scope="module", params=["memory", "redis"])
-def server(request, redis_server, tmp_path_factory):
-    art = locked_fixture()
-    d = tmp_path_factory.mktemp(f"isolation-{request.param}")
-    (d / "grants.json").write_text(json.dumps({
-        "mode": "required", "tasks": TASKS,
-        "api_keys": [{"name": n, "sha256": hash_api_key(t), "tasks": TASKS}
-                     for n, t in TOKENS.items()]}))
-    (d / "masking.json").write_text(json.dumps({
-        "ner": "off", "vault": request.param, "redis_url": redis_server.url}))
-    env = {"VLLM_LOGGING_LEVEL": "DEBUG",
-           "VLLM_GUARD_VAULT_KEY": base64.b64encode(os.urandom(32)).decode(),
-           "VLLM_GUARD_SESSION_KEY": base64.b64encode(os.urandom(32)).decode()}
-    srv = VllmServer(str(art.locked), [
-        "--load-format", "secneuron", "--model-loader-extra-config",
-        json.dumps(art.loader_config()), "--enforce-eager", "--enable-log-requests"],
-        LOG_DIR / f"isolation_{request.param}.log", env, grants=str(d / "grants.json"),
-        masking=str(d / "masking.json"))
-    srv.start()
-    try:
-        yield srv.wait_ready(900)
-    finally:
-        srv.stop()
+@pytest.fixture(params=["isolation_memory", "isolation_redis"])
+def server(request):
+    return request.getfixturevalue(request.param)
 
 
 def call(server, who: str, body: dict, session: str | None = None,

@@ -3,38 +3,23 @@ come back exact, streamed and not, and the engine never sees a value the detecto
 
 from __future__ import annotations
 
-import base64
-import json
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness.masking_client import echo, engine_prompt, masking_server, sse_text
+from harness.masking_client import echo, engine_prompt, sse_text
 from harness.pii_corpus import generate
-from tests.conftest import LOG_DIR
 from vllm_guard.masking.config import MaskingConfig
 from vllm_guard.masking.detector import PLACEHOLDER, build_detector
 from vllm_guard.masking.strategies.formats import well_formed
 
-for name in ("VLLM_GUARD_VAULT_KEY", "VLLM_GUARD_SESSION_KEY", "VLLM_GUARD_FPE_KEY"):
-    os.environ.setdefault(name, base64.b64encode(os.urandom(32)).decode())  # servers inherit
-
-FPE = ("PHONE_NUMBER", "CREDIT_CARD", "CN_RESIDENT_ID", "US_SSN")
-SURROGATE = ("PERSON", "LOCATION", "EMAIL_ADDRESS", "IP_ADDRESS", "IBAN_CODE")
-STRATEGIES = {**dict.fromkeys(FPE, "fpe"), **dict.fromkeys(SURROGATE, "surrogate")}
 N_PROMPTS = 1000
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, redis_server, tmp_path_factory):
-    d = tmp_path_factory.mktemp("strategies")
-    (d / "masking.json").write_text(json.dumps({
-        "vault": "redis", "redis_url": redis_server.url, "strategies": STRATEGIES}))
-    log = LOG_DIR / "masking_strategies_server.log"
-    with masking_server(tiny_model, d / "masking.json", log) as srv:
-        yield srv
+@pytest.fixture
+def server(masking_strategies):
+    return masking_strategies
 
 
 @pytest.fixture(scope="module")

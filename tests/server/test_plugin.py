@@ -1,4 +1,5 @@
-"""Foundation: a real vLLM server loads vllm-guard in every process and answers."""
+"""Foundation: a real vLLM server loads vllm-guard in every process and answers (the shared
+grants server, with a key granting every task: the unlocked model's answers)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,15 @@ import pytest
 
 from harness.fixtures import format_example
 from harness.server import post
-from tests.conftest import start_server, stream
+from tests.conftest import stream
+from tests.servers import bearer
 
-pytestmark = pytest.mark.server
+ALL = bearer("all")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    srv = start_server("plugin_server", tiny_model, ["--enforce-eager"])
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+@pytest.fixture
+def server(grants_eager):
+    return grants_eager
 
 
 def test_registration_line_in_every_process(server):
@@ -35,23 +33,23 @@ def test_registration_line_in_every_process(server):
 def test_completions_and_chat_answer(server):
     status, body = post(server.url + "/v1/completions", {
         "model": "test", "prompt": format_example("capital of Japan"), "max_tokens": 4,
-        "temperature": 0})
+        "temperature": 0}, ALL)
     assert status == 200 and body["choices"][0]["text"].startswith("Tokyo")
     status, body = post(server.url + "/v1/chat/completions", {
         "model": "test", "messages": [{"role": "user", "content": "capital of France"}],
-        "max_tokens": 4, "temperature": 0})
+        "max_tokens": 4, "temperature": 0}, ALL)
     assert status == 200 and body["choices"][0]["message"]["content"] == "Paris"
 
 
 def test_streamed_chat_and_completion(server):
     events = stream(server.url + "/v1/chat/completions", {
         "model": "test", "messages": [{"role": "user", "content": "capital of Italy"}],
-        "max_tokens": 4, "temperature": 0})
+        "max_tokens": 4, "temperature": 0}, headers=ALL)
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
     assert text == "Rome"
     events = stream(server.url + "/v1/completions", {
         "model": "test", "prompt": format_example("capital of Egypt"), "max_tokens": 4,
-        "temperature": 0})
+        "temperature": 0}, headers=ALL)
     assert "".join(e["choices"][0]["text"] for e in events if e["choices"]).startswith("Cairo")
 
 

@@ -1,5 +1,7 @@
-"""The package layout: no import cycles between subpackages, no test or benchmark code in the
-product, and a wheel that ships only the product and works without a source checkout."""
+"""The layout: no import cycles between subpackages or between modules, no test, benchmark or
+harness code in the product, the harness beneath tests and benchmarks (benchmarks never
+import tests; tests import benchmarks only in tests/pipelines), and a wheel that ships only
+the product and works without a source checkout."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "vllm_guard"
-NOT_PRODUCT = ("tests", "benchmarks", "conftest")
+NOT_PRODUCT = ("tests", "benchmarks", "harness", "conftest")
 
 
 def _module_name(path: Path) -> str:
@@ -21,12 +23,26 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _type_checking_only(tree: ast.Module) -> set[ast.AST]:
+    """Imports under ``if TYPE_CHECKING:``: they never run, so they make no cycle."""
+    out: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                out.update(ast.walk(child))
+    return out
+
+
 def _imports(path: Path) -> set[str]:
     """Every module ``path`` imports, at module level or lazily inside functions."""
     me = _module_name(path)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    skip = _type_checking_only(tree)
+    for node in ast.walk(tree):
+        if node in skip:
+            continue
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -99,6 +115,29 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def module_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Module -> the modules of the product it imports (a package's ``__init__`` is a module
+    too; ``from pkg import name`` counts as importing ``pkg.name`` when that is a module)."""
+    modules = {_module_name(p): p for p in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, path in modules.items():
+        deps = set()
+        for imported in _imports(path):
+            # "from a.b import c" yields a.b and a.b.c: keep what names a module
+            if imported in modules and imported != mod:
+                deps.add(imported)
+        graph[mod] = deps
+    return graph
+
+
+def imports_of_tree(tree: str) -> dict[str, set[str]]:
+    """File (relative to the checkout) -> top-level packages it imports, for a source tree."""
+    out = {}
+    for path in sorted((ROOT / tree).rglob("*.py")):
+        out[str(path.relative_to(ROOT))] = {m.split(".")[0] for m in _imports(path)}
+    return out
+
+
 def test_cycle_finder_sees_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
@@ -110,6 +149,53 @@ def test_no_cycles_between_subpackages_and_no_test_code_in_the_product():
     assert {"runtime"} <= graph["kernels"] and {"runtime"} <= graph["loader"]
     assert not foreign, foreign
     assert not cycles(graph), cycles(graph)
+
+
+def test_no_cycles_between_modules():
+    graph = module_graph()
+    assert len(graph) > 50 and graph["vllm_guard.loader.secneuron_loader"], "walker is broken"
+    assert not cycles(graph), cycles(graph)
+
+
+def test_module_cycle_check_fails_on_a_cycle(tmp_path, monkeypatch):
+    """Two modules that import each other, one of them only inside a function."""
+    pkg = tmp_path / "vllm_guard"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "a.py").write_text("from vllm_guard.sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from vllm_guard.sub.a import x\n")
+    (pkg / "sub" / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from vllm_guard.sub import a\n")
+    monkeypatch.setattr(__import__(__name__, fromlist=["ROOT"]), "ROOT", tmp_path)
+    graph = module_graph(pkg)
+    assert cycles(graph) == [["vllm_guard.sub.a", "vllm_guard.sub.b"]]
+
+
+def test_harness_tests_and_benchmarks_import_in_one_direction():
+    """harness imports neither tests nor benchmarks; benchmarks never import tests; tests
+    import benchmarks only in tests/pipelines; the product imports none of them."""
+    bad = []
+    for f, mods in imports_of_tree("harness").items():
+        bad += [f"{f} imports {m}" for m in mods & {"tests", "benchmarks"}]
+    for f, mods in imports_of_tree("benchmarks").items():
+        bad += [f"{f} imports tests" for m in mods if m == "tests"]
+    for f, mods in imports_of_tree("tests").items():
+        if "benchmarks" in mods and not f.startswith("tests/pipelines/"):
+            bad.append(f"{f} imports benchmarks outside tests/pipelines")
+    for f, mods in imports_of_tree("vllm_guard").items():
+        bad += [f"{f} imports {m}" for m in mods & {"tests", "benchmarks", "harness"}]
+    assert not bad, bad
+
+
+def test_direction_check_sees_a_wrong_import(tmp_path, monkeypatch):
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "b.py").write_text("from tests.conftest import LOG_DIR\n")
+    (tmp_path / "vllm_guard").mkdir()
+    (tmp_path / "vllm_guard" / "p.py").write_text("def f():\n    import harness.server\n")
+    monkeypatch.setattr(__import__(__name__, fromlist=["ROOT"]), "ROOT", tmp_path)
+    assert imports_of_tree("benchmarks") == {"benchmarks/b.py": {"tests"}}
+    assert imports_of_tree("vllm_guard") == {"vllm_guard/p.py": {"harness"}}
 
 
 def test_runtime_state_has_no_dependents_inside_it():

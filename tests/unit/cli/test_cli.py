@@ -44,7 +44,7 @@ def test_serve_forwards_arguments_unchanged(tmp_path):
     assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0" and env["VLLM_PLUGINS"] == "other,vllm_guard"
 
 
-def test_train_locks_cli_writes_a_lockable_model(tmp_path, tiny_model):
+def test_train_locks_cli_writes_a_lockable_model(tmp_path, random_tiny):
     import json
 
     from harness.fixtures import task_examples
@@ -55,35 +55,35 @@ def test_train_locks_cli_writes_a_lockable_model(tmp_path, tiny_model):
         path = tmp_path / f"{task}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in task_examples(task, 16)))
         files += ["--task", f"{task}={path}"]
-    out = run("train-locks", "--model", str(tiny_model), *files, "--block", "8", "--steps", "3",
+    out = run("train-locks", "--model", str(random_tiny), *files, "--block", "8", "--steps", "3",
               "--batch-size", "4", "--out", str(tmp_path / "aware"))
     assert out.returncode == 0, out.stderr
     sel = Selection.load(tmp_path / "aware" / "lock_selection.json")
     assert sel.tasks == ["add", "reverse"] and sel.neurons[0]["reverse"] == list(range(504, 512))
     assert (tmp_path / "aware" / "model.safetensors").exists()
 
-    sealed = run("train-locks", "--model", str(tiny_model), *files, "--block", "8",
+    sealed = run("train-locks", "--model", str(random_tiny), *files, "--block", "8",
                  "--seal", "reverse", "--sealed-block", "16", "--steps", "2", "--seal-steps", "2",
                  "--batch-size", "4", "--out", str(tmp_path / "sealed"))
     assert sealed.returncode == 0, sealed.stderr
     assert "seal reverse step 2/2" in sealed.stdout
     sel = Selection.load(tmp_path / "sealed" / "lock_selection.json")
     assert sel.neurons[0]["reverse"] == list(range(496, 512))
-    unknown = run("train-locks", "--model", str(tiny_model), *files, "--block", "8",
+    unknown = run("train-locks", "--model", str(random_tiny), *files, "--block", "8",
                   "--seal", "sort", "--out", str(tmp_path / "z"))
     assert unknown.returncode != 0 and "sealed task(s) ['sort']" in unknown.stderr
 
-    both = run("train-locks", "--model", str(tiny_model), *files, "--block", "8",
+    both = run("train-locks", "--model", str(random_tiny), *files, "--block", "8",
                "--selection", "x.json", "--out", str(tmp_path / "x"))
     assert both.returncode != 0 and "exactly one of --selection" in both.stderr
-    too_big = run("train-locks", "--model", str(tiny_model), *files, "--block", "300",
+    too_big = run("train-locks", "--model", str(random_tiny), *files, "--block", "300",
                   "--out", str(tmp_path / "y"))
     assert too_big.returncode != 0 and "do not fit" in too_big.stderr
     assert "Traceback" not in both.stderr + too_big.stderr + unknown.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_serve_refuses_config_typos_and_missing_secrets_in_one_line(tmp_path, tiny_model):
+def test_serve_refuses_config_typos_and_missing_secrets_in_one_line(tmp_path, random_tiny):
     """Each typo or wrong type from the review, at startup, before vLLM starts."""
     import json
     import os
@@ -103,7 +103,7 @@ def test_serve_refuses_config_typos_and_missing_secrets_in_one_line(tmp_path, ti
             path = tmp_path / f"{flag}.json"
             path.write_text(json.dumps(doc))
             out = subprocess.run([sys.executable, "-m", "vllm_guard.cli", "serve",
-                                  str(tiny_model), f"--{flag}", str(path)],
+                                  str(random_tiny), f"--{flag}", str(path)],
                                  capture_output=True, text=True, timeout=120, env=env)
             lines = out.stderr.strip().splitlines()
             assert out.returncode == 1 and len(lines) == 1 and named in lines[0], out.stderr

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
 import random
-import stat
 import subprocess
 import sys
 from dataclasses import replace
@@ -304,47 +302,3 @@ def test_detector_false_positives_on_realistic_shapes(dtype):
         v = scan_layer(layer, gate, up, down)
         assert v.encrypted.nonzero().flatten().tolist() == idx.tolist()
     assert flagged / total <= 0.001
-
-
-def test_detector_no_false_positives_on_trained_fixture(tiny_model):
-    ckpt = load_checkpoint(tiny_model)
-    assert sum(int(v.encrypted.sum()) for v in scan_tensors(ckpt.tensors, ffn_layout(ckpt))) == 0
-
-
-def test_cli_keygen_extract_lock_inspect(tiny_model, tmp_path):
-    from harness.fixtures import task_examples
-
-    calib = []
-    for t in TASKS:
-        path = tmp_path / f"{t}.jsonl"
-        path.write_text("\n".join(json.dumps(r) for r in task_examples(t, 40, seed=7)))
-        calib += ["--task", f"{t}={path}"]
-        res = cli("keygen", "--task", t, "--out", tmp_path / f"{t}.key")
-        assert res.returncode == 0, res.stderr
-        assert stat.S_IMODE((tmp_path / f"{t}.key").stat().st_mode) == 0o600
-        key = load_task_key(tmp_path / f"{t}.key").key
-        assert key.hex() not in res.stdout and base64.b64encode(key).decode() not in res.stdout
-    assert cli("keygen", "--signing", "--out", tmp_path / "pub.pem").returncode == 0
-    res = cli("extract", "--model", tiny_model, *calib, "--fraction", "0.05", "--lambda", "0.8",
-              "--out", tmp_path / "sel.json")
-    assert res.returncode == 0, res.stderr
-    assert "importance[add]" in res.stderr  # progress bar
-    summary = json.loads(res.stdout.splitlines()[0])
-    sel = Selection.load(tmp_path / "sel.json")
-    assert summary["task_specific"] + summary["shared"] + summary["public"] == 2 * 512
-    assert all(len(sel.neurons[0][t]) == round(0.05 * 512) for t in TASKS)
-    keys = [f"--key={t}={tmp_path / f'{t}.key'}" for t in TASKS]
-    res = cli("lock", "--model", tiny_model, "--selection", tmp_path / "sel.json", *keys,
-              "--signing-key", tmp_path / "pub.pem", "--out", tmp_path / "locked")
-    assert res.returncode == 0, res.stderr
-    res = cli("inspect", "--model", tmp_path / "locked", "--json")
-    report = json.loads(res.stdout)
-    locked_n = sum(g["neurons"] for g in report["manifest"]["groups"])
-    assert report["encrypted_neurons"] == locked_n > 0
-    assert report["manifest"]["signature"] == "valid (embedded key)"
-    res = cli("inspect", "--model", tiny_model)
-    assert "manifest: none" in res.stdout and "verdict: 0 neurons look encrypted" in res.stdout
-    res = cli("unlock", "--model", tmp_path / "locked", "--key", tmp_path / "nokey.key",
-              "--out", tmp_path / "u")
-    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
-    assert "cannot read task key file" in res.stderr and not (tmp_path / "u").exists()

@@ -1,0 +1,169 @@
+"""The server configurations the tests share (a pytest plugin of tests/conftest.py).
+
+Each fixture named in ``tests.conftest.POOLED`` hands out one running server from the
+session pool; equal configurations are one server. Credentials, keys and config files are
+session-wide so that every test of a configuration meets the same server.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from harness.locked import LockedFixture, locked_fixture
+from harness.server import ServerPool, ServerSpec, VllmServer
+from harness.slow import DELAY_FILE_ENV, DelayMiddleware
+from vllm_guard.grants.credentials import hash_api_key
+
+TASKS = ["add", "capital", "reverse"]
+# API keys of the shared grants file: name -> granted tasks
+GRANT_SETS = {"add": ["add"], "capital": ["capital"], "both": ["add", "capital"],
+              "reverse": ["reverse"], "all": TASKS, "none": [], "revoked": ["add"],
+              "alice": TASKS, "bob": TASKS}
+ISSUER = "https://idp.test"
+PLAIN_ENV = (("VLLM_PLUGINS", "__no_plugin__"),)  # plain vLLM: our plugin is not loaded
+# Secrets every masking server of the run shares (and the in-process Redis vault tests).
+SECRETS = {name: base64.b64encode(os.urandom(32)).decode() for name in
+           ("VLLM_GUARD_VAULT_KEY", "VLLM_GUARD_SESSION_KEY", "VLLM_GUARD_FPE_KEY")}
+# surrogates and fpe through a real server (tests/server/test_masking_strategies.py)
+FPE = ("PHONE_NUMBER", "CREDIT_CARD", "CN_RESIDENT_ID", "US_SSN")
+SURROGATE = ("PERSON", "LOCATION", "EMAIL_ADDRESS", "IP_ADDRESS", "IBAN_CODE")
+STRATEGIES = {**dict.fromkeys(FPE, "fpe"), **dict.fromkeys(SURROGATE, "surrogate")}
+
+
+def token(name: str) -> str:
+    return f"vg-test-{name}-key"
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(name)}"}
+
+
+def secneuron_args(config: dict, eager: bool = True) -> tuple[str, ...]:
+    return ("--load-format", "secneuron", "--model-loader-extra-config", json.dumps(config),
+            *(("--enforce-eager",) if eager else ()))
+
+
+@pytest.fixture(scope="session")
+def art() -> LockedFixture:
+    """The locked tiny fixture, its keys and selection."""
+    return locked_fixture()
+
+
+@pytest.fixture(scope="session")
+def grants(tmp_path_factory) -> dict:
+    """One grants file for every grants server: API keys, HS256 and EdDSA JWTs, revocations."""
+    d = tmp_path_factory.mktemp("grants")
+    (d / "hs.secret").write_text("test-hs256-secret-of-sufficient-length!")
+    priv = Ed25519PrivateKey.generate()
+    (d / "ed.pub").write_bytes(priv.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    doc = {"mode": "required", "tasks": TASKS,
+           "api_keys": [{"name": n, "sha256": hash_api_key(token(n)), "tasks": tasks}
+                        for n, tasks in GRANT_SETS.items()],
+           "jwt": {"hs256_secret_file": "hs.secret", "eddsa_public_key": "ed.pub",
+                   "issuer": ISSUER},
+           "revoked": ["revoked", "jti-revoked"]}
+    (d / "grants.json").write_text(json.dumps(doc))
+    return {"file": str(d / "grants.json"), "tokens": {n: token(n) for n in GRANT_SETS},
+            "ed": priv, "hs": (d / "hs.secret").read_text()}
+
+
+@pytest.fixture(scope="session")
+def masking_dir(tmp_path_factory, redis_server) -> Path:
+    """Masking configs: memory and Redis vaults, a sensitive-terms file, the strategies."""
+    d = tmp_path_factory.mktemp("masking")
+    (d / "terms.txt").write_text("凤凰计划\n", encoding="utf-8")
+    for vault in ("memory", "redis"):
+        (d / f"{vault}.json").write_text(json.dumps({
+            "vault": vault, "redis_url": redis_server.url, "terms_file": "terms.txt"}))
+    (d / "strategies.json").write_text(json.dumps({
+        "vault": "redis", "redis_url": redis_server.url, "strategies": STRATEGIES}))
+    (d / "delay_ms").write_text("0")
+    return d
+
+
+def _get(pool: ServerPool, spec: ServerSpec) -> VllmServer:
+    return pool.get(spec)
+
+
+# --- the pooled servers (names in tests.conftest.POOLED) --------------------------------
+
+
+@pytest.fixture
+def plain_server(server_pool, art) -> VllmServer:
+    """Plain vLLM, no plugin, on the unlocked tiny fixture: the check that plain vLLM agrees
+    with the in-process references the other tests use."""
+    return _get(server_pool, ServerSpec("plain_server", str(art.plain), ("--enforce-eager",),
+                                        PLAIN_ENV, guard=False))
+
+
+def _grants_spec(art: LockedFixture, grants: dict, eager: bool) -> ServerSpec:
+    return ServerSpec("grants_eager" if eager else "grants_compiled", str(art.locked),
+                      secneuron_args(art.loader_config(), eager), grants=grants["file"])
+
+
+@pytest.fixture
+def grants_eager(server_pool, art, grants) -> VllmServer:
+    """Every task key loaded, per-request grants, eager mode."""
+    return _get(server_pool, _grants_spec(art, grants, eager=True))
+
+
+@pytest.fixture
+def grants_compiled(server_pool, art, grants) -> VllmServer:
+    """As grants_eager, in vLLM's default compiled mode."""
+    return _get(server_pool, _grants_spec(art, grants, eager=False))
+
+
+@pytest.fixture
+def loader_subset(server_pool, art) -> VllmServer:
+    """The loader with the add key only: decrypts what it opens, zeros the rest."""
+    return _get(server_pool, ServerSpec("loader_subset", str(art.locked),
+                                        secneuron_args(art.loader_config(["add"]))))
+
+
+@pytest.fixture
+def loader_no_keys(server_pool, art) -> VllmServer:
+    """The loader with no task key: the public-only model."""
+    return _get(server_pool, ServerSpec("loader_no_keys", str(art.locked), secneuron_args(
+        {"publisher_key": str(art.publisher_pub)})))
+
+
+def _isolation_spec(art: LockedFixture, grants: dict, masking_dir: Path,
+                    vault: str) -> ServerSpec:
+    return ServerSpec(
+        f"isolation_{vault}", str(art.locked),
+        (*secneuron_args(art.loader_config()), "--enable-log-requests", "--max-num-seqs", "64"),
+        (("VLLM_LOGGING_LEVEL", "DEBUG"), *SECRETS.items()), grants=grants["file"],
+        masking=str(masking_dir / f"{vault}.json"))
+
+
+@pytest.fixture
+def isolation_memory(server_pool, art, grants, masking_dir) -> VllmServer:
+    """Grants and masking (in-memory vault), every request logged."""
+    return _get(server_pool, _isolation_spec(art, grants, masking_dir, "memory"))
+
+
+@pytest.fixture
+def isolation_redis(server_pool, art, grants, masking_dir) -> VllmServer:
+    """Grants and masking (Redis vault), every request logged."""
+    return _get(server_pool, _isolation_spec(art, grants, masking_dir, "redis"))
+
+
+@pytest.fixture
+def masking_strategies(server_pool, art, masking_dir) -> VllmServer:
+    """Masking only, with surrogates and fpe (Redis vault), on the unlocked tiny fixture;
+    its delay middleware (off unless the file says otherwise) lets the benchmark gate
+    inject a regression."""
+    return _get(server_pool, ServerSpec(
+        "masking_strategies", str(art.plain),
+        ("--enforce-eager", "--enable-log-requests", "--max-num-seqs", "64",
+         f"--middleware={DelayMiddleware.__module__}.DelayMiddleware"),
+        (("VLLM_LOGGING_LEVEL", "DEBUG"), (DELAY_FILE_ENV, str(masking_dir / "delay_ms")),
+         *SECRETS.items()), masking=str(masking_dir / "strategies.json")))
