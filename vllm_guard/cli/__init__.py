@@ -1,7 +1,9 @@
 """``vllm-guard`` command line: serve, demo, grants keys, and the SecNeuron offline tools.
 
 One module per command, each with its parser next to its handler (as in vLLM's
-``entrypoints/cli/``): ``register(subparsers)`` adds the parser and sets ``func=run``.
+``entrypoints/cli/``): ``register(subparsers)`` adds the parser and sets ``func=run``. The
+command table (``commands.py``) names each module, which is imported only when its command
+runs or its ``--help`` is asked, so ``vllm-guard keygen --help`` does not load torch.
 """
 
 from __future__ import annotations
@@ -10,36 +12,31 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from vllm_guard.cli import (
-    demo,
-    extract,
-    grants,
-    inspect,
-    keygen,
-    lock,
-    rotate,
-    scrub,
-    serve,
-    train_locks,
-    unlock,
-)
+from vllm_guard.cli.commands import COMMANDS, load
 from vllm_guard.errors import GuardError
 
-COMMANDS = (serve, demo, grants, keygen, extract, train_locks, lock, unlock, rotate, inspect,
-            scrub)
 
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser: the real parser of ``command`` (its module imported) and, for
+    every other command, a stub that only carries its help line for ``vllm-guard --help``."""
     p = argparse.ArgumentParser(prog="vllm-guard", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
-        command.register(sub)
+    for name, entry in COMMANDS.items():
+        if name == command:
+            load(name).register(sub)
+        else:
+            sub.add_parser(name, help=entry.help, add_help=False)
     return p
+
+
+def command_name(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` runs: its first positional (the top level has no option but -h)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(command_name(argv))
     # serve/demo forward unknown options to vLLM untouched.
     args, rest = parser.parse_known_args(argv)
     if getattr(args, "forwards_unknown", False):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 
+from vllm_guard.cli.commands import add_parser
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("demo", help="build the demo model (first run, ~2 min) and serve it on "
-                       "127.0.0.1 with two API keys and masking; other arguments go to vLLM",
-                       description="Build (or reuse) the demo model and serve it on 127.0.0.1.")
+    s = add_parser(sub, "demo",
+                   description="Build (or reuse) the demo model and serve it on 127.0.0.1.")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--no-serve", action="store_true",
                    help="build (or reuse) the demo and print the API keys and curl commands, "

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from vllm_guard.cli.commands import add_parser
 from vllm_guard.cli.common import parse_pairs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("extract", help="select task-specific FFN neurons")
+    s = add_parser(sub, "extract")
     s.add_argument("--model", required=True)
     s.add_argument("--task", action="append", required=True, metavar="NAME=CALIB.jsonl")
     s.add_argument("--fraction", type=float, default=0.05)

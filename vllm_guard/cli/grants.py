@@ -6,11 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+from vllm_guard.cli.commands import add_parser
 from vllm_guard.errors import GuardError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("grants-add-key", help="create an API key (stored hashed) in a grants file")
+    s = add_parser(sub, "grants-add-key")
     s.add_argument("--file", required=True)
     s.add_argument("--name", required=True)
     s.add_argument("--task", action="append", default=[], help="granted task (repeatable)")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from vllm_guard.cli.commands import add_parser
 from vllm_guard.cli.common import publisher
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("inspect", help="manifest summary and ciphertext detector per layer")
+    s = add_parser(sub, "inspect")
     s.add_argument("--model", required=True)
     s.add_argument("--publisher-key")
     s.add_argument("--json", action="store_true")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from vllm_guard.cli.commands import add_parser
 from vllm_guard.errors import GuardError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("keygen", help="write a 256-bit task key (or an Ed25519 signing key)")
+    s = add_parser(sub, "keygen")
     s.add_argument("--task")
     s.add_argument("--out")
     s.add_argument("--signing", action="store_true", help="publisher Ed25519 key pair instead")

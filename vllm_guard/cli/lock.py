@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from vllm_guard.cli.commands import add_parser
 from vllm_guard.cli.common import load_keys
 from vllm_guard.errors import GuardError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("lock", help="encrypt the selected neurons into a locked checkpoint")
+    s = add_parser(sub, "lock")
     s.add_argument("--model", required=True)
     s.add_argument("--selection", required=True)
     s.add_argument("--key", action="append", required=True, metavar="TASK=KEYFILE")

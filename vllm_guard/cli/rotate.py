@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from vllm_guard.cli.commands import add_parser
 from vllm_guard.cli.common import load_keys
 from vllm_guard.errors import GuardError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("rotate", help="--revoke TASK: re-encrypt so TASK's key opens nothing; "
-                       "--task: re-wrap under a new key (lost key; does not revoke)")
+    s = add_parser(sub, "rotate")
     s.add_argument("--model", required=True)
     s.add_argument("--revoke", metavar="TASK", help="revoke TASK's current key: fresh data "
                    "keys, its groups re-encrypted in place, re-signed")

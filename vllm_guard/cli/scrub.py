@@ -8,14 +8,16 @@ import sys
 from pathlib import Path
 
 from vllm_guard import envs
+from vllm_guard.cli.commands import add_parser
 from vllm_guard.cli.common import config_file
 from vllm_guard.errors import GuardError, OutputExistsError
-from vllm_guard.masking.scrub import DEFAULT_FIELDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("scrub", help="mask sensitive values in JSONL training data (or restore "
-                                     "them with --restore)")
+    # here, not at module level: the masking engine is only wanted when scrub runs (or --help)
+    from vllm_guard.masking.scrub import DEFAULT_FIELDS
+
+    s = add_parser(sub, "scrub")
     s.add_argument("input", type=Path, help="JSONL file, one object per line")
     s.add_argument("output", type=Path)
     s.add_argument("--fields", default=",".join(DEFAULT_FIELDS),

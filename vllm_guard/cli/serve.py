@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vllm_guard import envs
+from vllm_guard.cli.commands import add_parser
 from vllm_guard.cli.common import config_file
 from vllm_guard.errors import GuardError
 
@@ -107,8 +108,7 @@ def exec_server(vllm_args: Sequence[str], grants: str | None = None,
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("serve", help="start vLLM's OpenAI server with vllm-guard enabled; "
-                       "other arguments go to vLLM unchanged", add_help=False)
+    s = add_parser(sub, "serve", add_help=False)  # --help goes to vLLM
     s.add_argument("--grants", help="grants file: turns on per-request task grants")
     s.add_argument("--masking", help="masking config: turns on placeholder masking (a path, "
                    "or a packaged example: masking.json, masking.fast.json, masking.redis.json)")

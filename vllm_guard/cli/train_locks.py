@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from vllm_guard.cli.commands import add_parser
 from vllm_guard.cli.common import parse_pairs
 from vllm_guard.errors import GuardError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("train-locks", help="fine-tune a model to respect its neuron locks "
-                       "(masked grants + collapse objective)")
+    s = add_parser(sub, "train-locks")
     s.add_argument("--model", required=True)
     s.add_argument("--task", action="append", required=True, metavar="NAME=TRAIN.jsonl",
                    help="prompt/answer JSONL per task (as for extract)")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from vllm_guard.cli.commands import add_parser
 from vllm_guard.cli.common import load_keys, publisher
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("unlock", help="write a plaintext checkpoint for the given keys")
+    s = add_parser(sub, "unlock")
     s.add_argument("--model", required=True)
     s.add_argument("--key", action="append", default=[], metavar="KEYFILE")
     s.add_argument("--publisher-key")

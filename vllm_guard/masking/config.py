@@ -74,10 +74,10 @@ class MaskingConfig:
             if unknown:
                 raise ValueError(f"unknown entity {unknown[0]!r} in {name!r} (known: "
                                  f"{list(ENTITIES)})")
-        from vllm_guard.masking.strategies import check_strategies  # loads the recognizers
+        from vllm_guard.masking.strategies import check_strategies
 
         check_strategies(self.strategies)
-        from vllm_guard.masking.ner import STOPWORDS
+        from vllm_guard.masking.stopwords import STOPWORDS  # not ner: it loads Presidio
 
         unknown_lang = sorted((set(self.ner_languages) - set(STOPWORDS))
                               | ({"en"} & set(self.ner_languages)))

