@@ -21,7 +21,7 @@ from tests.support.locked import locked_fixture
 from tests.support.server import VllmServer, post
 from vllm_guard.grants.credentials import hash_api_key
 from vllm_guard.secneuron.keys import load_task_keys
-from vllm_guard.secneuron.lock import unlock_checkpoint
+from vllm_guard.secneuron.unlock import unlock_checkpoint
 
 pytestmark = pytest.mark.server
 

@@ -22,8 +22,10 @@ from vllm_guard.secneuron.keys import (
     load_task_keys,
     save_task_key,
 )
-from vllm_guard.secneuron.lock import Selection, lock_checkpoint, unlock_checkpoint
+from vllm_guard.secneuron.lock import lock_checkpoint
 from vllm_guard.secneuron.manifest import MANIFEST_NAME, read_manifest
+from vllm_guard.secneuron.selection import Selection
+from vllm_guard.secneuron.unlock import unlock_checkpoint
 
 pytestmark = pytest.mark.server
 
