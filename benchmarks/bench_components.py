@@ -232,8 +232,9 @@ def decrypt_timings(preset: str = "qwen2-0.5b-shape", rounds: int = 5) -> dict:
     from harness.fixtures import fixture_model
     from vllm_guard.secneuron.checkpoint import load_checkpoint
     from vllm_guard.secneuron.keys import TaskKey
-    from vllm_guard.secneuron.lock import decrypt_in_place, lock_checkpoint, open_data_keys
+    from vllm_guard.secneuron.lock import lock_checkpoint
     from vllm_guard.secneuron.manifest import read_manifest
+    from vllm_guard.secneuron.open import decrypt_in_place, open_data_keys
 
     model = fixture_model(preset)
     keys = {t: TaskKey.generate(t) for t in TASKS}

@@ -24,13 +24,10 @@ from vllm_guard.secneuron.checkpoint import (
     save_checkpoint,
 )
 from vllm_guard.secneuron.keys import TaskKey
-from vllm_guard.secneuron.lock import (
-    Selection,
-    decrypt_in_place,
-    lock_checkpoint,
-    open_data_keys,
-)
+from vllm_guard.secneuron.lock import lock_checkpoint
 from vllm_guard.secneuron.manifest import read_manifest
+from vllm_guard.secneuron.open import decrypt_in_place, open_data_keys
+from vllm_guard.secneuron.selection import Selection
 from vllm_guard.secneuron.verify import digest_files
 
 TASKS = ["a", "b", "c"]

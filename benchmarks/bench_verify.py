@@ -29,7 +29,8 @@ from harness.measure import print_result, timed, write_result
 from vllm_guard.secneuron.checkpoint import load_checkpoint
 from vllm_guard.secneuron.crypto import read_hashed
 from vllm_guard.secneuron.keys import TaskKey, generate_signing_key, load_signing_key, save_task_key
-from vllm_guard.secneuron.lock import OpenReport, lock_checkpoint, open_data_keys
+from vllm_guard.secneuron.lock import lock_checkpoint
+from vllm_guard.secneuron.open import OpenReport, open_data_keys
 from vllm_guard.secneuron.verify import digest_files
 
 MB = 1 << 20

@@ -35,9 +35,11 @@ from vllm_guard.demo.tasks import (
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.extract import ExtractConfig, extract
 from vllm_guard.secneuron.keys import KeyDir, load_public_key
-from vllm_guard.secneuron.lock import Selection, lock_checkpoint, unlock_checkpoint
+from vllm_guard.secneuron.lock import lock_checkpoint
+from vllm_guard.secneuron.selection import Selection
 from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks, train_locks
 from vllm_guard.secneuron.trap import TrapConfig
+from vllm_guard.secneuron.unlock import unlock_checkpoint
 
 Progress = Callable[[str], None]
 # SecNeuron's bar, and ours (stricter) for lock-aware training.

@@ -38,7 +38,8 @@ from harness.fixtures import default_cache_dir
 from vllm_guard.demo.tasks import SUITE_PRESETS, TaskSuite, multitask_model, public_config
 from vllm_guard.secneuron.examples import Example
 from vllm_guard.secneuron.extract import ExtractConfig, extract
-from vllm_guard.secneuron.lock import Selection, unlock_checkpoint
+from vllm_guard.secneuron.selection import Selection
+from vllm_guard.secneuron.unlock import unlock_checkpoint
 
 Progress = Callable[[str], None]
 VARIANTS = ("paper", "sealed", "blocks", "extract", "sealed-trap")

@@ -26,7 +26,8 @@ from benchmarks.efficacy.pipeline import (
 from benchmarks.efficacy.scoring import auroc, auroc_interval
 from vllm_guard.demo.tasks import SUITE_PRESETS, TaskSuite
 from vllm_guard.errors import GuardError
-from vllm_guard.secneuron.lock import Selection, selection_bits
+from vllm_guard.secneuron.neuron_bits import selection_bits
+from vllm_guard.secneuron.selection import Selection
 from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks
 
 CI = EfficacyConfig(suite="ci", sweep=(), assignments=("sealed",), grant_sizes=(1,),

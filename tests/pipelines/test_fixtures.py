@@ -13,7 +13,7 @@ from tests.unit.secneuron.test_toolchain import TASKS, cli
 from vllm_guard.secneuron.checkpoint import ffn_layout, load_checkpoint
 from vllm_guard.secneuron.detector import scan_tensors
 from vllm_guard.secneuron.keys import load_task_key
-from vllm_guard.secneuron.lock import Selection
+from vllm_guard.secneuron.selection import Selection
 
 
 def digest(path) -> str:

@@ -16,7 +16,8 @@ import transformers
 
 from vllm_guard.demo.tasks import SUITE_PRESETS, TaskSuite, _model, build_tokenizer
 from vllm_guard.errors import GuardError
-from vllm_guard.secneuron.lock import Selection, selection_bits
+from vllm_guard.secneuron.neuron_bits import selection_bits
+from vllm_guard.secneuron.selection import Selection
 from vllm_guard.secneuron.train import (
     TrainLocksConfig,
     neuron_mask,

@@ -21,7 +21,7 @@ from harness.server import VllmServer
 from tests.conftest import LOG_DIR, complete
 from tests.servers import bearer, secneuron_args
 from vllm_guard.secneuron.keys import TaskKey, load_task_key, load_task_keys, save_task_key
-from vllm_guard.secneuron.lock import unlock_checkpoint
+from vllm_guard.secneuron.unlock import unlock_checkpoint
 
 PROMPTS = [format_example(ex["prompt"]) for t in sorted(TASKS)
            for ex in task_examples(t, 7, seed=99)] + [format_example("hello"), "capital of"]

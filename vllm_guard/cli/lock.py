@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_guard.secneuron.keys import load_signing_key
-    from vllm_guard.secneuron.lock import Selection, lock_checkpoint
+    from vllm_guard.secneuron.lock import lock_checkpoint
+    from vllm_guard.secneuron.selection import Selection
 
     if not args.signing_key and not args.unsigned:
         raise GuardError("lock needs --signing-key FILE (or --unsigned, not recommended)")

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_guard.secneuron.keys import load_signing_key, load_task_key
-    from vllm_guard.secneuron.lock import revoke_task, rotate_task_key
+    from vllm_guard.secneuron.rekey import revoke_task, rotate_task_key
 
     signer = load_signing_key(args.signing_key) if args.signing_key else None
     if (args.task is None) == (args.revoke is None):

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     from vllm_guard.secneuron.examples import read_calibration
-    from vllm_guard.secneuron.lock import Selection
+    from vllm_guard.secneuron.selection import Selection
     from vllm_guard.secneuron.train import TrainLocksConfig, reserved_blocks, train_locks
     from vllm_guard.secneuron.trap import TrapConfig
 

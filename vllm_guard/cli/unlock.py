@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_guard.secneuron.lock import unlock_checkpoint
+    from vllm_guard.secneuron.unlock import unlock_checkpoint
 
     report = unlock_checkpoint(args.model, load_keys(args.key), args.out, publisher(args),
                                args.allow_unsigned, min_version=args.min_version)

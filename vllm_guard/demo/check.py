@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from vllm_guard.secneuron.examples import AnswerBatcher, Example
-from vllm_guard.secneuron.lock import Selection, selection_bits
+from vllm_guard.secneuron.neuron_bits import selection_bits
+from vllm_guard.secneuron.selection import Selection
 from vllm_guard.secneuron.train import neuron_mask
 
 

@@ -23,8 +23,9 @@ from vllm_guard.log import get_logger
 from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
 from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
 from vllm_guard.secneuron.keys import load_task_keys
-from vllm_guard.secneuron.lock import OpenReport, layer_counts, neuron_bits, open_data_keys
 from vllm_guard.secneuron.manifest import Manifest
+from vllm_guard.secneuron.neuron_bits import neuron_bits
+from vllm_guard.secneuron.open import OpenReport, layer_counts, open_data_keys
 from vllm_guard.secneuron.weights import SecNeuronLoadConfig, open_checkpoint, stream_weights
 
 logger = get_logger(__name__)

@@ -50,6 +50,11 @@ class Checkpoint:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def dtype_name(t: torch.Tensor) -> str:
+    """The dtype as the manifest writes it: ``bfloat16``, ``float32``, ..."""
+    return str(t.dtype).removeprefix("torch.")
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:

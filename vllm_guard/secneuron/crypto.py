@@ -1,4 +1,5 @@
-"""All AEAD use of the SecNeuron scheme: chunk encryption in place and data-key wrapping.
+"""All AEAD use of the SecNeuron scheme: chunk encryption and decryption in place, data-key
+wrapping. No other module of ``secneuron`` constructs ``AESGCM``.
 
 AES-256-GCM from ``cryptography``; every nonce is 12 fresh random bytes from ``os.urandom``.
 """
@@ -18,7 +19,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vllm_guard.aead import NONCE_BYTES, TAG_BYTES, seal, unseal
-from vllm_guard.errors import DecryptionError
+from vllm_guard.errors import DecryptionError, ManifestError
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 # Large enough that hashlib drops the GIL and syscalls are amortised, small enough to stay
@@ -97,6 +98,26 @@ def decrypt_chunk_in_place(
     except InvalidTag:
         raise DecryptionError(f"{what}: authentication failed (tampered ciphertext, "
                               "reordered chunk or edited manifest)") from None
+
+
+def check_chunks_cover(buf: np.ndarray, chunks: list[Chunk], what: str) -> None:
+    """The chunk lengths must add up to the flat uint8 array ``buf``: no byte left out."""
+    if sum(c.length for c in chunks) != memoryview(buf).nbytes:
+        raise ManifestError(f"{what}: chunk lengths do not cover the slice")
+
+
+def decrypt_chunks_in_place(key: bytes, buf: np.ndarray, chunks: list[Chunk], binding: dict,
+                            what: str) -> None:
+    """Authenticate and decrypt, in place, a flat uint8 array :func:`encrypt_in_place`
+    encrypted (its ``chunks``, the same ``binding``). ``what`` names it in errors."""
+    check_chunks_cover(buf, chunks, what)
+    aead = AESGCM(key)
+    view = memoryview(buf).cast("B")
+    offset = 0
+    for i, chunk in enumerate(chunks):
+        decrypt_chunk_in_place(aead, view[offset:offset + chunk.length], chunk,
+                               chunk_aad(binding, i, len(chunks)), f"{what}, chunk {i}")
+        offset += chunk.length
 
 
 def wrap_data_key(task_key: bytes, data_key: bytes, binding: dict) -> dict:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.examples import encode_example, read_calibration
-from vllm_guard.secneuron.lock import Selection, policy_tree
+from vllm_guard.secneuron.selection import Selection, policy_tree
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,13 @@ revoke): loaders refuse versions below their ``min_version`` (rollback).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -61,6 +63,16 @@ class FileDigest:
                 blocks and (block_bytes <= 0 or len(blocks) != -(-size // block_bytes))):
             raise ValueError(f"bad file digest {d!r}")
         return cls(sha, size, block_bytes, blocks)
+
+
+def index_digest(indices: list[int]) -> str:
+    """Digest of a group's neuron indices in one layer: bound into each slice's AAD."""
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:32]
+
+
+def wrap_binding(checkpoint_id: str, group: str, task: str, key_id: str) -> dict:
+    """What a group's data key, wrapped under one task key, is bound to (its AAD)."""
+    return {"ckpt": checkpoint_id, "group": group, "task": task, "key_id": key_id}
 
 
 @dataclass
@@ -235,6 +247,14 @@ def read_manifest(model_dir: str | os.PathLike[str]) -> Manifest | None:
     except (OSError, ValueError) as e:
         raise ManifestError(f"cannot read {p}: {e}") from None
     return Manifest.from_json(doc)
+
+
+def read_locked_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
+    """The manifest of a locked checkpoint; ManifestError if the directory has none."""
+    manifest = read_manifest(model_dir)
+    if manifest is None:
+        raise ManifestError(f"{model_dir} has no guard_manifest.json: not a locked checkpoint")
+    return manifest
 
 
 def write_manifest(manifest: Manifest, model_dir: str | os.PathLike[str]) -> Path:

@@ -33,7 +33,8 @@ import torch
 from vllm_guard.atomic import atomic_output_dir
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.examples import AnswerBatcher, Example
-from vllm_guard.secneuron.lock import Selection, selection_bits
+from vllm_guard.secneuron.neuron_bits import selection_bits
+from vllm_guard.secneuron.selection import Selection
 from vllm_guard.secneuron.trap import CollapseTrap, TrapConfig
 
 

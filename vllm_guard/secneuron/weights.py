@@ -30,8 +30,8 @@ from vllm_guard.errors import EncryptedWeightsError, ManifestError
 from vllm_guard.secneuron.checkpoint import private_buffer, safetensors_files, slice_tensors
 from vllm_guard.secneuron.detector import DetectorConfig, scan_layer
 from vllm_guard.secneuron.keys import load_public_key
-from vllm_guard.secneuron.lock import OpenReport, decrypt_in_place
 from vllm_guard.secneuron.manifest import Manifest, read_manifest
+from vllm_guard.secneuron.open import OpenReport, decrypt_in_place
 from vllm_guard.secneuron.threads import loader_pool
 from vllm_guard.secneuron.verify import (
     check_file_set,

@@ -48,7 +48,7 @@ def test_train_locks_cli_writes_a_lockable_model(tmp_path, random_tiny):
     import json
 
     from harness.fixtures import task_examples
-    from vllm_guard.secneuron.lock import Selection
+    from vllm_guard.secneuron.selection import Selection
 
     files = []
     for task in ("add", "reverse"):

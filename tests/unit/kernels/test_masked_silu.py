@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,7 +84,7 @@ def test_triton_kernel_under_interpreter():
     out = subprocess.run([sys.executable, "-c",
                           "import tests.unit.kernels.test_masked_silu as t; t._check_triton()"],
                          env=env, capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=Path(__file__).resolve().parents[3])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "triton cases checked: 135" in out.stdout
 

@@ -30,7 +30,7 @@ from vllm_guard.errors import DecryptionError, KeyFileError, ManifestError, Sign
 from vllm_guard.loader.secneuron_loader import SecNeuronModelLoader
 from vllm_guard.log import ROOT as LOG_ROOT
 from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
-from vllm_guard.secneuron import lock as lock_mod
+from vllm_guard.secneuron import rekey as lock_mod
 from vllm_guard.secneuron.checkpoint import gather_neurons, load_checkpoint
 from vllm_guard.secneuron.crypto import chunk_aad, decrypt_chunk_in_place
 from vllm_guard.secneuron.inspect import inspect_checkpoint
@@ -41,17 +41,18 @@ from vllm_guard.secneuron.keys import (
     load_task_key,
     save_task_key,
 )
-from vllm_guard.secneuron.lock import (
-    OpenReport,
-    Selection,
+from vllm_guard.secneuron.lock import lock_checkpoint
+from vllm_guard.secneuron.manifest import (
+    MANIFEST_NAME,
+    Manifest,
     index_digest,
-    lock_checkpoint,
-    open_data_keys,
-    revoke_task,
-    rotate_task_key,
-    unlock_checkpoint,
+    read_manifest,
+    write_manifest,
 )
-from vllm_guard.secneuron.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest
+from vllm_guard.secneuron.open import OpenReport, open_data_keys
+from vllm_guard.secneuron.rekey import revoke_task, rotate_task_key
+from vllm_guard.secneuron.selection import Selection
+from vllm_guard.secneuron.unlock import unlock_checkpoint
 from vllm_guard.secneuron.verify import IntegrityError, RollbackError
 from vllm_guard.secneuron.weights import SecNeuronLoadConfig, open_checkpoint, stream_weights
 

@@ -33,15 +33,11 @@ from vllm_guard.secneuron.keys import (
     load_task_key,
     save_task_key,
 )
-from vllm_guard.secneuron.lock import (
-    Selection,
-    decrypt_in_place,
-    lock_checkpoint,
-    open_data_keys,
-    policy_tree,
-    unlock_checkpoint,
-)
+from vllm_guard.secneuron.lock import lock_checkpoint
 from vllm_guard.secneuron.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest
+from vllm_guard.secneuron.open import decrypt_in_place, open_data_keys
+from vllm_guard.secneuron.selection import Selection, policy_tree
+from vllm_guard.secneuron.unlock import unlock_checkpoint
 
 TASKS = ["add", "capital", "reverse"]
 

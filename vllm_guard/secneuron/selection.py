@@ -1,0 +1,53 @@
+"""The neuron selection (per layer, per task, the neurons ``extract`` chose) and its policy
+tree: neurons grouped by the exact set of tasks that selected them."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_guard.errors import ManifestError
+from vllm_guard.secneuron.manifest import Group
+
+
+@dataclass
+class Selection:
+    """Per-layer neuron sets per task, as written by ``extract``."""
+
+    tasks: list[str]
+    neurons: dict[int, dict[str, list[int]]]  # layer -> task -> neuron indices
+    info: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"tasks": self.tasks, "info": self.info,
+                "layers": {str(k): v for k, v in sorted(self.neurons.items())}}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Selection:
+        try:
+            doc = json.loads(Path(path).read_text())
+            return cls(list(doc["tasks"]),
+                       {int(k): {t: sorted(int(i) for i in v) for t, v in per.items()}
+                        for k, per in doc["layers"].items()},
+                       doc.get("info", {}))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ManifestError(f"cannot read neuron selection {path}: {e}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+
+def policy_tree(selection: Selection) -> list[Group]:
+    """Group neurons by the exact set of tasks that selected them; each set is an OR policy."""
+    by_policy: dict[tuple[str, ...], dict[int, list[int]]] = {}
+    for layer, per_task in sorted(selection.neurons.items()):
+        owners: dict[int, list[str]] = {}
+        for task in selection.tasks:
+            for n in per_task.get(task, []):
+                owners.setdefault(n, []).append(task)
+        for n, tasks in sorted(owners.items()):
+            by_policy.setdefault(tuple(sorted(tasks)), {}).setdefault(layer, []).append(n)
+    ordered = sorted(by_policy.items(), key=lambda kv: (len(kv[0]), kv[0]))
+    return [Group(f"g{i}", list(policy), neurons) for i, (policy, neurons) in enumerate(ordered)]
