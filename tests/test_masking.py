@@ -19,12 +19,13 @@ from tests.support.masking_client import echo, engine_prompt, masking_server, ss
 from tests.support.pii_corpus import generate, score
 from tests.support.server import free_port, post
 from vllm_guard import configs
-from vllm_guard.masking.config import STRUCTURED, MaskingConfig
-from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.config import MaskingConfig
+from vllm_guard.masking.detection.detector import build_detector
 from vllm_guard.masking.fields import ROUTES
 from vllm_guard.masking.metrics import METRICS
 from vllm_guard.masking.middleware import BODYLESS_POSTS, MaskingMiddleware
 from vllm_guard.masking.restorer import StreamRestorer, restore
+from vllm_guard.masking.types import STRUCTURED
 from vllm_guard.masking.vault import InMemoryVault, RedisVault, VaultUnavailable
 
 REPORTS = Path(__file__).resolve().parents[1] / ".cache" / "reports"
@@ -76,7 +77,8 @@ def test_name_lists_need_both_halves_capitalised():
 
 
 def test_ner_span_running_into_a_pattern_hit_is_trimmed():
-    from vllm_guard.masking.detector import CompositeDetector, Detector, Span
+    from vllm_guard.masking.detection.detector import CompositeDetector
+    from vllm_guard.masking.types import Detector, Span
 
     text = "Customer note. Eric Gibson - 881-06-5657. Bye"
 

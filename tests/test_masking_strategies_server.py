@@ -15,8 +15,9 @@ from tests.conftest import LOG_DIR
 from tests.support.masking_client import echo, engine_prompt, masking_server, sse_text
 from tests.support.pii_corpus import generate
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.detector import PLACEHOLDER, build_detector
+from vllm_guard.masking.detection.detector import build_detector
 from vllm_guard.masking.strategies.formats import well_formed
+from vllm_guard.masking.types import PLACEHOLDER
 
 for name in ("VLLM_GUARD_VAULT_KEY", "VLLM_GUARD_SESSION_KEY", "VLLM_GUARD_FPE_KEY"):
     os.environ.setdefault(name, base64.b64encode(os.urandom(32)).decode())  # servers inherit

@@ -27,7 +27,7 @@ from vllm_guard.asgi import (
 from vllm_guard.errors import GuardError
 from vllm_guard.log import get_logger
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.detection.detector import build_detector
 from vllm_guard.masking.fields import ROUTES
 from vllm_guard.masking.masker import Masker
 from vllm_guard.masking.metrics import METRICS

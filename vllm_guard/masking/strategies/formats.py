@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import re
 
-from vllm_guard.masking.recognizers import CN_ID_CHECK, CN_ID_WEIGHTS, builtin_recognizers
+from vllm_guard.masking.detection.recognizers import CN_ID_CHECK, CN_ID_WEIGHTS, builtin_recognizers
 
 
 @functools.cache
