@@ -63,9 +63,9 @@ def masker_timings(n: int = 150) -> dict:
     from presidio_analyzer.nlp_engine import SpacyNlpEngine
 
     from harness.pii_corpus import generate, score
-    from vllm_guard.masking.detector import _offline_tldextract, build_detector
+    from vllm_guard.masking.detection.detector import _offline_tldextract, build_detector
+    from vllm_guard.masking.detection.ner import NER_PACKAGE
     from vllm_guard.masking.masker import Masker
-    from vllm_guard.masking.ner import NER_PACKAGE
     from vllm_guard.masking.pool import DetectorPool
     from vllm_guard.masking.vault import InMemoryVault
 
@@ -111,7 +111,7 @@ def masker_timings(n: int = 150) -> dict:
 
     class _Wrap:
         def detect(self, t):
-            from vllm_guard.masking.detector import Span
+            from vllm_guard.masking.types import Span
 
             return [Span(r.start, r.end, r.entity_type, r.score)
                     for r in analyzer.analyze(t, language="en")]
@@ -132,7 +132,7 @@ def recognizer_costs(n: int = 100) -> dict:
     """Each recognizer of the default profile alone on the ~1 KB prompts: p50 ms per prompt
     (the composite adds overlap resolution and context rules on top)."""
     from vllm_guard.masking.config import MaskingConfig
-    from vllm_guard.masking.detector import PresidioDetector, build_detector
+    from vllm_guard.masking.detection.detector import PresidioDetector, build_detector
 
     texts = [ex.text for ex in _english_1kb(n)]
     det = build_detector(MaskingConfig())

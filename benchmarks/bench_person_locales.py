@@ -27,7 +27,7 @@ from harness.person_corpus import (
 )
 from harness.pii_corpus import score
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.detection.detector import build_detector
 
 PROFILES = {"default": {}, "fast": {"ner": "off"}}
 OUT = Path(__file__).resolve().parent / "results" / "person_locales.json"

@@ -18,7 +18,7 @@ from harness.measure import print_result, write_result
 from harness.pii_corpus import generate
 from vllm_guard.cli.common import config_file
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.detection.detector import build_detector
 from vllm_guard.masking.scrub import Scrubber, scrub_file
 
 

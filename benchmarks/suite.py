@@ -256,7 +256,7 @@ def masking_share(results: dict[str, list[dict]], mode: dict) -> dict:
     import asyncio
 
     from vllm_guard.masking.config import MaskingConfig
-    from vllm_guard.masking.detector import build_detector
+    from vllm_guard.masking.detection.detector import build_detector
     from vllm_guard.masking.masker import Masker
     from vllm_guard.masking.pool import DetectorPool
     from vllm_guard.masking.vault import InMemoryVault

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vllm_guard.masking.recognizers import cn_resident_id_valid
+from vllm_guard.masking.detection.recognizers import cn_resident_id_valid
 
 CARD_TYPES = ["visa16", "visa19", "mastercard", "amex", "discover", "jcb16", "diners",
               "maestro"]

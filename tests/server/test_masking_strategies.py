@@ -11,8 +11,9 @@ import pytest
 from harness.masking_client import echo, engine_prompt, sse_text
 from harness.pii_corpus import generate
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.detector import PLACEHOLDER, build_detector
+from vllm_guard.masking.detection.detector import build_detector
 from vllm_guard.masking.strategies.formats import well_formed
+from vllm_guard.masking.types import PLACEHOLDER
 
 N_PROMPTS = 1000
 

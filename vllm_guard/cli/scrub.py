@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from vllm_guard.masking.config import MaskingConfig
-    from vllm_guard.masking.detector import build_detector
+    from vllm_guard.masking.detection.detector import build_detector
     from vllm_guard.masking.scrub import (
         Scrubber,
         load_mapping,

@@ -80,7 +80,7 @@ def middleware_args(grants: str | None, masking: str | None) -> list[str]:
     args = []
     if masking:
         from vllm_guard.masking.config import MaskingConfig
-        from vllm_guard.masking.middleware import check_secrets
+        from vllm_guard.masking.secrets import check_secrets
 
         check_secrets(MaskingConfig.load(masking))
         args += ["--middleware", MASKING_MIDDLEWARE]

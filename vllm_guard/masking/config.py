@@ -10,12 +10,10 @@ from pathlib import Path
 from vllm_guard import envs
 from vllm_guard.config import load_json_file
 from vllm_guard.errors import GuardError
-from vllm_guard.masking.context import ContextRule, default_context
-
-STRUCTURED = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS",
-              "CN_RESIDENT_ID", "US_SSN")
-NER_ENTITIES = ("PERSON", "LOCATION")
-ENTITIES = (*STRUCTURED, *NER_ENTITIES, "SENSITIVE_TERM")
+from vllm_guard.masking.detection.context import ContextRule, default_context
+from vllm_guard.masking.stopwords import STOPWORDS  # not ner: that loads Presidio
+from vllm_guard.masking.strategies import check_strategies
+from vllm_guard.masking.types import ENTITIES, NER_ENTITIES, STRUCTURED
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,7 @@ class MaskingConfig:
     # per entity: words around a match that make it non-sensitive ("X Airport", "Mount X")
     context: dict[str, ContextRule] = field(default_factory=default_context)
     # PERSON inside a known multi-word place or company name ("Nguyễn Trãi" the street,
-    # "Jelenia Góra") is not a person (masking/place_names.py)
+    # "Jelenia Góra") is not a person (masking/detection/place_names.py)
     known_places: bool = True
     # per entity: values masked whatever the context or the allow list says
     always_sensitive: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -74,11 +72,7 @@ class MaskingConfig:
             if unknown:
                 raise ValueError(f"unknown entity {unknown[0]!r} in {name!r} (known: "
                                  f"{list(ENTITIES)})")
-        from vllm_guard.masking.strategies import check_strategies
-
         check_strategies(self.strategies)
-        from vllm_guard.masking.stopwords import STOPWORDS  # not ner: it loads Presidio
-
         unknown_lang = sorted((set(self.ner_languages) - set(STOPWORDS))
                               | ({"en"} & set(self.ner_languages)))
         if unknown_lang:

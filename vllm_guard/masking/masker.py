@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vllm_guard.asgi import RequestError
-from vllm_guard.masking.detector import PLACEHOLDER
 from vllm_guard.masking.fields import collect
 from vllm_guard.masking.metrics import METRICS
 from vllm_guard.masking.pool import DetectorPool
 from vllm_guard.masking.restorer import StandInMap
 from vllm_guard.masking.strategies import StandIns
+from vllm_guard.masking.types import PLACEHOLDER
 from vllm_guard.masking.vault import Vault, VaultFull
 from vllm_guard.masking.worker import Analysis
 

@@ -27,7 +27,7 @@ from vllm_guard.asgi import (
 from vllm_guard.errors import GuardError
 from vllm_guard.log import get_logger
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.detection.detector import build_detector
 from vllm_guard.masking.fields import ROUTES
 from vllm_guard.masking.masker import Masker
 from vllm_guard.masking.metrics import METRICS
@@ -55,14 +55,6 @@ def make_vault(config: MaskingConfig) -> Vault:
                           config.ttl_seconds, config.max_placeholders_per_session)
     return InMemoryVault(config.ttl_seconds, config.max_sessions,
                          config.max_placeholders_per_session)
-
-
-def check_secrets(config: MaskingConfig) -> None:
-    """The keys the config needs are in the environment (one-line startup errors)."""
-    if config.vault == "redis":
-        load_vault_key(config.vault_key_env)
-        load_session_key(config.session_key_env, required=True)
-    make_stand_ins(config)
 
 
 def with_header(send: Send, name: bytes, value: str) -> Send:

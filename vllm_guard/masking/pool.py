@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from vllm_guard.errors import GuardError
 from vllm_guard.log import get_logger
-from vllm_guard.masking.detector import Detector, Span
+from vllm_guard.masking.types import Detector, Span
 from vllm_guard.masking.worker import Analysis, analyse, encode, read_frame
 
 logger = get_logger(__name__)

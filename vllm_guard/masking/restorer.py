@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_guard.asgi import Message, Send
-from vllm_guard.masking.detector import PLACEHOLDER
 from vllm_guard.masking.fields import RESPONSES, ROUTES
 from vllm_guard.masking.metrics import METRICS
+from vllm_guard.masking.types import PLACEHOLDER
 
 # fields of a streamed chat delta that carry text, each restored on its own
 CHAT_DELTA_FIELDS = ("content", "reasoning", "reasoning_content", "refusal")

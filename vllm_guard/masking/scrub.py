@@ -23,11 +23,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vllm_guard.aead import seal, unseal
 from vllm_guard.errors import GuardError
-from vllm_guard.masking.detector import Detector
 from vllm_guard.masking.masker import apply_placeholders
 from vllm_guard.masking.restorer import StandInMap, restore
 from vllm_guard.masking.strategies import StandIns
 from vllm_guard.masking.strategies.base import Item
+from vllm_guard.masking.types import Detector
 from vllm_guard.masking.vault import placeholder
 from vllm_guard.masking.worker import analyse, known_automaton
 

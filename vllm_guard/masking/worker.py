@@ -15,7 +15,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from vllm_guard.masking.detector import PLACEHOLDER, Detector, Intervals, Span
+from vllm_guard.masking.types import PLACEHOLDER, Detector, Intervals, Span
 
 FRAME = struct.Struct("!Q")
 WINDOW, OVERLAP = 32_768, 512  # characters; no value we detect is longer than OVERLAP
@@ -117,8 +117,10 @@ def main(config_path: str) -> None:
     os.dup2(2, 1)
     proto_in = sys.stdin.buffer
     os.nice(10)  # the API server and the engine come first on a busy machine
+    # Presidio, spaCy and Faker are imported only now, after the redirect: a library that
+    # prints while loading cannot corrupt the protocol
     from vllm_guard.masking.config import MaskingConfig
-    from vllm_guard.masking.detector import build_detector
+    from vllm_guard.masking.detection.detector import build_detector
 
     try:
         detector = build_detector(MaskingConfig.load(config_path))

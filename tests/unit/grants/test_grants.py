@@ -468,9 +468,9 @@ def test_grants_then_masking_in_process_forwards_a_key_whose_salt_ner_flags(tmp_
     from vllm_guard.grants.credentials import Grant
     from vllm_guard.grants.middleware import apply_grant
     from vllm_guard.masking.config import MaskingConfig
-    from vllm_guard.masking.detector import build_detector
+    from vllm_guard.masking.detection.detector import build_detector
+    from vllm_guard.masking.detection.ner import SpacyNerDetector
     from vllm_guard.masking.middleware import MaskingMiddleware
-    from vllm_guard.masking.ner import SpacyNerDetector
 
     config = MaskingConfig(detector_workers=0)
     detector = build_detector(config)

@@ -10,9 +10,9 @@ import pytest
 from harness.pii_corpus import score
 from harness.zh_names import zh_name_corpus
 from tests.unit.masking.test_masking import REPORTS
-from vllm_guard.masking.chinese_names import ChineseNameDetector
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.detection.chinese_names import ChineseNameDetector
+from vllm_guard.masking.detection.detector import build_detector
 
 
 @pytest.fixture(scope="module")

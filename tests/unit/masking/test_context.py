@@ -9,8 +9,8 @@ import pytest
 
 from vllm_guard.errors import GuardError
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.context import ContextFilter, ContextRule, default_context
-from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.detection.context import ContextFilter, ContextRule, default_context
+from vllm_guard.masking.detection.detector import build_detector
 
 FAST = MaskingConfig(ner="off")  # census name lists: no spaCy needed for these tests
 

@@ -11,11 +11,11 @@ import pytest
 from vllm_guard.asgi import PRINCIPAL_KEY, SERVER_SET_KEY
 from vllm_guard.masking import fields
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.detection.detector import build_detector
+from vllm_guard.masking.detection.ner import SpacyNerDetector
 from vllm_guard.masking.fields import CHAT, COMPLETIONS, RESPONSES, Unmaskable, collect
 from vllm_guard.masking.masker import Masker
 from vllm_guard.masking.middleware import MaskingMiddleware
-from vllm_guard.masking.ner import SpacyNerDetector
 from vllm_guard.masking.pool import DetectorPool
 from vllm_guard.masking.sessions import SessionBinder
 from vllm_guard.masking.vault import InMemoryVault

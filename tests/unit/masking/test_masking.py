@@ -16,11 +16,12 @@ from harness.masking_client import sse_text
 from harness.pii_corpus import generate, score
 from harness.server import free_port
 from vllm_guard import configs
-from vllm_guard.masking.config import STRUCTURED, MaskingConfig
-from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.config import MaskingConfig
+from vllm_guard.masking.detection.detector import build_detector
 from vllm_guard.masking.metrics import METRICS
 from vllm_guard.masking.middleware import MaskingMiddleware
 from vllm_guard.masking.restorer import StreamRestorer, restore
+from vllm_guard.masking.types import STRUCTURED
 from vllm_guard.masking.vault import RedisVault, VaultUnavailable
 
 REPORTS = Path(__file__).resolve().parents[3] / ".cache" / "reports"
@@ -72,7 +73,8 @@ def test_name_lists_need_both_halves_capitalised():
 
 
 def test_ner_span_running_into_a_pattern_hit_is_trimmed():
-    from vllm_guard.masking.detector import CompositeDetector, Detector, Span
+    from vllm_guard.masking.detection.detector import CompositeDetector
+    from vllm_guard.masking.types import Detector, Span
 
     text = "Customer note. Eric Gibson - 881-06-5657. Bye"
 

@@ -15,8 +15,8 @@ from harness.person_corpus import (
 )
 from harness.pii_corpus import score
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.detector import build_detector
-from vllm_guard.masking.ner import english_view
+from vllm_guard.masking.detection.detector import build_detector
+from vllm_guard.masking.detection.ner import english_view
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_french_sentences_go_to_the_french_pipeline():
     import spacy.util
 
     from harness.person_corpus import FR_TEMPLATES
-    from vllm_guard.masking.ner import language_views, sentence_language
+    from vllm_guard.masking.detection.ner import language_views, sentence_language
 
     assert sentence_language("Veuillez envoyer le contrat à Jean Dupont.") == "fr"
     assert sentence_language("Please send the contract to Jean Dupont.") == "en"
@@ -172,9 +172,9 @@ def test_known_places_can_be_turned_off():
 def test_model_runs_only_where_the_lists_cannot_explain():
     """Sentences whose capitalised words the lists explain skip the model; a name no list
     holds, a title or a place cue sends a sentence to it."""
-    from vllm_guard.masking.name_gazetteer import gazetteer
-    from vllm_guard.masking.ner import candidate_sentences
-    from vllm_guard.masking.person_names import GuardPersonNameRecognizer
+    from vllm_guard.masking.detection.name_gazetteer import gazetteer
+    from vllm_guard.masking.detection.ner import candidate_sentences
+    from vllm_guard.masking.detection.person_names import GuardPersonNameRecognizer
 
     names = gazetteer()
     lists = GuardPersonNameRecognizer(names)

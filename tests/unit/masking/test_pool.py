@@ -13,7 +13,7 @@ import json
 import pytest
 
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.detection.detector import build_detector
 from vllm_guard.masking.pool import DetectorPool
 
 ALICE = "alice.private@example.com 078-05-1120 " * 20_000  # ~1 MB: the worker is busy a while

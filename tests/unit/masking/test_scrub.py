@@ -14,7 +14,7 @@ import pytest
 
 from harness.pii_corpus import generate
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.detection.detector import build_detector
 from vllm_guard.masking.scrub import Scrubber, ScrubError, scrub_file
 
 ROOT = Path(__file__).resolve().parents[3]

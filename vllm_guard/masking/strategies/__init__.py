@@ -12,12 +12,12 @@ import hmac
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from vllm_guard.masking.detector import PLACEHOLDER
 from vllm_guard.masking.metrics import METRICS
 from vllm_guard.masking.strategies.base import Item, Strategy
 from vllm_guard.masking.strategies.fpe import FpeStrategy
 from vllm_guard.masking.strategies.placeholder import PlaceholderStrategy
 from vllm_guard.masking.strategies.surrogate import SurrogateStrategy
+from vllm_guard.masking.types import PLACEHOLDER
 from vllm_guard.masking.vault import load_env_key
 
 if TYPE_CHECKING:

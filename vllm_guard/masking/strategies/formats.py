@@ -11,7 +11,7 @@ import re
 def _checks() -> dict[str, list[tuple[list[re.Pattern[str]], object]]]:
     # imported here, not at module level: recognizers load Presidio, and the config check
     # (strategies -> formats) must not (``vllm-guard serve`` runs it before exec'ing vLLM)
-    from vllm_guard.masking.recognizers import builtin_recognizers
+    from vllm_guard.masking.detection.recognizers import builtin_recognizers
 
     out: dict[str, list] = {}
     for rec in builtin_recognizers():
@@ -39,7 +39,7 @@ def luhn_digit(body: str) -> str:
 
 
 def cn_id_check(body17: str) -> str:
-    from vllm_guard.masking.recognizers import CN_ID_CHECK, CN_ID_WEIGHTS  # see _checks
+    from vllm_guard.masking.detection.recognizers import CN_ID_CHECK, CN_ID_WEIGHTS  # see _checks
 
     return CN_ID_CHECK[sum(int(c) * w for c, w in zip(body17, CN_ID_WEIGHTS, strict=True)) % 11]
 

@@ -11,7 +11,7 @@ import pytest
 
 from harness.pii_corpus import generate
 from vllm_guard.masking.config import MaskingConfig
-from vllm_guard.masking.detector import build_detector
+from vllm_guard.masking.detection.detector import build_detector
 from vllm_guard.masking.masker import Masker
 from vllm_guard.masking.pool import DetectorPool
 from vllm_guard.masking.restorer import StandInMap, StreamRestorer, restore

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from vllm_guard.masking.detector import Detector, Span
+from vllm_guard.masking.types import Detector, Span
 
 # Common single-character surnames (about 95% of the population) and compound surnames.
 SURNAMES = (

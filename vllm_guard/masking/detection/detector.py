@@ -1,41 +1,40 @@
-"""Detectors: text -> sensitive spans. A small base class, a few implementations, one composite.
+"""The detector engine: text -> sensitive spans. A few detectors, one composite.
 
 - :class:`PresidioDetector`: Presidio ``AnalyzerEngine`` with our checksum recognizers and the
   name gazetteer. Never downloads anything.
-- :class:`vllm_guard.masking.ner.SpacyNerDetector`: spaCy NER (PERSON, LOCATION) on text in
-  scripts the English model reads, when a pipeline is installed.
+- :class:`vllm_guard.masking.detection.ner.SpacyNerDetector`: spaCy NER (PERSON, LOCATION) on
+  text in scripts the English model reads, when a pipeline is installed.
+- :class:`vllm_guard.masking.detection.chinese_names.ChineseNameDetector`: Chinese names
+  beside a cue.
 - :class:`TermListDetector`: the operator's sensitive-term list; matches inside unspaced CJK.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import re
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+from presidio_analyzer.nlp_engine import NoOpNlpEngine
 
 from vllm_guard.errors import GuardError
 from vllm_guard.log import get_logger
-from vllm_guard.masking.config import NER_ENTITIES, MaskingConfig
-from vllm_guard.masking.context import ContextFilter
+from vllm_guard.masking.detection.chinese_names import ChineseNameDetector
+from vllm_guard.masking.detection.common_words import common_english
+from vllm_guard.masking.detection.context import ContextFilter
+from vllm_guard.masking.detection.name_gazetteer import gazetteer
+from vllm_guard.masking.detection.ner import SpacyNerDetector, load_pipeline
+from vllm_guard.masking.detection.person_names import GuardPersonNameRecognizer
+from vllm_guard.masking.detection.place_names import place_spans
+from vllm_guard.masking.detection.recognizers import builtin_recognizers
+from vllm_guard.masking.types import NER_ENTITIES, Detector, Intervals, Span
+
+if TYPE_CHECKING:
+    from vllm_guard.masking.config import MaskingConfig
 
 logger = get_logger(__name__)
-PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)_(\d+)>")
-
-
-@dataclass(frozen=True)
-class Span:
-    start: int
-    end: int
-    entity: str
-    score: float
-
-
-class Detector(ABC):
-    @abstractmethod
-    def detect(self, text: str) -> list[Span]: ...
 
 
 def _offline_tldextract() -> None:
@@ -52,16 +51,9 @@ def _offline_tldextract() -> None:
 
 class PresidioDetector(Detector):
     """Presidio's ``AnalyzerEngine`` with our checksum recognizers and the name gazetteer; no
-    NLP engine (NER is :class:`vllm_guard.masking.ner.SpacyNerDetector`)."""
+    NLP engine (NER is :class:`vllm_guard.masking.detection.ner.SpacyNerDetector`)."""
 
     def __init__(self, config: MaskingConfig):
-        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
-        from presidio_analyzer.nlp_engine import NoOpNlpEngine
-
-        from vllm_guard.masking.name_gazetteer import gazetteer
-        from vllm_guard.masking.person_names import GuardPersonNameRecognizer
-        from vllm_guard.masking.recognizers import builtin_recognizers
-
         _offline_tldextract()
         for name in ("presidio-analyzer", "presidio-anonymizer"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -182,28 +174,6 @@ class CompositeDetector(Detector):
         return sorted(out, key=lambda s: s.start)
 
 
-class Intervals:
-    """Disjoint half-open intervals, sorted: overlap queries in O(log n) (many spans in a
-    large body made the pairwise check quadratic)."""
-
-    def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-
-    def overlapping(self, start: int, end: int) -> list[tuple[int, int]]:
-        i = bisect.bisect_left(self.ends, start + 1)  # first interval ending after start
-        out = []
-        while i < len(self.starts) and self.starts[i] < end:
-            out.append((self.starts[i], self.ends[i]))
-            i += 1
-        return out
-
-    def add(self, start: int, end: int) -> None:
-        i = bisect.bisect_left(self.starts, start)
-        self.starts.insert(i, start)
-        self.ends.insert(i, end)
-
-
 def _trimmed(text: str, span: Span, taken: list[tuple[int, int]]) -> Span | None:
     """The longest part of ``span`` outside ``taken``, without edge punctuation/space."""
     cuts = sorted((max(b, span.start), min(e, span.end)) for b, e in taken
@@ -222,8 +192,6 @@ def _trimmed(text: str, span: Span, taken: list[tuple[int, int]]) -> Span | None
 
 
 def build_detector(config: MaskingConfig) -> CompositeDetector:
-    from vllm_guard.masking.ner import SpacyNerDetector, load_pipeline
-
     detectors: list[Detector] = [PresidioDetector(config)]
     ner = {e: t for e, t in config.enabled().items() if e in NER_ENTITIES}
     nlp = load_pipeline(config.ner) if ner else None
@@ -235,8 +203,6 @@ def build_detector(config: MaskingConfig) -> CompositeDetector:
                 raise GuardError(f"masking config: ner_languages.{lang}: spaCy pipeline "
                                  f"{package!r} is not installed (pip install {package})")
             pipelines[lang] = other
-        from vllm_guard.masking.name_gazetteer import gazetteer
-
         detectors.append(SpacyNerDetector(pipelines, ner, gazetteer(),
                                           lists_detect=config.name_lists
                                           and "PERSON" in config.enabled()))
@@ -246,10 +212,6 @@ def build_detector(config: MaskingConfig) -> CompositeDetector:
     if config.terms_file:
         detectors.append(TermListDetector(config.terms_file))
     if "PERSON" in config.enabled():
-        from vllm_guard.masking.chinese_names import ChineseNameDetector
-        from vllm_guard.masking.common_words import common_english
-        from vllm_guard.masking.place_names import place_spans
-
         common_english()  # load the lazy tables now, not in the first request (~0.5 s)
         place_spans("")
 

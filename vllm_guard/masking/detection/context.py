@@ -15,7 +15,14 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from vllm_guard.masking.place_names import inside_place, place_spans
+from vllm_guard.masking.detection.common_words import is_common
+from vllm_guard.masking.detection.name_gazetteer import (
+    common_surnames,
+    faker_names,
+    fold,
+    gazetteer,
+)
+from vllm_guard.masking.detection.place_names import inside_place, place_spans
 
 _WORD = re.compile(r"[^\W\d_][\w'’.-]*")  # a word, with "St." and "O'Neil"
 _PARTICLES_AT_END = re.compile(r"(?:\s+(?:de|del|da|do|dos|das|di|della|la|le|des|du))+$")
@@ -93,8 +100,6 @@ def _before_forms(word: str) -> set[str]:
     case ("rue", "Rue"); never a lowercase common English word that is no street word in
     English, or "Please put Ana Smith on the list" would hide her. Abbreviations stay
     ("ul.")."""
-    from vllm_guard.masking.common_words import is_common
-
     w = word.rstrip(".")
     if (w[:1].islower() and not word.endswith(".") and w not in STREET_WORDS_IN_ENGLISH
             and is_common(w)):
@@ -103,14 +108,10 @@ def _before_forms(word: str) -> set[str]:
 
 
 def fold_word(word: str) -> str:
-    from vllm_guard.masking.name_gazetteer import fold
-
     return fold(word.rstrip("."))
 
 
 def _first_name(word: str) -> bool:
-    from vllm_guard.masking.name_gazetteer import fold, gazetteer
-
     return fold(word) in gazetteer().first
 
 
@@ -153,8 +154,6 @@ def place_suffixes() -> tuple[str, ...]:
     """Last words of the town and street suffixes of every Faker locale ("Ville", "Paulista",
     "Trafficway", "Burgs"), less names ("Green", "Grande", "Serra"): "Stacey Run" is a
     place, "Ariana Grande" a person."""
-    from vllm_guard.masking.name_gazetteer import common_surnames, faker_names, fold, gazetteer
-
     # rare US surnames ("Mill", "Row", "Union") stay place words; Faker's names, first names
     # and common surnames ("Grande", "Cliff", "Wells") do not
     names = faker_names() | gazetteer().first | common_surnames(5000)
@@ -216,8 +215,6 @@ def unnamed_place_ends() -> tuple[str, ...]:
 def _not_names(words) -> tuple[str, ...]:  # noqa: ANN001 - any iterable of words
     """``words`` less any listed first or last name: context words must never hide a
     person ("Ariana Grande", "Abdul Rahman", "Joan Serra")."""
-    from vllm_guard.masking.name_gazetteer import fold, gazetteer
-
     known = gazetteer().known
     return tuple(sorted({w for w in words if fold(w) not in known}))
 

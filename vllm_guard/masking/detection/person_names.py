@@ -1,11 +1,11 @@
-"""PERSON from the name gazetteer (:mod:`vllm_guard.masking.name_gazetteer`), in any Latin,
-Cyrillic or Greek script: a run of capitalised words that are all known names, starting
-with a first name and ending with a last name ("José Mari Carranza", "Davi Lucas da Cunha"),
-or family name first for East Asian names ("Nguyễn Văn An", "Tanaka Hiroshi").
+"""PERSON from the name gazetteer (:mod:`vllm_guard.masking.detection.name_gazetteer`), in
+any Latin, Cyrillic or Greek script: a run of capitalised words that are all known names,
+starting with a first name and ending with a last name ("José Mari Carranza", "Davi Lucas da
+Cunha"), or family name first for East Asian names ("Nguyễn Văn An", "Tanaka Hiroshi").
 
 A first name no list holds ("Kuldeep Salvi", "Bülent Ergül") counts before a known surname
-when it is not a common English word (:mod:`vllm_guard.masking.common_words`): "Burger
-King" and "Black Friday" are not people. Japanese given names are too many to list, but
+when it is not a common English word (:mod:`vllm_guard.masking.detection.common_words`):
+"Burger King" and "Black Friday" are not people. Japanese given names are too many to list, but
 their romanisation has a shape (":data:`HEPBURN`": "Yamaguchi Mitsuru").
 
 spaCy's small English model misses names in list-like text ("Contact: Jon Cole - 555-...")
@@ -19,8 +19,8 @@ import re
 
 from presidio_analyzer import EntityRecognizer, RecognizerResult
 
-from vllm_guard.masking.common_words import VERY_COMMON, is_common
-from vllm_guard.masking.name_gazetteer import Gazetteer, fold
+from vllm_guard.masking.detection.common_words import VERY_COMMON, is_common
+from vllm_guard.masking.detection.name_gazetteer import Gazetteer, fold
 
 # letters only (no digits or "_"), with inner apostrophes and hyphens: O'Neil, Jean-Luc
 _WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
