@@ -44,7 +44,19 @@ def test_serve_forwards_arguments_unchanged(tmp_path):
     assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0" and env["VLLM_PLUGINS"] == "other,vllm_guard"
 
 
-def test_train_locks_cli_writes_a_lockable_model(tmp_path, random_tiny):
+def in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The CLI's ``main`` in this process (torch is imported once, not per call)."""
+    from vllm_guard.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
+def test_train_locks_cli_writes_a_lockable_model(tmp_path, random_tiny, capsys):
     import json
 
     from harness.fixtures import task_examples
@@ -55,29 +67,30 @@ def test_train_locks_cli_writes_a_lockable_model(tmp_path, random_tiny):
         path = tmp_path / f"{task}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in task_examples(task, 16)))
         files += ["--task", f"{task}={path}"]
-    out = run("train-locks", "--model", str(random_tiny), *files, "--block", "8", "--steps", "3",
-              "--batch-size", "4", "--out", str(tmp_path / "aware"))
+
+    def train_locks(*args: str) -> subprocess.CompletedProcess:
+        return in_process(capsys, "train-locks", "--model", str(random_tiny), *files, *args)
+
+    out = train_locks("--block", "8", "--steps", "3", "--batch-size", "4",
+                      "--out", str(tmp_path / "aware"))
     assert out.returncode == 0, out.stderr
     sel = Selection.load(tmp_path / "aware" / "lock_selection.json")
     assert sel.tasks == ["add", "reverse"] and sel.neurons[0]["reverse"] == list(range(504, 512))
     assert (tmp_path / "aware" / "model.safetensors").exists()
 
-    sealed = run("train-locks", "--model", str(random_tiny), *files, "--block", "8",
-                 "--seal", "reverse", "--sealed-block", "16", "--steps", "2", "--seal-steps", "2",
-                 "--batch-size", "4", "--out", str(tmp_path / "sealed"))
+    sealed = train_locks("--block", "8", "--seal", "reverse", "--sealed-block", "16", "--steps",
+                         "2", "--seal-steps", "2", "--batch-size", "4",
+                         "--out", str(tmp_path / "sealed"))
     assert sealed.returncode == 0, sealed.stderr
     assert "seal reverse step 2/2" in sealed.stdout
     sel = Selection.load(tmp_path / "sealed" / "lock_selection.json")
     assert sel.neurons[0]["reverse"] == list(range(496, 512))
-    unknown = run("train-locks", "--model", str(random_tiny), *files, "--block", "8",
-                  "--seal", "sort", "--out", str(tmp_path / "z"))
+    unknown = train_locks("--block", "8", "--seal", "sort", "--out", str(tmp_path / "z"))
     assert unknown.returncode != 0 and "sealed task(s) ['sort']" in unknown.stderr
 
-    both = run("train-locks", "--model", str(random_tiny), *files, "--block", "8",
-               "--selection", "x.json", "--out", str(tmp_path / "x"))
+    both = train_locks("--block", "8", "--selection", "x.json", "--out", str(tmp_path / "x"))
     assert both.returncode != 0 and "exactly one of --selection" in both.stderr
-    too_big = run("train-locks", "--model", str(random_tiny), *files, "--block", "300",
-                  "--out", str(tmp_path / "y"))
+    too_big = train_locks("--block", "300", "--out", str(tmp_path / "y"))
     assert too_big.returncode != 0 and "do not fit" in too_big.stderr
     assert "Traceback" not in both.stderr + too_big.stderr + unknown.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -172,7 +172,8 @@ def _run_middleware(mw: MaskingMiddleware, body: dict, upstream_bytes: bytes, sp
 
 def test_streamed_restore_with_placeholders_split_everywhere(tmp_path):
     cfg = tmp_path / "m.json"
-    cfg.write_text(json.dumps({"ner": "off"}))
+    # detection in process: this is about the restorer, not the detector processes
+    cfg.write_text(json.dumps({"ner": "off", "detector_workers": 0}))
     mw = MaskingMiddleware(None, str(cfg))
     body = {"model": "x", "messages": [{"role": "user", "content":
             "mail jane.roe@example.com or call 13812345678"}]}

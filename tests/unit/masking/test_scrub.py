@@ -4,10 +4,11 @@ the sealed mapping, and no raw value in the output, the report, stderr or the ma
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,15 +38,28 @@ def dataset(tmp_path_factory):
 
 def cli(*args: str, key: str | None = None, masking: str = "masking.fast.json",
         env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for name in ("VLLM_GUARD_SCRUB_KEY", "VLLM_GUARD_FPE_KEY"):  # other modules set them
-        env.pop(name, None)
+    """``vllm-guard scrub`` through the CLI's ``main``, in this process (the detector libraries
+    load once per test session, not once per call), with the environment it would see."""
+    from vllm_guard.cli import main
+
+    env = {name: None for name in ("VLLM_GUARD_SCRUB_KEY", "VLLM_GUARD_FPE_KEY")}
     env.update(env_extra or {})
     if key:
         env["VLLM_GUARD_SCRUB_KEY"] = key
-    return subprocess.run([sys.executable, "-m", "vllm_guard.cli", "scrub", *args,
-                           "--masking", masking, "--no-progress"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    saved = {name: os.environ.get(name) for name in env}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for name, value in env.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(["scrub", *args, "--masking", masking, "--no-progress"])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def test_scrub_then_restore_is_exact_and_leaks_nothing(dataset, tmp_path):
