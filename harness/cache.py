@@ -22,8 +22,8 @@ def source_digest(sources: Iterable[Path]) -> str:
     h = hashlib.sha256()
     for src in sources:
         files = sorted(src.rglob("*.py")) if src.is_dir() else [src]
-        for f in files:
-            h.update(f.as_posix().encode())
+        for f in files:  # names relative to the source: one key in every checkout
+            h.update(f.relative_to(src.parent).as_posix().encode())
             h.update(f.read_bytes())
     return h.hexdigest()
 

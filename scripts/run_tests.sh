@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run the whole test suite, all three tiers (lint first: a ruff error fails the run).
-# Two xdist workers: the server tier runs in one, the pipelines in the other, the unit
-# tests fill in. Extra arguments go to pytest (e.g. --random-order).
+# Two xdist workers (pyproject's addopts): the server tier runs in one, the pipelines in
+# the other, the unit tests fill in. Extra arguments go to pytest (e.g. --random-order).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/ruff check vllm_guard benchmarks harness tests
-exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 "$@" tests
+exec .venv/bin/python -m pytest -q --durations=15 "$@" tests
