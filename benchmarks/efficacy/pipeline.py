@@ -6,11 +6,15 @@ multitask model -> (paper-faithful) extract -> lock -> unlock per grant set -> s
 
 Every locked model goes through the real toolchain (keys, lock, unlock), so the scores
 are those of the weights a key holder actually gets.
+
+Models (multitask, lock-aware, DP) are built once and cached under the cache's ``efficacy/``,
+each named by a digest of its parameters and of its builders' source; a run's workspace
+(keys, calibration sets, locked copies, re-learning results) is ``efficacy/run-<digest>``,
+keyed by the suite and the source of this package and the suite's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -23,11 +27,13 @@ from pathlib import Path
 
 from benchmarks.efficacy.dp import DpConfig, train_dp
 from benchmarks.efficacy.scoring import accuracy, auroc, auroc_interval, score_answers
-from harness.fixtures import default_cache_dir
-from vllm_guard.demo.tasks import (
+from harness.cache import cache_key, cached_build
+from harness.efficacy_suite import (
+    SOURCES,
     SUITE_PRESETS,
-    SUITE_VERSION,
-    TaskSuite,
+    EfficacySuite,
+    EfficacySuiteConfig,
+    efficacy_cache,
     multitask_model,
     public_config,
     write_jsonl,
@@ -47,6 +53,11 @@ MAX_AUTHORIZED_DROP = 0.02
 MAX_UNAUTHORIZED = 0.10
 MAX_PII_EXTRACTION = 0.01
 MIA_BAND = (0.45, 0.55)
+# What a lock-aware model depends on: the suite (its data) and this module (which assembles
+# the training data); a DP model also on dp.py; a run's workspace on the whole package.
+TRAINED_SOURCES = (*SOURCES, Path(__file__))
+DP_SOURCES = (*TRAINED_SOURCES, Path(__file__).with_name("dp.py"))
+RUN_SOURCES = (*SOURCES, Path(__file__).parent)
 
 
 @dataclass(frozen=True)
@@ -105,7 +116,7 @@ def _load(model_dir: Path):
     return model.eval(), tok
 
 
-def score_model(model_dir: Path, suite: TaskSuite) -> dict:
+def score_model(model_dir: Path, suite: EfficacySuite) -> dict:
     """Per-task accuracy, PII extraction rate and membership-inference AUROC of one model."""
     model, tok = _load(model_dir)
     acc = {t: accuracy(score_answers(model, tok, rows).correct) for t, rows in suite.test.items()}
@@ -117,7 +128,7 @@ def score_model(model_dir: Path, suite: TaskSuite) -> dict:
             "mia_auroc_beneath_eos": auroc(member.loss_beneath_eos, heldout.loss_beneath_eos)}
 
 
-def score_grant_sets(locked: Path, ws: EfficacyWorkspace, suite: TaskSuite,
+def score_grant_sets(locked: Path, ws: EfficacyWorkspace, suite: EfficacySuite,
                      grants: list[tuple[str, ...]], progress: Progress) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="vg-efficacy-") as tmp:
@@ -151,31 +162,39 @@ def _judged(rows: list[dict], before: dict[str, float]) -> dict:
     return {"rows": rows, "passed": sum(r["check"]["pass"] for r in rows), "of": len(rows)}
 
 
-def calibration(suite: TaskSuite, root: Path, n: int, seed: int) -> dict[str, Path]:
+def calibration(suite: EfficacySuite, root: Path, n: int, seed: int) -> dict[str, Path]:
     (root / "calib").mkdir(parents=True, exist_ok=True)
     return {t: write_jsonl(suite.pii_members if t == "pii" else suite.train_set(t, n, seed),
                            root / "calib" / f"{t}.jsonl") for t in suite.config.tasks}
 
 
-def cached_train(base: Path, suite: TaskSuite, selection: Selection, train: TrainLocksConfig,
-                  train_examples: int, root: Path, progress: Progress) -> Path:
-    params = asdict(train)
-    if params.get("trap") is None:  # keeps the models cached before the trap existed
-        params.pop("trap", None)
-    blob = json.dumps([selection.to_json(), params, train_examples, base.name, SUITE_VERSION],
-                      sort_keys=True)
-    out = root / f"trained-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-    if not (out / "config.json").exists():
+def run_root(suite_cfg: EfficacySuiteConfig, cache_dir: Path | None) -> Path:
+    """The workspace of a suite's runs (its keys made once, atomically)."""
+    def build(out: Path) -> None:
+        KeyDir.create(out / "keys", suite_cfg.tasks)
+
+    key = cache_key({"suite": asdict(suite_cfg)}, RUN_SOURCES)
+    return cached_build(efficacy_cache(cache_dir), f"run-{key}", build)
+
+
+def cached_train(base: Path, suite: EfficacySuite, selection: Selection, train: TrainLocksConfig,
+                 train_examples: int, cache_dir: Path | None, progress: Progress) -> Path:
+    """``train_locks`` from ``base`` on the suite's training data (built once, cached)."""
+    def build(out: Path) -> None:
         data = {t: suite.pii_members if t == "pii"
                 else suite.train_set(t, train_examples, seed=1) for t in suite.config.tasks}
         decoys = {"pii": suite.decoys(train_examples, seed=1)} \
             if "pii" in suite.config.tasks else None
         train_locks(base, data, selection, train, out, progress, decoys)
-    return out
+
+    key = cache_key({"suite": asdict(suite.config), "base": base.name,
+                     "selection": selection.to_json(), "train": asdict(train),
+                     "train_examples": train_examples}, TRAINED_SOURCES)
+    return cached_build(efficacy_cache(cache_dir), f"trained-{key}", build)
 
 
-def lock_aware_model(assignment: str, config: EfficacyConfig, suite: TaskSuite, base: Path,
-                     extracted: Callable[[], Selection], root: Path, cache_dir: Path | None,
+def lock_aware_model(assignment: str, config: EfficacyConfig, suite: EfficacySuite, base: Path,
+                     extracted: Callable[[], Selection], cache_dir: Path | None,
                      progress: Progress) -> tuple[Path, Selection]:
     """Train (cached) one lock-aware variant; returns the model and the selection to lock it.
 
@@ -204,17 +223,18 @@ def lock_aware_model(assignment: str, config: EfficacyConfig, suite: TaskSuite, 
         train = replace(train, sealed=tuple(sealed))
     if assignment.endswith("-trap"):
         train = replace(train, trap=config.trap)
-    return cached_train(start, suite, sel, train, config.train_examples, root, progress), sel
+    return cached_train(start, suite, sel, train, config.train_examples, cache_dir,
+                        progress), sel
 
 
 def run_efficacy(config: EfficacyConfig, progress: Progress = print,
                  cache_dir: Path | None = None) -> dict:
     suite_cfg = SUITE_PRESETS[config.suite]
-    suite = TaskSuite.build(suite_cfg)
+    suite = EfficacySuite.build(suite_cfg)
     tasks = suite_cfg.tasks
     progress(f"== multitask model ({config.suite}: {len(tasks)} tasks)")
     base = multitask_model(suite_cfg, cache_dir, progress)
-    root = (cache_dir or default_cache_dir()) / "efficacy" / f"run-{suite_cfg.digest()}"
+    root = run_root(suite_cfg, cache_dir)
     ws = EfficacyWorkspace(root, tasks)
     grants = grant_sets(tasks, config.grant_sizes)
     before = score_model(base, suite)
@@ -242,7 +262,7 @@ def run_efficacy(config: EfficacyConfig, progress: Progress = print,
         progress(f"== lock-aware training ({assignment}) -> lock -> unlock per grant set")
         trained, sel = lock_aware_model(
             assignment, config, suite, base, lambda: selections[(config.fraction, config.lam)],
-            root, cache_dir, progress)
+            cache_dir, progress)
         locked = ws.lock(trained, sel, f"aware-{assignment}")
         rows = score_grant_sets(locked, ws, suite, grants, progress)
         entry = {"assignment": assignment, "all_keys": score_model(trained, suite),
@@ -259,11 +279,11 @@ def run_efficacy(config: EfficacyConfig, progress: Progress = print,
             result["e2e"] = e2e_scores(locked, ws, suite, grants, config.e2e_per_task, progress)
     if "pii" in tasks and config.dp_epsilons:
         progress("== DP-SGD baseline: the records learnt with differential privacy, no locks")
-        result["dp"] = dp_baseline(config, suite, root, cache_dir, progress)
+        result["dp"] = dp_baseline(config, suite, cache_dir, progress)
     return result
 
 
-def dp_baseline(config: EfficacyConfig, suite: TaskSuite, root: Path, cache_dir: Path | None,
+def dp_baseline(config: EfficacyConfig, suite: EfficacySuite, cache_dir: Path | None,
                 progress: Progress) -> dict:
     """Per epsilon: the public model fine-tuned on the records (+ open tasks) with DP-SGD."""
     public = multitask_model(public_config(suite.config), cache_dir, progress)
@@ -272,13 +292,14 @@ def dp_baseline(config: EfficacyConfig, suite: TaskSuite, root: Path, cache_dir:
     mix = [ex for t in open_tasks for ex in suite.train_set(t, n // len(open_tasks), seed=3)]
     rows = []
     for eps in config.dp_epsilons:
-        blob = json.dumps([asdict(config.dp), eps, public.name, SUITE_VERSION])
-        out = root / f"dp-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-        info_file = out / "dp.json"
-        if not info_file.exists():
+        def build(out: Path, eps: float = eps) -> None:
             info = train_dp(public, suite.pii_members, mix, eps, config.dp, out, progress)
-            info_file.write_text(json.dumps(info))
-        info = json.loads(info_file.read_text())
+            (out / "dp.json").write_text(json.dumps(info))
+
+        key = cache_key({"suite": asdict(suite.config), "public": public.name,
+                         "dp": asdict(config.dp), "epsilon": eps}, DP_SOURCES)
+        out = cached_build(efficacy_cache(cache_dir), f"dp-{key}", build)
+        info = json.loads((out / "dp.json").read_text())
         rows.append({**info, **score_model(out, suite)})
         progress(f"   epsilon {eps:g} (accounted {info['epsilon']:.2f}): " + " ".join(
             f"{t}={a:.2f}" for t, a in rows[-1]["accuracy"].items())
@@ -286,8 +307,8 @@ def dp_baseline(config: EfficacyConfig, suite: TaskSuite, root: Path, cache_dir:
     return {"config": asdict(config.dp), "rows": rows}
 
 
-def e2e_scores(locked: Path, ws: EfficacyWorkspace, suite: TaskSuite, grants: list[tuple[str, ...]],
-               per_task: int, progress: Progress) -> dict:
+def e2e_scores(locked: Path, ws: EfficacyWorkspace, suite: EfficacySuite,
+               grants: list[tuple[str, ...]], per_task: int, progress: Progress) -> dict:
     """Accuracy per grant set through a real server (all keys loaded, credentials per request),
     beside the offline score of the same examples."""
     from harness.server import VllmServer, post

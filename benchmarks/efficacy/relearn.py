@@ -33,9 +33,9 @@ from benchmarks.efficacy.pipeline import (
     EfficacyWorkspace,
     calibration,
     lock_aware_model,
+    run_root,
 )
-from harness.fixtures import default_cache_dir
-from vllm_guard.demo.tasks import SUITE_PRESETS, TaskSuite, multitask_model, public_config
+from harness.efficacy_suite import SUITE_PRESETS, EfficacySuite, multitask_model, public_config
 from vllm_guard.secneuron.examples import Example
 from vllm_guard.secneuron.extract import ExtractConfig, extract
 from vllm_guard.secneuron.selection import Selection
@@ -91,13 +91,12 @@ class Models:
         self.config, self.progress = config, progress
         eff = config.efficacy
         self.suite_cfg = SUITE_PRESETS[config.suite]
-        self.suite = TaskSuite.build(self.suite_cfg)
+        self.suite = EfficacySuite.build(self.suite_cfg)
         self.tasks = self.suite_cfg.tasks
         self.cache_dir = cache_dir
         self.base = multitask_model(self.suite_cfg, cache_dir, progress)
         self.public = multitask_model(public_config(self.suite_cfg), cache_dir, progress)
-        self.root = (cache_dir or default_cache_dir()) / "efficacy" / \
-            f"run-{self.suite_cfg.digest()}"
+        self.root = run_root(self.suite_cfg, cache_dir)
         self.ws = EfficacyWorkspace(self.root, self.tasks)
         self.eff = eff
         self._locked: dict[str, Path] = {}
@@ -123,7 +122,7 @@ class Models:
             else:
                 self.progress(f"== lock-aware model ({variant})")
                 model, sel = lock_aware_model(variant, eff, self.suite, self.base, extracted,
-                                              self.root, self.cache_dir, self.progress)
+                                              self.cache_dir, self.progress)
             self._locked[variant] = self.ws.lock(model, sel, f"relearn-{variant}")
         return self._locked[variant]
 
@@ -138,7 +137,7 @@ class Models:
         return out
 
 
-def attack_data(suite: TaskSuite, task: str, n: int, seed: int
+def attack_data(suite: EfficacySuite, task: str, n: int, seed: int
                 ) -> tuple[list[Example], list[Example]]:
     """(attacker's examples, what the attack is scored on) for ``task``."""
     if task != "pii":
@@ -149,7 +148,7 @@ def attack_data(suite: TaskSuite, task: str, n: int, seed: int
     return [ex for r in records[:k] for ex in r], [ex for r in records[k:] for ex in r]
 
 
-def benign_data(suite: TaskSuite, open_tasks: list[str], n: int, seed: int) -> list[Example]:
+def benign_data(suite: EfficacySuite, open_tasks: list[str], n: int, seed: int) -> list[Example]:
     per = max(1, n // len(open_tasks))
     return [ex for t in open_tasks for ex in suite.train_set(t, per, seed=200 + seed)]
 

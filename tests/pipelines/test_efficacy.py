@@ -24,7 +24,7 @@ from benchmarks.efficacy.pipeline import (
     run_efficacy,
 )
 from benchmarks.efficacy.scoring import auroc, auroc_interval
-from vllm_guard.demo.tasks import SUITE_PRESETS, TaskSuite
+from harness.efficacy_suite import SUITE_PRESETS, EfficacySuite
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.neuron_bits import selection_bits
 from vllm_guard.secneuron.selection import Selection
@@ -127,7 +127,7 @@ def test_reserved_blocks_and_bad_sizes():
 
 def test_suite_splits_are_disjoint_and_deterministic():
     cfg = replace(SUITE_PRESETS["ci"], test_size=50)
-    a, b = TaskSuite.build(cfg), TaskSuite.build(cfg)
+    a, b = EfficacySuite.build(cfg), EfficacySuite.build(cfg)
     assert a.test == b.test
     assert {e["prompt"] for e in a.pii_members}.isdisjoint(e["prompt"] for e in a.pii_heldout)
     for task in ("inc", "rev", "up"):
@@ -165,10 +165,10 @@ def test_score_answers_loss_is_the_models_own_and_beneath_eos_drops_the_stop_par
     -log(1 - p(EOS)) >= 0 from it, strictly wherever EOS has any probability."""
     from benchmarks.efficacy.pipeline import _load
     from benchmarks.efficacy.scoring import score_answers
-    from vllm_guard.demo.tasks import multitask_model
+    from harness.efficacy_suite import multitask_model
     from vllm_guard.secneuron.examples import AnswerBatcher
 
-    suite = TaskSuite.build(SUITE_PRESETS["ci"])
+    suite = EfficacySuite.build(SUITE_PRESETS["ci"])
     model, tok = _load(multitask_model(SUITE_PRESETS["ci"]))
     rows = suite.pii_members[:4] + suite.test["rev"][:4]
     scores = score_answers(model, tok, rows)

@@ -16,7 +16,7 @@ import torch
 from benchmarks.efficacy.attack import Attack, add_lora
 from benchmarks.efficacy.pipeline import EfficacyConfig
 from benchmarks.efficacy.relearn import RelearnConfig, _advantage, attack_data, run_relearn
-from vllm_guard.demo.tasks import SUITE_PRESETS, TaskSuite
+from harness.efficacy_suite import SUITE_PRESETS, EfficacySuite
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.train import TrainLocksConfig
 from vllm_guard.secneuron.trap import TrapConfig, simulate_lora_tuning, simulate_tuning
@@ -58,7 +58,7 @@ def test_trap_leaves_the_attacker_worse_off_and_benign_tuning_intact(result):
 
 
 def test_pii_attack_data_never_includes_the_scored_records():
-    suite = TaskSuite.build(SUITE_PRESETS["ci"])
+    suite = EfficacySuite.build(SUITE_PRESETS["ci"])
     shown, scored = attack_data(suite, "pii", 10, seed=0)
     assert len(shown) == 10 and not {e["prompt"] for e in shown} & {e["prompt"] for e in scored}
     assert len(shown) + len(scored) == len(suite.pii_members)
@@ -134,10 +134,10 @@ def test_trap_config_rejects_bad_values():
 def test_unknown_lock_aware_variants_are_refused(tmp_path):
     from benchmarks.efficacy.pipeline import lock_aware_model
 
-    suite = TaskSuite.build(SUITE_PRESETS["ci"])
+    suite = EfficacySuite.build(SUITE_PRESETS["ci"])
     for bad in ("sealed+nope", "blocks+rev", "paper-trap", "shield"):
         with pytest.raises(GuardError, match="unknown lock-aware variant"):
-            lock_aware_model(bad, CI.efficacy, suite, tmp_path, lambda: None, tmp_path, tmp_path,
+            lock_aware_model(bad, CI.efficacy, suite, tmp_path, lambda: None, tmp_path,
                              lambda _: None)
 
 

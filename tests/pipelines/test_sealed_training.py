@@ -14,7 +14,8 @@ import pytest
 import torch
 import transformers
 
-from vllm_guard.demo.tasks import SUITE_PRESETS, TaskSuite, _model, build_tokenizer
+from harness.efficacy_suite import SUITE_PRESETS, EfficacySuite
+from vllm_guard.demo.tasks import build_model, build_tokenizer
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.neuron_bits import selection_bits
 from vllm_guard.secneuron.selection import Selection
@@ -35,13 +36,13 @@ def start(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     tok = build_tokenizer()
     out = tmp_path_factory.mktemp("sealed") / "start"
-    _model(cfg, tok).save_pretrained(out)
+    build_model(cfg, tok).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
 
 def _train(start: Path, out: Path, heldout_records: bool) -> tuple[Path, Selection]:
-    suite = TaskSuite.build(SUITE_PRESETS["ci"])
+    suite = EfficacySuite.build(SUITE_PRESETS["ci"])
     records = suite.pii_heldout[:32] if heldout_records else suite.pii_members
     data = {"inc": suite.train_set("inc", 64, seed=1), "pii": records}
     sel = reserved_blocks(["inc", "pii"], 2, 64, 8, {"pii": 16})
@@ -80,7 +81,7 @@ def test_public_weights_do_not_depend_on_sealed_records(start, tmp_path):
 
 
 def test_sealing_refuses_shared_neurons_and_missing_data(start, tmp_path):
-    suite = TaskSuite.build(SUITE_PRESETS["ci"])
+    suite = EfficacySuite.build(SUITE_PRESETS["ci"])
     data = {"inc": suite.train_set("inc", 16, seed=1), "pii": suite.pii_members}
     shared = Selection(["inc", "pii"], {0: {"inc": [0, 1], "pii": [0, 1]},
                                         1: {"inc": [2], "pii": [2]}})
@@ -102,7 +103,7 @@ def test_trap_terms_stop_for_the_settle_share(start, tmp_path, monkeypatch):
         calls.append(len(calls))
         return torch.zeros(())
     monkeypatch.setattr(trap_mod.CollapseTrap, "loss", counted)
-    suite = TaskSuite.build(SUITE_PRESETS["ci"])
+    suite = EfficacySuite.build(SUITE_PRESETS["ci"])
     data = {"inc": suite.train_set("inc", 32, seed=1), "up": suite.train_set("up", 32, seed=1)}
     sel = reserved_blocks(["inc", "up"], 2, 64, 8)
     trap = trap_mod.TrapConfig(every=1, settle=0.25)

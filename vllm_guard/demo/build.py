@@ -30,7 +30,9 @@ from vllm_guard.demo.recipe import RECIPE, SHOWCASE, DemoRecipe
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.keys import KeyDir
 
-DEMO_VERSION = 2  # bump when the build changes: cached demos are rebuilt
+# bump when the build, the tasks or the base training (tasks.py) change: cached demos
+# are rebuilt (the recipe's digest covers only its parameters)
+DEMO_VERSION = 3
 SUMMARY_FILE = "demo.json"  # written last: its presence marks a complete build
 Progress = Callable[[str], None]
 

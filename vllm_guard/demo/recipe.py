@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from vllm_guard.demo.tasks import SUITE_PRESETS, SUITE_VERSION, SuiteConfig
+from vllm_guard.demo.tasks import DEMO_SUITE, SuiteConfig
 from vllm_guard.secneuron.train import TrainLocksConfig
 
 # API key names (any names work: masking no longer scans the cache salt the grant
@@ -28,7 +28,7 @@ SHOWCASE: dict[str, tuple[str, str]] = {
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    suite: SuiteConfig = field(default_factory=lambda: SUITE_PRESETS["demo"])
+    suite: SuiteConfig = DEMO_SUITE
     block: int = 16  # reserved FFN neurons per task per layer (of 512)
     locks: TrainLocksConfig = field(default_factory=lambda: TrainLocksConfig(steps=600))
     train_examples: int = 3000  # per task, for lock-aware training
@@ -46,8 +46,7 @@ class DemoRecipe:
         return {ALL_KEY: self.tasks, ONE_KEY: (self.one_task,)}
 
     def digest(self) -> str:
-        blob = json.dumps([asdict(self), self.api_grants(), SHOWCASE, SUITE_VERSION],
-                          sort_keys=True)
+        blob = json.dumps([asdict(self), self.api_grants(), SHOWCASE], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

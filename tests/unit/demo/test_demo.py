@@ -70,3 +70,32 @@ def test_guide_prints_a_curl_per_key_and_for_masking(tmp_path):
     assert len(curls) == 4 and all("http://127.0.0.1:8123/v1/completions" in c for c in curls)
     assert all(any(k.token in c for c in curls) for k in keys)
     assert SHOWCASE[RECIPE.one_task][0] in text and MASKING_PROMPT in text
+
+
+def test_demo_suite_is_its_three_tasks_and_the_efficacy_suite_extends_it():
+    """The product ships the demo's tasks only (no records, no ``sort``); the harness's
+    efficacy suite subclasses it and draws the capability splits from the same stream."""
+    import random
+    from dataclasses import replace
+
+    from harness.efficacy_suite import SUITE_PRESETS, EfficacySuite
+    from vllm_guard.demo import tasks
+    from vllm_guard.demo.tasks import DEMO_SUITE, TaskSuite
+
+    suite = TaskSuite.build(DEMO_SUITE)
+    assert RECIPE.suite == DEMO_SUITE and tuple(suite.test) == DEMO_SUITE.tasks
+    assert all(len(rows) == DEMO_SUITE.test_size for rows in suite.test.values())
+    assert not {e["prompt"] for e in suite.test["rev"]} & {
+        e["prompt"] for e in suite.train_set("rev", 500, seed=1)}
+    for task in ("sort", "pii"):
+        with pytest.raises(ValueError, match="unknown task"):
+            TaskSuite.build(replace(DEMO_SUITE, tasks=(task,)))
+    source = Path(tasks.__file__).read_text()
+    assert "PHONE OF" not in source and "Ana" not in source and "SORT" not in source
+
+    ci = SUITE_PRESETS["ci"]
+    eff = EfficacySuite.build(ci)
+    plain = TaskSuite.build(replace(DEMO_SUITE, test_size=ci.test_size, seed=ci.seed))
+    assert isinstance(eff, TaskSuite) and set(eff.test) == {"inc", "rev", "up", "pii"}
+    assert {t: eff.test[t] for t in plain.test} == plain.test
+    assert eff.sample_train("pii", random.Random(0)) in eff.pii_members
