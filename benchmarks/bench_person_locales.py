@@ -4,7 +4,7 @@ Positives: English sentences around a full name of the locale (Faker's lists, an
 names from gender-guesser's independent list). Negatives: sentences of capitalised non-names
 (the locale's cities, companies, streets from Faker; products, organisations), and, held out
 from every list the masker uses, towns of the locale's country from GeoNames.
-Chinese names in Chinese text are measured by tests/test_masking_chinese_names.py.
+Chinese names in Chinese text are measured by tests/unit/masking/detection/test_chinese_names.py.
 
 ``python -m benchmarks.bench_person_locales --n 200``
 """

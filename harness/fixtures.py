@@ -12,7 +12,7 @@ import json
 import os
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from harness.cache import cache_key, cached_build
@@ -61,16 +61,6 @@ PRESETS: dict[str, FixturePreset] = {
         vocab_size=512,
         train_steps=400,
     ),
-    # the same shape with random weights: for tests that need a checkpoint, not a model
-    "tiny-random": FixturePreset(
-        name="tiny-random",
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-    ),
     "qwen2-0.5b-shape": FixturePreset(
         name="qwen2-0.5b-shape",
         hidden_size=896,
@@ -84,6 +74,10 @@ PRESETS: dict[str, FixturePreset] = {
         max_position_embeddings=4096,
     ),
 }
+
+
+# the tiny shape with random weights: for tests that need a checkpoint, not a model
+PRESETS["tiny-random"] = replace(PRESETS["tiny"], name="tiny-random", train_steps=0)
 
 
 # --- synthetic tasks: used to train the tiny fixture and as calibration data ---

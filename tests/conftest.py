@@ -42,13 +42,29 @@ def tier_of(path: Path) -> str:
     return rel.parts[0]
 
 
+# Pipelines that share cached models run in one worker, one after the other.
+SHARED_MODELS = {"test_efficacy": "efficacy", "test_relearn": "efficacy"}
+
+
+def xdist_group(tier: str, path: Path) -> str | None:
+    """The server tier is one group (its servers are shared); each pipeline module is one
+    (its models and servers are module-wide), the efficacy suites one together."""
+    if tier == "server":
+        return "server"
+    if tier == "pipelines":
+        return f"pipelines-{SHARED_MODELS.get(path.stem, path.stem)}"
+    return None
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        tier = tier_of(Path(str(item.fspath)))
+        path = Path(str(item.fspath))
+        tier = tier_of(path)
         item.add_marker(getattr(pytest.mark, tier))
-        if tier != "unit" and item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(tier))
+        group = xdist_group(tier, path)
+        if group and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: count only what runs
@@ -60,7 +76,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+    if hasattr(config, "workerinput"):
+        # Workers share the cores: one thread each. A second torch thread waits at every
+        # barrier for a core another process holds (training measured 4x slower).
+        os.environ["OMP_NUM_THREADS"] = "1"  # and every subprocess a test starts
+        import torch
+
+        torch.set_num_threads(1)
+    else:  # the controller (or a run without xdist)  # the controller (or a run without xdist)
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         ledger = LOG_DIR / f"servers-{os.getpid()}.jsonl"
         ledger.unlink(missing_ok=True)

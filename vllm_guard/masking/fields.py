@@ -8,7 +8,7 @@ Every string of a request body ends up in one of three places:
   the request;
 - refused outright: fields and shapes the masker cannot read (token-id prompts,
   ``prompt_embeds``, media parts, stored or templated context) and any field or part type
-  not listed here. ``tests/test_masking_fields.py`` compares these tables with vLLM's own
+  not listed here. ``tests/unit/masking/test_fields.py`` compares these tables with vLLM's own
   request models, so a vLLM upgrade that adds a field fails the tests until it is handled.
 """
 

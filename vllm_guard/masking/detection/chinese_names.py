@@ -4,7 +4,7 @@ and the US name lists do not hold these names.
 
 Without a cue a surname character is too often an ordinary word (高兴, 王国, 明天), so
 names with no cue on either side are not claimed: precision over recall, measured in
-``tests/test_masking_chinese_names.py``.
+``tests/unit/masking/detection/test_chinese_names.py``.
 """
 
 from __future__ import annotations
