@@ -95,10 +95,10 @@ def test_multi_turn_reuses_placeholders_in_a_server_issued_session(server, token
     seen = engine_prompt(tokenizer, echo(server, turn2, session=token, ids=True)[1])
     assert "again: <EMAIL_ADDRESS_2> and <EMAIL_ADDRESS_1>" in seen
     assert echo(server, turn2, session=token)[1]["choices"][0]["text"].startswith(turn2)
-    # a session id the server did not issue is a fresh session: numbering starts again
-    for forged in (token.split(".")[0], token[:-2] + "xx", "conv-1"):
-        seen = engine_prompt(tokenizer, echo(server, turn2, session=forged, ids=True)[1])
-        assert "again: <EMAIL_ADDRESS_1> and <EMAIL_ADDRESS_2>" in seen, forged
+    # another session id of the same principal is another session: numbering starts again
+    # (an anonymous caller's forged ids: tests/server/test_masking_strategies.py)
+    seen = engine_prompt(tokenizer, echo(server, turn2, session="conv-1", ids=True)[1])
+    assert "again: <EMAIL_ADDRESS_1> and <EMAIL_ADDRESS_2>" in seen
 
 
 def test_every_post_route_but_the_masked_ones_is_refused(server):

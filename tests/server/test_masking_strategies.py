@@ -79,3 +79,7 @@ def test_stand_ins_are_consistent_in_a_session_and_differ_across_sessions(server
     assert seen2.endswith(seen1) and "Müller" not in seen1 and "firma.de" not in seen1
     other = engine_prompt(tokenizer, echo(server, text, ids=True)[1])  # a fresh session
     assert other != seen1
+    # an anonymous caller's session id the server did not issue is a fresh session too
+    for forged in (token.split(".")[0], token[:-2] + "xx", "conv-1"):
+        seen = engine_prompt(tokenizer, echo(server, text, session=forged, ids=True)[1])
+        assert seen != seen1, forged
