@@ -77,12 +77,14 @@ def grants(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def masking_dir(tmp_path_factory, redis_server) -> Path:
-    """Masking configs: memory and Redis vaults, a sensitive-terms file, the strategies."""
+    """Masking configs: memory and Redis vaults (gazetteer and patterns, as the isolation tests
+    always ran; spaCy NER runs in masking_strategies), a sensitive-terms file, the strategies."""
     d = tmp_path_factory.mktemp("masking")
     (d / "terms.txt").write_text("凤凰计划\n", encoding="utf-8")
     for vault in ("memory", "redis"):
         (d / f"{vault}.json").write_text(json.dumps({
-            "vault": vault, "redis_url": redis_server.url, "terms_file": "terms.txt"}))
+            "ner": "off", "vault": vault, "redis_url": redis_server.url,
+            "terms_file": "terms.txt"}))
     (d / "strategies.json").write_text(json.dumps({
         "vault": "redis", "redis_url": redis_server.url, "strategies": STRATEGIES}))
     (d / "delay_ms").write_text("0")

@@ -21,7 +21,8 @@ def suite(tmp: Path, name: str, urls: dict[str, str], *extra: str) -> subprocess
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     attach = [f"--attach={cfg}={url}" for cfg, url in urls.items()]
     return subprocess.run([sys.executable, "-m", "benchmarks", "--configs", "masking",
-                           "--no-components", "--out", str(tmp / name), *attach,
+                           "--no-components", "--no-masking-share", "--out", str(tmp / name),
+                           *attach,
                            "--baseline", str(tmp / "baseline.json"), "--tolerance", "1.0",
                            "--check-metrics", "c1_ttft_p50_ms,c1_e2e_p50_ms",
                            *extra], cwd=ROOT, env=env, capture_output=True, text=True,
