@@ -168,10 +168,10 @@ class ServerPool:
     """Starts each spec once and keeps it until ``release`` says its last user is done (or,
     past ``max_running``, until it is the least recently used)."""
 
-    def __init__(self, log_dir: Path, max_running: int = 4) -> None:
+    def __init__(self, log_dir: Path, max_running: int = 6) -> None:
         self.log_dir = log_dir
-        # a bound on memory whatever the test order (each server holds ~2-3 GiB); in file
-        # order the last-user release keeps far fewer running
+        # a bound on memory whatever the test order (each server holds ~2 GiB); in file
+        # order the last-user release keeps at most 6 running, so none restarts
         self.max_running = max_running
         self._running: dict[ServerSpec, VllmServer] = {}  # least recently used first
 
