@@ -149,3 +149,18 @@ def test_untested_vllm_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     assert main(["serve", str(tmp_path), "--grants", str(grants)]) == 1
     err = capsys.readouterr().err.strip()
     assert "vLLM 0.11.0 is not a version" in err and "\n" not in err, err
+
+
+def test_keygen_never_overwrites_a_key_without_force(tmp_path, capsys):
+    """Running a README command twice must not destroy the only key to a checkpoint."""
+    for args, files in ((["--task", "add", "--out", str(tmp_path / "add.key")], ["add.key"]),
+                        (["--signing", "--out", str(tmp_path / "pub.pem")],
+                         ["pub.pem", "pub.pub"])):
+        assert in_process(capsys, "keygen", *args).returncode == 0
+        before = {f: (tmp_path / f).read_bytes() for f in files}
+        again = in_process(capsys, "keygen", *args)
+        assert again.returncode == 1 and "refusing to overwrite" in again.stderr
+        assert len(again.stderr.strip().splitlines()) == 1
+        assert {f: (tmp_path / f).read_bytes() for f in files} == before
+        assert in_process(capsys, "keygen", *args, "--force").returncode == 0
+        assert {f: (tmp_path / f).read_bytes() for f in files} != before
