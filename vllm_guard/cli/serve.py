@@ -60,6 +60,13 @@ def server_argv(vllm_args: Sequence[str]) -> list[str]:
         raise GuardError("no model given: vllm-guard serve MODEL_PATH [vLLM options...]")
     if looks_local(model) and not Path(model).expanduser().is_dir():
         raise GuardError(f"model path {model} does not exist or is not a directory")
+    if looks_local(model) and _flag_value(args, "--load-format") != "secneuron":
+        from vllm_guard.secneuron.manifest import MANIFEST_NAME
+
+        if (Path(model).expanduser() / MANIFEST_NAME).exists():
+            # vLLM's own loaders would compute on the ciphertext of every locked neuron
+            raise GuardError(f"{model} is a locked checkpoint ({MANIFEST_NAME}): serve it with "
+                             "--load-format secneuron")
     return [sys.executable, "-m", SERVER_MODULE, *args]
 
 

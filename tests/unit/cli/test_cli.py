@@ -164,3 +164,18 @@ def test_keygen_never_overwrites_a_key_without_force(tmp_path, capsys):
         assert {f: (tmp_path / f).read_bytes() for f in files} == before
         assert in_process(capsys, "keygen", *args, "--force").returncode == 0
         assert {f: (tmp_path / f).read_bytes() for f in files} != before
+
+
+def test_a_locked_checkpoint_without_its_loader_is_refused_in_one_line(tmp_path):
+    from vllm_guard.cli.serve import server_argv
+    from vllm_guard.errors import GuardError
+    from vllm_guard.secneuron.manifest import MANIFEST_NAME
+
+    (tmp_path / MANIFEST_NAME).write_text("{}")
+    for args in ([str(tmp_path)], ["--model", str(tmp_path), "--load-format", "auto"]):
+        with pytest.raises(GuardError, match="locked checkpoint .* --load-format secneuron"):
+            server_argv(args)
+    for form in (["--load-format", "secneuron"], ["--load-format=secneuron"]):
+        assert "--model" in server_argv([str(tmp_path), *form])
+    (tmp_path / MANIFEST_NAME).unlink()
+    assert "--model" in server_argv([str(tmp_path)])  # a plain checkpoint: vLLM's loaders
