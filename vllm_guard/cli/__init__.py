@@ -19,7 +19,10 @@ from vllm_guard.errors import GuardError
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser: the real parser of ``command`` (its module imported) and, for
     every other command, a stub that only carries its help line for ``vllm-guard --help``."""
+    from vllm_guard import __version__
+
     p = argparse.ArgumentParser(prog="vllm-guard", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"vllm-guard {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, entry in COMMANDS.items():
         if name == command:
@@ -30,7 +33,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def command_name(argv: Sequence[str]) -> str | None:
-    """The command ``argv`` runs: its first positional (the top level has no option but -h)."""
+    """The command ``argv`` runs: its first positional (the top level has no option that
+    takes a value: -h and --version only)."""
     return next((a for a in argv if not a.startswith("-")), None)
 
 

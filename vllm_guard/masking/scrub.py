@@ -171,7 +171,12 @@ def restore_file(src: Path, dst: Path, mapping: dict[str, str], fields: Iterable
                  progress: Callable[[int], None] = lambda n: None) -> ScrubReport:
     report = ScrubReport()
     fields, mapping = tuple(fields), StandInMap(mapping)  # the literal regex compiled once
-    _stream(src, dst, lambda line, n: restore_line(line, n, mapping, fields), progress, report)
+
+    def one(line: str, lineno: int) -> str:
+        report.lines += 1
+        return restore_line(line, lineno, mapping, fields)
+
+    _stream(src, dst, one, progress, report)
     return report
 
 

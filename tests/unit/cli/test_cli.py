@@ -179,3 +179,10 @@ def test_a_locked_checkpoint_without_its_loader_is_refused_in_one_line(tmp_path)
         assert "--model" in server_argv([str(tmp_path), *form])
     (tmp_path / MANIFEST_NAME).unlink()
     assert "--model" in server_argv([str(tmp_path)])  # a plain checkpoint: vLLM's loaders
+
+
+def test_version(capsys):
+    from vllm_guard import __version__
+
+    out = in_process(capsys, "--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"vllm-guard {__version__}"

@@ -88,6 +88,7 @@ def test_scrub_then_restore_is_exact_and_leaks_nothing(dataset, tmp_path):
                "--fields", "prompt,answer,messages", key=key)
     assert done.returncode == 0, done.stderr[-2000:]
     assert back.read_text(encoding="utf-8") == src.read_text(encoding="utf-8")
+    assert f"restored {len(rows)} lines" in done.stderr  # it said 0 before
 
     wrong = base64.b64encode(os.urandom(32)).decode()
     done = cli(str(out), str(tmp_path / "x.jsonl"), "--restore", "--keep-mapping",
