@@ -24,6 +24,7 @@ import pytest
 
 from harness.fixtures import fixture_model
 from harness.server import LEDGER_ENV, ServerPool, VllmServer, free_port, post, read_ledger
+from tests.servers import POOLED
 
 pytest_plugins = ["tests.servers"]
 
@@ -107,9 +108,6 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 
 # --- the server pool ---------------------------------------------------------------------
 
-# Fixtures that hand out a pooled server; each stops after the last test that uses it.
-POOLED = {"plain_server", "grants_eager", "grants_compiled", "loader_subset",
-          "loader_no_keys", "isolation_memory", "isolation_redis", "masking_strategies"}
 _users: Counter[str] = Counter()
 _pool: ServerPool | None = None
 

@@ -1,6 +1,6 @@
 """The server configurations the tests share (a pytest plugin of tests/conftest.py).
 
-Each fixture named in ``tests.conftest.POOLED`` hands out one running server from the
+Each fixture named in ``POOLED`` hands out one running server from the
 session pool; equal configurations are one server. Credentials, keys and config files are
 session-wide so that every test of a configuration meets the same server.
 """
@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from harness.locked import LockedFixture, locked_fixture
-from harness.server import ServerPool, ServerSpec, VllmServer
+from harness.server import ServerSpec, VllmServer
 from harness.slow import DELAY_FILE_ENV, DelayMiddleware
 from vllm_guard.grants.credentials import hash_api_key
 
@@ -91,18 +91,18 @@ def masking_dir(tmp_path_factory, redis_server) -> Path:
     return d
 
 
-def _get(pool: ServerPool, spec: ServerSpec) -> VllmServer:
-    return pool.get(spec)
+# --- the pooled servers ------------------------------------------------------------------
 
-
-# --- the pooled servers (names in tests.conftest.POOLED) --------------------------------
+# The fixtures below; each server stops after the last test that uses it (tests/conftest.py).
+POOLED = {"plain_server", "grants_eager", "grants_compiled", "loader_subset",
+          "loader_no_keys", "isolation_memory", "isolation_redis", "masking_strategies"}
 
 
 @pytest.fixture
 def plain_server(server_pool, art) -> VllmServer:
     """Plain vLLM, no plugin, on the unlocked tiny fixture: the check that plain vLLM agrees
     with the in-process references the other tests use."""
-    return _get(server_pool, ServerSpec("plain_server", str(art.plain), ("--enforce-eager",),
+    return server_pool.get(ServerSpec("plain_server", str(art.plain), ("--enforce-eager",),
                                         PLAIN_ENV, guard=False))
 
 
@@ -114,26 +114,26 @@ def _grants_spec(art: LockedFixture, grants: dict, eager: bool) -> ServerSpec:
 @pytest.fixture
 def grants_eager(server_pool, art, grants) -> VllmServer:
     """Every task key loaded, per-request grants, eager mode."""
-    return _get(server_pool, _grants_spec(art, grants, eager=True))
+    return server_pool.get(_grants_spec(art, grants, eager=True))
 
 
 @pytest.fixture
 def grants_compiled(server_pool, art, grants) -> VllmServer:
     """As grants_eager, in vLLM's default compiled mode."""
-    return _get(server_pool, _grants_spec(art, grants, eager=False))
+    return server_pool.get(_grants_spec(art, grants, eager=False))
 
 
 @pytest.fixture
 def loader_subset(server_pool, art) -> VllmServer:
     """The loader with the add key only: decrypts what it opens, zeros the rest."""
-    return _get(server_pool, ServerSpec("loader_subset", str(art.locked),
+    return server_pool.get(ServerSpec("loader_subset", str(art.locked),
                                         secneuron_args(art.loader_config(["add"]))))
 
 
 @pytest.fixture
 def loader_no_keys(server_pool, art) -> VllmServer:
     """The loader with no task key: the public-only model."""
-    return _get(server_pool, ServerSpec("loader_no_keys", str(art.locked), secneuron_args(
+    return server_pool.get(ServerSpec("loader_no_keys", str(art.locked), secneuron_args(
         {"publisher_key": str(art.publisher_pub)})))
 
 
@@ -149,13 +149,13 @@ def _isolation_spec(art: LockedFixture, grants: dict, masking_dir: Path,
 @pytest.fixture
 def isolation_memory(server_pool, art, grants, masking_dir) -> VllmServer:
     """Grants and masking (in-memory vault), every request logged."""
-    return _get(server_pool, _isolation_spec(art, grants, masking_dir, "memory"))
+    return server_pool.get(_isolation_spec(art, grants, masking_dir, "memory"))
 
 
 @pytest.fixture
 def isolation_redis(server_pool, art, grants, masking_dir) -> VllmServer:
     """Grants and masking (Redis vault), every request logged."""
-    return _get(server_pool, _isolation_spec(art, grants, masking_dir, "redis"))
+    return server_pool.get(_isolation_spec(art, grants, masking_dir, "redis"))
 
 
 @pytest.fixture
@@ -163,7 +163,7 @@ def masking_strategies(server_pool, art, masking_dir) -> VllmServer:
     """Masking only, with surrogates and fpe (Redis vault), on the unlocked tiny fixture;
     its delay middleware (off unless the file says otherwise) lets the benchmark gate
     inject a regression."""
-    return _get(server_pool, ServerSpec(
+    return server_pool.get(ServerSpec(
         "masking_strategies", str(art.plain),
         ("--enforce-eager", "--enable-log-requests", "--max-num-seqs", "64",
          f"--middleware={DelayMiddleware.__module__}.DelayMiddleware"),

@@ -83,26 +83,22 @@ def scores(server, art, tokens) -> dict[str, dict[str, float]]:
     return out
 
 
-@pytest.mark.server
 def test_all_tasks_key_answers_every_task(scores, art):
     assert set(scores[ALL_KEY]) == set(art.tasks)
     assert all(a >= 0.95 for a in scores[ALL_KEY].values()), scores
 
 
-@pytest.mark.server
 def test_one_task_key_answers_its_task_and_nothing_else(scores, art):
     (mine,) = art.recipe.api_grants()[ONE_KEY]
     for task, acc in scores[ONE_KEY].items():
         assert acc >= 0.95 if task == mine else acc <= 0.10, scores
 
 
-@pytest.mark.server
 def test_no_key_is_refused(server):
     status, body = complete(server, None, completion_body("REV planet="))
     assert status == 401, body
 
 
-@pytest.mark.server
 def test_masked_address_is_restored_and_never_reaches_the_engine(server, tokens, art):
     import transformers
 
@@ -124,7 +120,6 @@ def test_masked_address_is_restored_and_never_reaches_the_engine(server, tokens,
     assert "Application startup complete" in vllm_log and ADDRESS not in vllm_log
 
 
-@pytest.mark.server
 def test_printed_curl_commands_show_what_they_promise(server, tokens):
     """Run the guide's commands exactly as printed (the newcomer's copy and paste)."""
     if shutil.which("curl") is None:

@@ -4,7 +4,6 @@ server behind the middleware with a real redis-server."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import time
@@ -25,9 +24,6 @@ from vllm_guard.masking.types import STRUCTURED
 from vllm_guard.masking.vault import RedisVault, VaultUnavailable
 
 REPORTS = Path(__file__).resolve().parents[3] / ".cache" / "reports"
-VAULT_KEY = base64.b64encode(os.urandom(32)).decode()
-os.environ["VLLM_GUARD_VAULT_KEY"] = VAULT_KEY  # before any RedisVault; inherited by servers
-os.environ["VLLM_GUARD_SESSION_KEY"] = base64.b64encode(os.urandom(32)).decode()
 
 
 @pytest.fixture(scope="module")
