@@ -16,6 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # with the servers it attaches to, not in the pipelines worker
 pytestmark = pytest.mark.xdist_group("server")
 
+# A tiny model's TTFT is a few ms, and beside a training worker the masking/plain ratio moved
+# 4.4x between two runs of unchanged code (CI, 2026-12-06): allow +1000%. The injected 3 s
+# per request is several hundred times plain's TTFT, far beyond that.
+TOLERANCE = "10"
+DELAY_MS = "3000"
+
 
 def suite(tmp: Path, name: str, urls: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -23,7 +29,7 @@ def suite(tmp: Path, name: str, urls: dict[str, str], *extra: str) -> subprocess
     return subprocess.run([sys.executable, "-m", "benchmarks", "--configs", "masking",
                            "--no-components", "--no-masking-share", "--out", str(tmp / name),
                            *attach,
-                           "--baseline", str(tmp / "baseline.json"), "--tolerance", "1.0",
+                           "--baseline", str(tmp / "baseline.json"), "--tolerance", TOLERANCE,
                            "--check-metrics", "c1_ttft_p50_ms,c1_e2e_p50_ms",
                            *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -38,7 +44,7 @@ def test_check_fails_on_injected_sleep_and_passes_without(tmp_path, plain_server
     assert (tmp_path / "a" / "suite-tiny-quick.json").exists()
     ok = suite(tmp_path, "b", urls, "--check")
     assert ok.returncode == 0 and "check: passed" in ok.stdout, ok.stdout[-2000:]
-    delay.write_text("1500")
+    delay.write_text(DELAY_MS)
     try:
         slow = suite(tmp_path, "c", urls, "--check")
     finally:
