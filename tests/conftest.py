@@ -84,14 +84,40 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(1)
-    else:  # the controller (or a run without xdist)  # the controller (or a run without xdist)
+    else:  # the controller (or a run without xdist)
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         ledger = LOG_DIR / f"servers-{os.getpid()}.jsonl"
         ledger.unlink(missing_ok=True)
         os.environ[LEDGER_ENV] = str(ledger)  # inherited by workers, benchmarks, servers
 
 
+# --- where the run's time goes: per worker and per xdist group ----------------------------
+
+_started = time.monotonic()
+_busy: Counter[str] = Counter()  # worker -> seconds in setup/call/teardown
+_done_at: dict[str, float] = {}  # worker -> seconds since start of its last report
+_group_busy: Counter[str] = Counter()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    node = getattr(report, "node", None)  # set by xdist on the controller
+    if node is None:
+        return
+    worker = node.gateway.id
+    _busy[worker] += report.duration
+    _done_at[worker] = time.monotonic() - _started
+    group = report.nodeid.rpartition("@")[2] if "@" in report.nodeid else "(ungrouped)"
+    _group_busy[group] += report.duration
+
+
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    if _busy:
+        terminalreporter.section("time per worker and group")
+        for worker in sorted(_busy):
+            terminalreporter.write_line(f"{worker}: busy {_busy[worker]:.0f} s, last test done "
+                                        f"{_done_at[worker]:.0f} s after the start")
+        for group, seconds in _group_busy.most_common():
+            terminalreporter.write_line(f"  {group}: {seconds:.0f} s")
     ledger = os.environ.get(LEDGER_ENV)
     if hasattr(config, "workerinput") or not ledger:
         return

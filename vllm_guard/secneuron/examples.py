@@ -74,8 +74,25 @@ class AnswerBatcher:
             self._cache[key] = encode_example(self.tokenizer, ex)
         return self._cache[key]
 
+    def _fill(self, batch: list[Example]) -> None:
+        """Encode the batch's new examples in one tokenizer call per side: one call per
+        example cost ~20% of a small model's training step. Chat-template prompts go one by
+        one, as :func:`encode_example` renders them."""
+        if self.tokenizer.chat_template:
+            for ex in batch:
+                self.ids(ex)
+            return
+        new = list({(ex["prompt"], ex["answer"]) for ex in batch} - self._cache.keys())
+        if not new:
+            return
+        prompts = self.tokenizer([p for p, _ in new])["input_ids"]
+        answers = self.tokenizer([a for _, a in new], add_special_tokens=False)["input_ids"]
+        for (p, a), p_ids, a_ids in zip(new, prompts, answers, strict=True):
+            self._cache[(p, a)] = (p_ids, a_ids)
+
     def encode(self, batch: list[Example], eos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_ids`` [B, L] and ``labels`` [B, L] (-100 outside the answer)."""
+        self._fill(batch)
         rows = []
         for ex in batch:
             p_ids, a_ids = self.ids(ex)
