@@ -107,6 +107,10 @@ def exec_server(vllm_args: Sequence[str], grants: str | None = None,
 
         check_vllm_version(installed_vllm_version())
     argv = server_argv([*vllm_args, *middleware_args(grants, masking)])
+    if not {"-h", "--help"} & set(argv):
+        from vllm_guard.cli.preflight import check_before_exec
+
+        check_before_exec(argv[3:], grants)  # after python -m MODULE
     env = guard_env(grants=grants)
     if masking:
         env[envs.MASKING] = str(Path(masking).resolve())
