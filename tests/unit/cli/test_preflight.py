@@ -25,13 +25,14 @@ from vllm_guard.secneuron.keys import TaskKey, load_task_key, save_task_key
 LIMIT_S = 20.0
 
 
-def refused(*args: str, env: dict[str, str] | None = None) -> str:
+def refused(*args: str, env: dict[str, str] | None = None, inherit: bool = True) -> str:
     """Run ``vllm-guard ARGS``; assert a one-line refusal within LIMIT_S; return the line.
     A command still running at LIMIT_S (vLLM started) is killed with its process group."""
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "vllm_guard.cli", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+                            env={**(os.environ if inherit else {}), **(env or {})},
+                            start_new_session=True)
     try:
         _, err = proc.communicate(timeout=LIMIT_S)
     except subprocess.TimeoutExpired:
@@ -115,3 +116,15 @@ def test_busy_port_is_one_line(random_tiny):
         port = s.getsockname()[1]
         line = refused("serve", random_tiny, "--port", port)
     assert f"port 127.0.0.1:{port} is already in use" in line
+
+
+def test_every_missing_secret_is_named_at_once(random_tiny, tmp_path):
+    """Was one per run (vault key, then session key, then FPE key, ~13 s each)."""
+    masking = tmp_path / "masking.json"
+    masking.write_text(json.dumps({"vault": "redis", "strategies": {"CREDIT_CARD": "fpe"}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_GUARD_")}
+    env["VLLM_GUARD_SESSION_KEY"] = "not base64!"
+    line = refused("serve", random_tiny, "--masking", masking, "--port", free_port(), env=env,
+                   inherit=False)
+    for name in ("$VLLM_GUARD_VAULT_KEY", "$VLLM_GUARD_SESSION_KEY", "$VLLM_GUARD_FPE_KEY"):
+        assert name in line, line
