@@ -234,7 +234,8 @@ def decrypt_timings(preset: str = "qwen2-0.5b-shape", rounds: int = 5) -> dict:
     from vllm_guard.secneuron.keys import TaskKey
     from vllm_guard.secneuron.lock import lock_checkpoint
     from vllm_guard.secneuron.manifest import read_manifest
-    from vllm_guard.secneuron.open import decrypt_in_place, open_data_keys
+    from vllm_guard.secneuron.open import decrypt_in_place
+    from vllm_guard.secneuron.preflight import open_data_keys
 
     model = fixture_model(preset)
     keys = {t: TaskKey.generate(t) for t in TASKS}

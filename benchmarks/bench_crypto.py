@@ -17,18 +17,14 @@ from pathlib import Path
 
 from harness.fixtures import fixture_model
 from harness.measure import print_result, timed, write_result
-from vllm_guard.secneuron.checkpoint import (
-    checkpoint_files,
-    ffn_layout,
-    load_checkpoint,
-    save_checkpoint,
-)
+from vllm_guard.secneuron.checkpoint import ffn_layout, load_checkpoint, save_checkpoint
+from vllm_guard.secneuron.files import checkpoint_files, digest_files
 from vllm_guard.secneuron.keys import TaskKey
 from vllm_guard.secneuron.lock import lock_checkpoint
 from vllm_guard.secneuron.manifest import read_manifest
-from vllm_guard.secneuron.open import decrypt_in_place, open_data_keys
+from vllm_guard.secneuron.open import decrypt_in_place
+from vllm_guard.secneuron.preflight import open_data_keys
 from vllm_guard.secneuron.selection import Selection
-from vllm_guard.secneuron.verify import digest_files
 
 TASKS = ["a", "b", "c"]
 

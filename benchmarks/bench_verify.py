@@ -28,10 +28,11 @@ from harness.fixtures import fixture_model
 from harness.measure import print_result, timed, write_result
 from vllm_guard.secneuron.checkpoint import load_checkpoint
 from vllm_guard.secneuron.crypto import read_hashed
+from vllm_guard.secneuron.files import digest_files
 from vllm_guard.secneuron.keys import TaskKey, generate_signing_key, load_signing_key, save_task_key
 from vllm_guard.secneuron.lock import lock_checkpoint
-from vllm_guard.secneuron.open import OpenReport, open_data_keys
-from vllm_guard.secneuron.verify import digest_files
+from vllm_guard.secneuron.open import OpenReport
+from vllm_guard.secneuron.preflight import open_data_keys
 
 MB = 1 << 20
 
@@ -65,7 +66,8 @@ def resharded(model: Path, shards: int, out: Path) -> Path:
 
 def stream_seconds(locked: Path, key_dir: Path, verify: bool, repeats: int) -> float:
     from vllm_guard.secneuron.keys import load_task_keys
-    from vllm_guard.secneuron.weights import SecNeuronLoadConfig, open_checkpoint, stream_weights
+    from vllm_guard.secneuron.preflight import SecNeuronLoadConfig, open_checkpoint
+    from vllm_guard.secneuron.weights import stream_weights
 
     cfg = SecNeuronLoadConfig.from_extra({"key_dir": str(key_dir),
                                           "publisher_key": str(key_dir / "publisher.pub"),

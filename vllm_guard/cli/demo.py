@@ -15,7 +15,7 @@ from vllm_guard.cli.commands import add_parser
 def register(sub: argparse._SubParsersAction) -> None:
     s = add_parser(sub, "demo",
                    description="Build (or reuse) the demo model and serve it on 127.0.0.1.")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default 8000)")
     s.add_argument("--no-serve", action="store_true",
                    help="build (or reuse) the demo and print the API keys and curl commands, "
                    "without starting the server")

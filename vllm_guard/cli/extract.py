@@ -11,12 +11,18 @@ from vllm_guard.cli.common import parse_pairs
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = add_parser(sub, "extract")
-    s.add_argument("--model", required=True)
-    s.add_argument("--task", action="append", required=True, metavar="NAME=CALIB.jsonl")
-    s.add_argument("--fraction", type=float, default=0.05)
-    s.add_argument("--lambda", dest="lam", type=float, default=0.8)
-    s.add_argument("--max-examples", type=int, default=256)
-    s.add_argument("--out", default="selection.json")
+    s.add_argument("--model", required=True, help="plaintext model directory (safetensors)")
+    s.add_argument("--task", action="append", required=True, metavar="NAME=CALIB.jsonl",
+                   help="a task's calibration prompts/answers, JSONL (repeatable, one per task)")
+    s.add_argument("--fraction", type=float, default=0.05,
+                   help="share of each layer's FFN neurons given to each task (default 0.05)")
+    s.add_argument("--lambda", dest="lam", type=float, default=0.8,
+                   help="specificity: importance minus LAMBDA x the other tasks' highest "
+                   "(default 0.8)")
+    s.add_argument("--max-examples", type=int, default=256,
+                   help="calibration examples read per task (default 256)")
+    s.add_argument("--out", default="selection.json",
+                   help="selection file to write (default selection.json)")
     s.set_defaults(func=run)
 
 

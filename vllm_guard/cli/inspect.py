@@ -11,9 +11,10 @@ from vllm_guard.cli.common import publisher
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = add_parser(sub, "inspect")
-    s.add_argument("--model", required=True)
-    s.add_argument("--publisher-key")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--model", required=True, help="checkpoint directory (locked or not)")
+    s.add_argument("--publisher-key", help="publisher public key (.pub) to check the "
+                   "signature against")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.set_defaults(func=run)
 
 

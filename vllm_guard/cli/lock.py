@@ -11,13 +11,18 @@ from vllm_guard.errors import GuardError
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = add_parser(sub, "lock")
-    s.add_argument("--model", required=True)
-    s.add_argument("--selection", required=True)
-    s.add_argument("--key", action="append", required=True, metavar="TASK=KEYFILE")
-    s.add_argument("--signing-key")
-    s.add_argument("--unsigned", action="store_true")
-    s.add_argument("--chunk-kib", type=int, default=1024)
-    s.add_argument("--out", required=True)
+    s.add_argument("--model", required=True, help="plaintext model directory (safetensors)")
+    s.add_argument("--selection", required=True,
+                   help="neuron selection from extract (or train-locks' lock_selection.json)")
+    s.add_argument("--key", action="append", required=True, metavar="TASK=KEYFILE",
+                   help="each selected task's key from keygen (repeatable)")
+    s.add_argument("--signing-key", help="publisher Ed25519 key (keygen --signing): signs "
+                   "the manifest")
+    s.add_argument("--unsigned", action="store_true",
+                   help="write an unsigned manifest (servers then need allow_unsigned)")
+    s.add_argument("--chunk-kib", type=int, default=1024,
+                   help="AES-GCM chunk size in KiB (default 1024)")
+    s.add_argument("--out", required=True, help="locked checkpoint directory to write")
     s.set_defaults(func=run)
 
 

@@ -11,7 +11,8 @@ from vllm_guard.errors import GuardError
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = add_parser(sub, "rotate")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", required=True,
+                   help="locked checkpoint directory (replaced atomically)")
     s.add_argument("--revoke", metavar="TASK", help="revoke TASK's current key: fresh data "
                    "keys, its groups re-encrypted in place, re-signed")
     s.add_argument("--task", help="re-wrap TASK's data keys from --old to --new")

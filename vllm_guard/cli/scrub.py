@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = add_parser(sub, "scrub")
     s.add_argument("input", type=Path, help="JSONL file, one object per line")
-    s.add_argument("output", type=Path)
+    s.add_argument("output", type=Path, help="JSONL file to write (refused if it exists, "
+                   "unless --force)")
     s.add_argument("--fields", default=",".join(DEFAULT_FIELDS),
                    help="comma-separated text fields to scrub (a list of chat messages "
                         "scrubs each 'content'); other fields are copied untouched")
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="put the kept values back into a scrubbed file (or model outputs)")
     s.add_argument("--report", type=Path, metavar="FILE", help="counts per entity, as JSON")
     s.add_argument("--force", action="store_true", help="overwrite the output files")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     s.set_defaults(func=run)
 
 

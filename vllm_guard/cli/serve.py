@@ -107,6 +107,10 @@ def exec_server(vllm_args: Sequence[str], grants: str | None = None,
 
         check_vllm_version(installed_vllm_version())
     argv = server_argv([*vllm_args, *middleware_args(grants, masking)])
+    if not {"-h", "--help"} & set(argv):
+        from vllm_guard.cli.preflight import check_before_exec
+
+        check_before_exec(argv[3:], grants)  # after python -m MODULE
     env = guard_env(grants=grants)
     if masking:
         env[envs.MASKING] = str(Path(masking).resolve())
@@ -115,13 +119,22 @@ def exec_server(vllm_args: Sequence[str], grants: str | None = None,
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = add_parser(sub, "serve", add_help=False)  # --help goes to vLLM
-    s.add_argument("--grants", help="grants file: turns on per-request task grants")
-    s.add_argument("--masking", help="masking config: turns on placeholder masking (a path, "
-                   "or a packaged example: masking.json, masking.fast.json, masking.redis.json)")
-    s.set_defaults(func=run, forwards_unknown=True)
+    # --help also goes to vLLM: ours are printed first (run)
+    s = add_parser(sub, "serve", add_help=False, usage="vllm-guard serve MODEL [--grants FILE] "
+                   "[--masking FILE] [vLLM options...]",
+                   description="vllm-guard's options; every other option goes to vLLM's "
+                   "OpenAI server unchanged (vLLM's help follows).")
+    s.add_argument("--grants", metavar="FILE",
+                   help="grants file: turns on per-request task grants")
+    s.add_argument("--masking", metavar="FILE",
+                   help="masking config: turns on placeholder masking (a path, or a packaged "
+                   "example: masking.json, masking.fast.json, masking.redis.json)")
+    s.set_defaults(func=run, forwards_unknown=True, our_help=s.format_help)
 
 
 def run(args: argparse.Namespace) -> int:
+    if {"-h", "--help"} & set(args.vllm_args):
+        print(args.our_help())
+        print("vLLM's options:\n")
     exec_server(args.vllm_args, args.grants, args.masking)
     return 0

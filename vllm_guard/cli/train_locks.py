@@ -11,15 +11,15 @@ from vllm_guard.errors import GuardError
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = add_parser(sub, "train-locks")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", required=True, help="plaintext model directory to fine-tune")
     s.add_argument("--task", action="append", required=True, metavar="NAME=TRAIN.jsonl",
                    help="prompt/answer JSONL per task (as for extract)")
     s.add_argument("--selection", help="neuron assignment from extract")
     s.add_argument("--block", type=int, help="or: reserve N neurons per task per layer")
     # defaults: TrainLocksConfig's (not imported here: it pulls in torch)
-    s.add_argument("--steps", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--lr", type=float)
+    s.add_argument("--steps", type=int, help="training steps (default 1600)")
+    s.add_argument("--batch-size", type=int, help="examples per step (default 64)")
+    s.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     s.add_argument("--grant-prob", type=float, help="chance each task is in a sampled grant")
     s.add_argument("--collapse-weight", type=float, help="weight of the collapse objective")
     s.add_argument("--collapse-task", action="append", default=[], metavar="NAME=FILE.jsonl",
@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="learn TASK only in its own neurons, after the rest, so the model with "
                    "TASK locked never depends on its data (use a model not trained on it)")
     s.add_argument("--sealed-block", type=int, help="with --block: neurons per sealed task")
-    s.add_argument("--seal-steps", type=int)
-    s.add_argument("--seal-lr", type=float)
+    s.add_argument("--seal-steps", type=int, help="steps of the sealing phase (default 1500)")
+    s.add_argument("--seal-lr", type=float, help="its learning rate (default 3e-3)")
     s.add_argument("--trap", action="store_true",
                    help="collapse trap: a simulated fine-tuning attack on a locked task must "
                    "wreck the open tasks, simulated benign tuning must not (costs ~3x)")
@@ -46,8 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--trap-lora-share", type=float,
                    help="share of simulated attacks made through LoRA adapters (default 0.5)")
     s.add_argument("--trap-lora-rank", type=int, help="rank of those adapters (default 8)")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, help="random seed (default 0)")
+    s.add_argument("--out", required=True,
+                   help="output model directory (with lock_selection.json for lock)")
     s.set_defaults(func=run)
 
 

@@ -10,13 +10,16 @@ from vllm_guard.cli.common import load_keys, publisher
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = add_parser(sub, "unlock")
-    s.add_argument("--model", required=True)
-    s.add_argument("--key", action="append", default=[], metavar="KEYFILE")
-    s.add_argument("--publisher-key")
-    s.add_argument("--allow-unsigned", action="store_true")
+    s.add_argument("--model", required=True, help="locked checkpoint directory")
+    s.add_argument("--key", action="append", default=[], metavar="KEYFILE",
+                   help="task key to open (repeatable; the others' neurons are zeroed)")
+    s.add_argument("--publisher-key", help="publisher public key (.pub): the manifest must "
+                   "be signed by it")
+    s.add_argument("--allow-unsigned", action="store_true",
+                   help="accept a manifest without a signature")
     s.add_argument("--min-version", type=int, default=0,
                    help="refuse a checkpoint whose signed version is lower (rollback)")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="plaintext checkpoint directory to write")
     s.set_defaults(func=run)
 
 

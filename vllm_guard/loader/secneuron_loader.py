@@ -22,11 +22,10 @@ from vllm_guard.errors import GuardError, ManifestError
 from vllm_guard.log import get_logger
 from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
 from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
-from vllm_guard.secneuron.keys import load_task_keys
-from vllm_guard.secneuron.manifest import Manifest
 from vllm_guard.secneuron.neuron_bits import neuron_bits
-from vllm_guard.secneuron.open import OpenReport, layer_counts, open_data_keys
-from vllm_guard.secneuron.weights import SecNeuronLoadConfig, open_checkpoint, stream_weights
+from vllm_guard.secneuron.open import OpenReport, layer_counts
+from vllm_guard.secneuron.preflight import SecNeuronLoadConfig, open_for_serving
+from vllm_guard.secneuron.weights import stream_weights
 
 logger = get_logger(__name__)
 
@@ -122,9 +121,6 @@ class SecNeuronModelLoader(BaseModelLoader):
                                 f"got {model_config.model}")
         return root
 
-    def _manifest(self, root: Path) -> Manifest:
-        return open_checkpoint(root, self.config)
-
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         start = time.perf_counter()
         try:
@@ -143,9 +139,10 @@ class SecNeuronModelLoader(BaseModelLoader):
 
     def _load(self, model: nn.Module, model_config: ModelConfig):
         root = self._model_dir(model_config)
-        manifest = self._manifest(root)
-        keys = load_task_keys(list(self.config.keys))
-        data_keys = open_data_keys(manifest, keys)
+        # the checks `vllm-guard serve` ran before exec'ing vLLM, again: the files may have
+        # changed since, and vLLM's own entry points start this loader without serve
+        opened = open_for_serving(root, self.config)
+        manifest, keys, data_keys = opened.manifest, opened.keys, opened.data_keys
         if not keys:
             logger.warning("vllm-guard: no task keys given: serving the PUBLIC-ONLY model, every "
                            "locked task (%s) is zeroed", ", ".join(sorted(manifest.tasks)))

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from vllm_guard.errors import ManifestError
-from vllm_guard.secneuron.manifest import MANIFEST_NAME, MANIFEST_TMP, LayerInfo
+from vllm_guard.secneuron.manifest import MANIFEST_NAME, LayerInfo
 
 
 def private_buffer(size: int) -> np.ndarray:
@@ -286,25 +286,6 @@ def save_checkpoint(ckpt: Checkpoint, out_dir: Path) -> None:
         by_file.setdefault(ckpt.files[name], {})[name] = t
     for fname, tensors in by_file.items():
         save_file(tensors, str(out_dir / fname), metadata=ckpt.metadata.get(fname) or None)
-
-
-def checkpoint_files(root: str | os.PathLike[str]) -> list[str]:
-    """Every file under ``root`` (relative POSIX paths, sorted) except the manifest.
-
-    These are what the manifest signs: anything vLLM or transformers might read. A symbolic
-    link to a directory is listed as itself, so it can never match a signed file.
-    """
-    root = Path(root)
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        links = [d for d in dirnames if (here / d).is_symlink()]
-        dirnames[:] = sorted(d for d in dirnames if d not in links)
-        for name in [*filenames, *links]:
-            rel = (here / name).relative_to(root).as_posix()
-            if rel not in (MANIFEST_NAME, MANIFEST_TMP):
-                out.append(rel)
-    return sorted(out)
 
 
 def copy_side_files(src: Path, dst: Path, skip_manifest: bool) -> None:

@@ -16,12 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from vllm_guard.secneuron.manifest import LayerInfo
+from vllm_guard.secneuron.preflight import DetectorConfig
 
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    abs_threshold: float = 64.0
-    min_segments: int = 4  # of 6
+DEFAULT_DETECTOR = DetectorConfig()
 
 
 @dataclass
@@ -51,7 +48,7 @@ def _segment_max(t: torch.Tensor, axis: int) -> torch.Tensor:
 
 def scan_layer(
     layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-    config: DetectorConfig = DetectorConfig(),
+    config: DetectorConfig = DEFAULT_DETECTOR,
 ) -> LayerVerdict:
     maxima = torch.cat([_segment_max(gate, 0), _segment_max(up, 0), _segment_max(down, 1)])
     suspicious = ~(maxima <= config.abs_threshold)  # also True for NaN
@@ -61,7 +58,7 @@ def scan_layer(
 
 def scan_tensors(
     tensors: dict[str, torch.Tensor], layers: dict[int, LayerInfo],
-    config: DetectorConfig = DetectorConfig(),
+    config: DetectorConfig = DEFAULT_DETECTOR,
 ) -> list[LayerVerdict]:
     return [scan_layer(i, tensors[info.gate], tensors[info.up], tensors[info.down], config)
             for i, info in sorted(layers.items())]

@@ -17,7 +17,6 @@ from vllm_guard.atomic import atomic_output_dir
 from vllm_guard.errors import KeyFileError, ManifestError
 from vllm_guard.secneuron.checkpoint import (
     GroupSlab,
-    checkpoint_files,
     copy_side_files,
     dtype_name,
     ffn_layout,
@@ -31,6 +30,7 @@ from vllm_guard.secneuron.crypto import (
     new_data_key,
     wrap_data_key,
 )
+from vllm_guard.secneuron.files import checkpoint_files, digest_files
 from vllm_guard.secneuron.keys import TaskKey
 from vllm_guard.secneuron.manifest import (
     Manifest,
@@ -41,7 +41,6 @@ from vllm_guard.secneuron.manifest import (
     write_manifest,
 )
 from vllm_guard.secneuron.selection import Selection, policy_tree
-from vllm_guard.secneuron.verify import digest_files
 
 
 def lock_checkpoint(

@@ -12,56 +12,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from cryptography.exceptions import InvalidTag
 
-from vllm_guard.errors import DecryptionError, KeyFileError, ManifestError
+from vllm_guard.errors import ManifestError
 from vllm_guard.secneuron.checkpoint import GroupSlab, dtype_name
-from vllm_guard.secneuron.crypto import decrypt_chunks_in_place, unwrap_data_key
-from vllm_guard.secneuron.keys import TaskKey
-from vllm_guard.secneuron.manifest import Group, Manifest, Slice, index_digest, wrap_binding
+from vllm_guard.secneuron.crypto import decrypt_chunks_in_place
+from vllm_guard.secneuron.manifest import Group, Manifest, Slice, index_digest
 from vllm_guard.secneuron.threads import loader_pool
-
-
-def check_keys(manifest: Manifest, keys: dict[str, TaskKey]) -> None:
-    """Every key must be for a task of this checkpoint, with the key id the manifest expects."""
-    for task, key in keys.items():
-        if task not in manifest.tasks:
-            raise KeyFileError(f"key for unknown task {task!r}: checkpoint "
-                               f"{manifest.checkpoint_id[:8]} has tasks {sorted(manifest.tasks)}")
-        gone = manifest.revoked.get(key.key_id)
-        if gone is not None:
-            raise KeyFileError(f"key for task {task!r} (key id {key.key_id}) was revoked at "
-                               f"checkpoint version {gone['version']}")
-        expected = manifest.key_ids.get(task)
-        if expected is None:
-            raise KeyFileError(f"task {task!r} has no key in checkpoint "
-                               f"{manifest.checkpoint_id[:8]}: its access was revoked")
-        if key.key_id != expected:
-            raise KeyFileError(
-                f"key for task {task!r} has key id {key.key_id}, checkpoint "
-                f"{manifest.checkpoint_id[:8]} expects {expected} (wrong key, rotated key, or a "
-                "key for a different checkpoint)")
-
-
-def open_data_keys(manifest: Manifest, keys: dict[str, TaskKey]) -> dict[str, bytes]:
-    """Unwrap the data key of every group whose OR policy names a task we hold a key for."""
-    check_keys(manifest, keys)
-    opened: dict[str, bytes] = {}
-    for group in manifest.groups:
-        holder = next((t for t in group.policy if t in keys), None)
-        if holder is None:
-            continue
-        wrapped = manifest.wraps.get(group.id, {}).get(holder)
-        if wrapped is None:
-            raise ManifestError(f"group {group.id} has no wrapped data key for task {holder!r}")
-        key = keys[holder]
-        try:
-            binding = wrap_binding(manifest.checkpoint_id, group.id, holder, key.key_id)
-            opened[group.id] = unwrap_data_key(key.key, wrapped, binding)
-        except (InvalidTag, ValueError):
-            raise DecryptionError(f"task key {holder!r} (key id {key.key_id}) does not open "
-                                  f"group {group.id}: wrong key or tampered keyring") from None
-    return opened
 
 
 @dataclass

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from vllm_guard.atomic import atomic_replace_dir
 from vllm_guard.errors import DecryptionError, KeyFileError, SignatureError
-from vllm_guard.secneuron.checkpoint import Checkpoint, GroupSlab, checkpoint_files
+from vllm_guard.secneuron.checkpoint import Checkpoint, GroupSlab
 from vllm_guard.secneuron.crypto import (
     DEFAULT_CHUNK_BYTES,
     check_chunks_cover,
@@ -27,6 +27,7 @@ from vllm_guard.secneuron.crypto import (
     unwrap_data_key,
     wrap_data_key,
 )
+from vllm_guard.secneuron.files import check_digest, check_file_set, checkpoint_files, digest_files
 from vllm_guard.secneuron.keys import TaskKey
 from vllm_guard.secneuron.manifest import (
     Group,
@@ -37,13 +38,9 @@ from vllm_guard.secneuron.manifest import (
     wrap_binding,
     write_manifest,
 )
-from vllm_guard.secneuron.open import check_keys, check_slice, open_data_keys
-from vllm_guard.secneuron.verify import (
-    check_digest,
-    check_file_set,
-    digest_files,
-    load_verified_checkpoint,
-)
+from vllm_guard.secneuron.open import check_slice
+from vllm_guard.secneuron.preflight import check_keys, open_data_keys
+from vllm_guard.secneuron.verify import load_verified_checkpoint
 
 
 def _check_resignable(manifest: Manifest, signing_key: Ed25519PrivateKey | None,

@@ -8,15 +8,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from vllm_guard.atomic import atomic_output_dir
 from vllm_guard.secneuron.checkpoint import save_checkpoint
+from vllm_guard.secneuron.files import check_file_set, check_version
 from vllm_guard.secneuron.keys import TaskKey
 from vllm_guard.secneuron.manifest import Manifest, read_locked_manifest
-from vllm_guard.secneuron.open import OpenReport, decrypt_in_place, open_data_keys
-from vllm_guard.secneuron.verify import (
-    check_file_set,
-    check_version,
-    load_verified_checkpoint,
-    read_side_files,
-)
+from vllm_guard.secneuron.open import OpenReport, decrypt_in_place
+from vllm_guard.secneuron.preflight import open_data_keys
+from vllm_guard.secneuron.verify import load_verified_checkpoint, read_side_files
 
 
 def verify_for_offline_use(manifest: Manifest, publisher: Ed25519PublicKey | None,

@@ -14,7 +14,6 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,136 +23,25 @@ from vllm_guard.errors import ManifestError
 from vllm_guard.secneuron.checkpoint import (
     Checkpoint,
     TensorEntry,
-    checkpoint_files,
     private_buffer,
     safetensors_layout,
 )
-from vllm_guard.secneuron.crypto import (
-    DIGEST_BLOCK_BYTES,
-    digest_equal,
-    hash_blocks,
-    hash_file,
-    read_block,
-    read_hashed,
+from vllm_guard.secneuron.crypto import digest_equal, read_block, read_hashed
+from vllm_guard.secneuron.files import (
+    FileCheck,
+    IntegrityError,
+    _workers,
+    check_digest,
+    checkpoint_files,
+    digest_files,
+    side_files,
+    weight_files,
 )
 from vllm_guard.secneuron.manifest import FileDigest, Manifest
 from vllm_guard.secneuron.threads import loader_pool
 
-WEIGHT_SUFFIX = ".safetensors"
 # Shards read ahead of the consumer are held in memory: bound their bytes (one file at least).
 DEFAULT_INFLIGHT_BYTES = 8 << 30
-
-
-class IntegrityError(ManifestError):
-    """A file of the checkpoint is missing, extra, or differs from its signed hash."""
-
-
-class RollbackError(ManifestError):
-    """The checkpoint's signed version is below the configured ``min_version``."""
-
-
-@dataclass(frozen=True)
-class FileCheck:
-    """One row of :func:`file_report` (``vllm-guard inspect``)."""
-
-    name: str
-    signed: FileDigest | None
-    actual: FileDigest | None
-
-    @property
-    def status(self) -> str:
-        if self.signed is None:
-            return "not signed"
-        if self.actual is None:
-            return "missing"
-        same = self.actual.size == self.signed.size and digest_equal(self.actual.sha256,
-                                                                     self.signed.sha256)
-        return "ok" if same else "MISMATCH"
-
-
-def is_weight_file(name: str) -> bool:
-    """Top-level ``*.safetensors``: what the loader streams (everything else is a side file)."""
-    return name.endswith(WEIGHT_SUFFIX) and "/" not in name
-
-
-def weight_files(manifest: Manifest) -> list[str]:
-    return sorted(n for n in manifest.files if is_weight_file(n))
-
-
-def side_files(manifest: Manifest) -> list[str]:
-    return sorted(n for n in manifest.files if not is_weight_file(n))
-
-
-def _workers(n_items: int, workers: int | None) -> int:
-    return max(1, min(n_items, workers or min(os.cpu_count() or 1, 8)))
-
-
-def check_version(manifest: Manifest, min_version: int) -> None:
-    if manifest.version < min_version:
-        raise RollbackError(f"checkpoint version {manifest.version} is older than min_version "
-                            f"{min_version}: refusing a rolled-back checkpoint")
-
-
-def check_digest(name: str, expected: FileDigest, sha256: str, size: int) -> None:
-    """Raise IntegrityError (one line, naming the file) unless size and hash match."""
-    if size != expected.size or not digest_equal(sha256, expected.sha256):
-        raise IntegrityError(
-            f"file {name} does not match its signed SHA-256 (size {size}, signed "
-            f"{expected.size}; sha256 {sha256[:16]}..., signed {expected.sha256[:16]}...): "
-            "modified after signing")
-
-
-def check_file_set(root: str | os.PathLike[str], manifest: Manifest) -> None:
-    """Exactly the signed files: none missing, none added (vLLM reads files we can't name)."""
-    present, signed = set(checkpoint_files(root)), set(manifest.files)
-    missing, extra = sorted(signed - present), sorted(present - signed)
-    if missing:
-        raise IntegrityError(f"file {missing[0]} is signed in the manifest but missing from "
-                             f"{root}")
-    if extra:
-        raise IntegrityError(f"file {extra[0]} in {root} is not covered by the signed manifest "
-                             "(added after signing)")
-
-
-def check_sizes(root: str | os.PathLike[str], manifest: Manifest, names: Iterable[str]) -> None:
-    """The cheap part of a hash check (a stat), for files whose hashing is turned off."""
-    for name in names:
-        size = (Path(root) / name).stat().st_size
-        if size != manifest.files[name].size:
-            raise IntegrityError(f"file {name} is {size} bytes, the signed manifest says "
-                                 f"{manifest.files[name].size}: modified after signing")
-
-
-def digest_files(root: str | os.PathLike[str], names: Iterable[str],
-                 workers: int | None = None,
-                 block_bytes: int = DIGEST_BLOCK_BYTES) -> dict[str, FileDigest]:
-    """Whole-file SHA-256, size and per-block SHA-256 of each file. The whole-file hashes
-    run one per thread; block hashes fill the other threads (runs of 4 blocks)."""
-    names = list(names)
-    sizes = {n: (Path(root) / n).stat().st_size for n in names}
-    run = 4
-    with loader_pool(_workers(2 * len(names), workers)) as pool:
-        whole = {n: pool.submit(hash_file, Path(root) / n) for n in names}
-        parts = {n: [pool.submit(hash_blocks, Path(root) / n, block_bytes, i,
-                                 min(run, -(-sizes[n] // block_bytes) - i))
-                     for i in range(0, -(-sizes[n] // block_bytes), run)] for n in names}
-        out = {}
-        for n in names:
-            sha, size = whole[n].result()
-            blocks = tuple(b for f in parts[n] for b in f.result())
-            if size != sizes[n] or len(blocks) != -(-size // block_bytes):
-                raise IntegrityError(f"file {n} changed size while it was being hashed")
-            out[n] = FileDigest(sha, size, block_bytes, blocks)
-        return out
-
-
-def verify_files(root: str | os.PathLike[str], manifest: Manifest, names: Iterable[str],
-                 workers: int | None = None) -> int:
-    """Hash the named files and check each against the manifest; returns the bytes checked."""
-    got = digest_files(root, names, workers)
-    for name, d in got.items():
-        check_digest(name, manifest.files[name], d.sha256, d.size)
-    return sum(d.size for d in got.values())
 
 
 def read_verified(root: str | os.PathLike[str], name: str, expected: FileDigest) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Reading a locked checkpoint for serving: checks first, then decrypted weights as a stream.
+"""Reading a locked checkpoint for serving: checks first (:mod:`.preflight`), then decrypted
+weights as a stream.
 
 checkpoint -> verify manifest signature and version (``min_version``) -> exactly the signed
 files present, config/tokenizer/template files hash-checked -> unwrap data keys of the groups
@@ -18,100 +19,20 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from vllm_guard import envs
-from vllm_guard.config import from_dict
 from vllm_guard.errors import EncryptedWeightsError, ManifestError
 from vllm_guard.secneuron.checkpoint import private_buffer, safetensors_files, slice_tensors
-from vllm_guard.secneuron.detector import DetectorConfig, scan_layer
-from vllm_guard.secneuron.keys import load_public_key
-from vllm_guard.secneuron.manifest import Manifest, read_manifest
+from vllm_guard.secneuron.detector import scan_layer
+from vllm_guard.secneuron.files import weight_files
+from vllm_guard.secneuron.manifest import Manifest
 from vllm_guard.secneuron.open import OpenReport, decrypt_in_place
+from vllm_guard.secneuron.preflight import SecNeuronLoadConfig
 from vllm_guard.secneuron.threads import loader_pool
-from vllm_guard.secneuron.verify import (
-    check_file_set,
-    check_sizes,
-    check_version,
-    iter_verified_tensors,
-    side_files,
-    verify_files,
-    weight_files,
-)
-
-
-@dataclass(frozen=True)
-class LoaderExtraConfig:
-    """``--model-loader-extra-config`` as JSON; strict (unknown keys, wrong types refused)."""
-
-    keys: str | tuple[str, ...] = ()  # key files or directories; one path or a list
-    key_dir: str | None = None
-    publisher_key: str | None = None
-    allow_unsigned: bool = False  # a real JSON boolean: the string "false" is refused
-    workers: int | None = None
-    verify_weights: bool = True  # hash every weight byte against the signed manifest
-    min_version: int = 0  # refuse a signed checkpoint older than this (rollback)
-
-    def __post_init__(self) -> None:
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"'workers' must be at least 1, not {self.workers}")
-        paths = [self.keys] if isinstance(self.keys, str) else list(self.keys)
-        if "" in paths or self.key_dir == "" or self.publisher_key == "":
-            raise ValueError("'keys', 'key_dir' and 'publisher_key' must not be empty strings")
-
-
-@dataclass(frozen=True)
-class SecNeuronLoadConfig:
-    """Our part of ``--model-loader-extra-config``."""
-
-    keys: tuple[str, ...] = ()
-    publisher_key: str | None = None
-    allow_unsigned: bool = False
-    workers: int | None = None
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-    verify_weights: bool = True
-    min_version: int = 0
-
-    WHERE = "secneuron loader option (--model-loader-extra-config)"
-
-    @classmethod
-    def from_extra(cls, extra: dict, env: dict[str, str] | None = None) -> SecNeuronLoadConfig:
-        """Strict; a bad option is a one-line ``ConfigError`` (a GuardError) naming the key.
-        Without ``keys``/``key_dir`` the keys come from ``$VLLM_GUARD_KEYS``, without
-        ``publisher_key`` from ``$VLLM_GUARD_PUBLISHER_KEY``."""
-        env = os.environ if env is None else env
-        x = from_dict(LoaderExtraConfig, extra, cls.WHERE)
-        keys = [x.keys] if isinstance(x.keys, str) else list(x.keys)
-        if x.key_dir:
-            keys.append(x.key_dir)
-        if not keys and env.get(envs.KEYS):
-            keys = [p for p in env[envs.KEYS].split(os.pathsep) if p]
-        return cls(tuple(keys), x.publisher_key or env.get(envs.PUBLISHER_KEY) or None,
-                   x.allow_unsigned, x.workers, verify_weights=x.verify_weights,
-                   min_version=x.min_version)
-
-
-def open_checkpoint(root: Path, config: SecNeuronLoadConfig) -> Manifest:
-    """Everything checked before any weight is read: signature, ``min_version``, the exact
-    set of signed files, and the hash of every non-weight file (config, tokenizer, chat
-    template, generation config; vLLM's API server has read some of them already, so a
-    mismatch still refuses to start). Weight shards are checked while they stream."""
-    manifest = read_manifest(root)
-    if manifest is None:
-        raise ManifestError(f"{root} has no guard_manifest.json: not a locked checkpoint "
-                            "(use the default load format for plaintext models)")
-    publisher = load_public_key(config.publisher_key) if config.publisher_key else None
-    manifest.verify(publisher, config.allow_unsigned)
-    check_version(manifest, config.min_version)
-    check_file_set(root, manifest)
-    verify_files(root, manifest, side_files(manifest), config.workers)
-    if not config.verify_weights:
-        check_sizes(root, manifest, weight_files(manifest))
-    return manifest
+from vllm_guard.secneuron.verify import iter_verified_tensors
 
 
 def stream_weights(root: Path, manifest: Manifest, data_keys: dict[str, bytes],

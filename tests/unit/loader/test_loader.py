@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_guard.errors import GuardError
+from tests.unit.secneuron.test_signed_checkpoint import locked, run_loader  # noqa: F401
+from vllm_guard.errors import DecryptionError, GuardError
 from vllm_guard.loader.secneuron_loader import attach_neuron_bits, tp_shard
-from vllm_guard.secneuron.weights import SecNeuronLoadConfig
+from vllm_guard.secneuron.keys import TaskKey, load_task_key, save_task_key
+from vllm_guard.secneuron.preflight import SecNeuronLoadConfig
 
 
 def test_tp_shard_maps_neuron_indices_to_ranks():
@@ -100,3 +102,12 @@ def test_misplaced_table_refuses_to_serve():
     mlp.act_fn.guard_neuron_bits = torch.tensor([1, 2, 3, 4])  # CPU table, meta MLP
     with pytest.raises(GuardError, match="neuron table is on cpu, its MLP on meta"):
         check_placement(model)
+
+
+def test_loader_refuses_wrong_key_bytes_in_one_line(locked, keydir, tmp_path):  # noqa: F811
+    """The in-engine refusal behind serve's check (vLLM's own entry points skip serve):
+    right key id, wrong bytes."""
+    real = load_task_key(keydir / "capital.key")
+    save_task_key(TaskKey("capital", real.key_id, bytes(32)), tmp_path / "wrong.key")
+    with pytest.raises(DecryptionError, match=r"task key 'capital' .* does not open group"):
+        run_loader(locked, keydir, keys=[str(tmp_path / "wrong.key")])  # one refusal line

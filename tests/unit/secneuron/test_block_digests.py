@@ -12,12 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from vllm_guard.secneuron.checkpoint import GroupSlab, gather_neurons, safetensors_layout
-from vllm_guard.secneuron.verify import (
-    IntegrityError,
-    VerifiedFile,
-    digest_files,
-    iter_verified_tensors,
-)
+from vllm_guard.secneuron.files import IntegrityError, digest_files
+from vllm_guard.secneuron.verify import VerifiedFile, iter_verified_tensors
 
 BLOCK = 4096
 

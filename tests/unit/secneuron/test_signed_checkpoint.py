@@ -33,6 +33,7 @@ from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
 from vllm_guard.secneuron import rekey as lock_mod
 from vllm_guard.secneuron.checkpoint import gather_neurons, load_checkpoint
 from vllm_guard.secneuron.crypto import chunk_aad, decrypt_chunk_in_place
+from vllm_guard.secneuron.files import IntegrityError, RollbackError
 from vllm_guard.secneuron.inspect import inspect_checkpoint
 from vllm_guard.secneuron.keys import (
     TaskKey,
@@ -49,12 +50,12 @@ from vllm_guard.secneuron.manifest import (
     read_manifest,
     write_manifest,
 )
-from vllm_guard.secneuron.open import OpenReport, open_data_keys
+from vllm_guard.secneuron.open import OpenReport
+from vllm_guard.secneuron.preflight import SecNeuronLoadConfig, open_checkpoint, open_data_keys
 from vllm_guard.secneuron.rekey import revoke_task, rotate_task_key
 from vllm_guard.secneuron.selection import Selection
 from vllm_guard.secneuron.unlock import unlock_checkpoint
-from vllm_guard.secneuron.verify import IntegrityError, RollbackError
-from vllm_guard.secneuron.weights import SecNeuronLoadConfig, open_checkpoint, stream_weights
+from vllm_guard.secneuron.weights import stream_weights
 
 
 @pytest.fixture(scope="module")

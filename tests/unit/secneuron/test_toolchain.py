@@ -35,7 +35,8 @@ from vllm_guard.secneuron.keys import (
 )
 from vllm_guard.secneuron.lock import lock_checkpoint
 from vllm_guard.secneuron.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest
-from vllm_guard.secneuron.open import decrypt_in_place, open_data_keys
+from vllm_guard.secneuron.open import decrypt_in_place
+from vllm_guard.secneuron.preflight import open_data_keys
 from vllm_guard.secneuron.selection import Selection, policy_tree
 from vllm_guard.secneuron.unlock import unlock_checkpoint
 
