@@ -5,7 +5,11 @@ Every string of a request body ends up in one of three places:
   descriptions, documents, ...): sensitive values in it are replaced by placeholders;
 - a **control slot** (every other string: model name, stop strings, schemas, ids, ...):
   it cannot be rewritten without changing what it means, so a sensitive value in it refuses
-  the request;
+  the request. Every JSON number, wherever it is (a schema's ``default`` or ``enum``,
+  tool-call arguments given as an object, ``seed``), is a control slot too: it is scanned as
+  the engine renders it, and replacing it by a placeholder string would change the schema or
+  the arguments' types, so a number read as sensitive refuses the request (booleans and null
+  carry nothing);
 - refused outright: fields and shapes the masker cannot read (token-id prompts,
   ``prompt_embeds``, media parts, stored or templated context) and any field or part type
   not listed here. ``tests/unit/masking/test_fields.py`` compares these tables with vLLM's own
@@ -14,6 +18,7 @@ Every string of a request body ends up in one of three places:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +46,7 @@ class Slot:
     key: Any
     path: str
     mask: bool  # True: replace sensitive values; False: refuse the request if any
+    number: bool = False  # a JSON number, scanned in its rendered form (never rewritten)
 
 
 class Unmaskable(RequestError):
@@ -55,11 +61,28 @@ Walker = Callable[[Any, str, list[Slot]], None]
 def _slot(holder: Any, key: Any, path: str, out: list[Slot], mask: bool) -> None:
     if isinstance(holder[key], str):
         out.append(Slot(holder, key, path, mask))
+    else:
+        control(holder[key], path, out)
+
+
+def rendered(value: int | float) -> str:
+    """A number as the engine sees it: the body is forwarded through ``json.dumps`` (as chat
+    templates' ``tojson`` render it too); an integral float (``4012888888881881.0``, or
+    ``4.012888888881881e15`` as sent) is also given as the integer, which the detector reads
+    (it does not read a card number followed by ``.0``)."""
+    text = json.dumps(value)
+    if isinstance(value, float) and value.is_integer():
+        text += f" {int(value)}"
+    return text
 
 
 def control(value: Any, path: str, out: list[Slot]) -> None:
-    """Every string (and object key) anywhere inside: a control slot."""
-    if isinstance(value, dict):
+    """Every string, number (and object key) anywhere inside: a control slot."""
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int | float):
+        out.append(Slot(_Ref(rendered(value)), 0, path, False, number=True))
+    elif isinstance(value, dict):
         for k in list(value):
             out.append(Slot({k: k}, k, f"{path} (key)", False))
             control(value[k], f"{path}.{k}", out)
@@ -85,7 +108,9 @@ def text_leaves(value: Any, path: str, out: list[Slot]) -> None:
                 out.append(Slot(value, i, f"{path}[{i}]", True))
             else:
                 text_leaves(v, f"{path}[{i}]", out)
-    elif value is not None and not isinstance(value, bool | int | float):
+    elif isinstance(value, bool | int | float) or value is None:
+        control(value, path, out)  # a number: checked, never rewritten
+    else:
         raise Unmaskable(path, "unexpected value")
 
 
