@@ -18,12 +18,12 @@ Every string of a request body ends up in one of three places:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from vllm_guard.asgi import RequestError
+from vllm_guard.masking.types import render_number
 
 COMPLETIONS, CHAT, RESPONSES = "/v1/completions", "/v1/chat/completions", "/v1/responses"
 ROUTES = (COMPLETIONS, CHAT, RESPONSES)
@@ -65,23 +65,12 @@ def _slot(holder: Any, key: Any, path: str, out: list[Slot], mask: bool) -> None
         control(holder[key], path, out)
 
 
-def rendered(value: int | float) -> str:
-    """A number as the engine sees it: the body is forwarded through ``json.dumps`` (as chat
-    templates' ``tojson`` render it too); an integral float (``4012888888881881.0``, or
-    ``4.012888888881881e15`` as sent) is also given as the integer, which the detector reads
-    (it does not read a card number followed by ``.0``)."""
-    text = json.dumps(value)
-    if isinstance(value, float) and value.is_integer():
-        text += f" {int(value)}"
-    return text
-
-
 def control(value: Any, path: str, out: list[Slot]) -> None:
     """Every string, number (and object key) anywhere inside: a control slot."""
     if isinstance(value, bool) or value is None:
         return
     if isinstance(value, int | float):
-        out.append(Slot(_Ref(rendered(value)), 0, path, False, number=True))
+        out.append(Slot(_Ref(render_number(value)), 0, path, False, number=True))
     elif isinstance(value, dict):
         for k in list(value):
             out.append(Slot({k: k}, k, f"{path} (key)", False))
