@@ -11,7 +11,7 @@ import pytest
 
 from harness.server import post
 from tests.servers import token
-from tests.unit.masking.test_fields import TEXT_BODIES
+from tests.unit.masking.test_fields import CARD, NUMBER_BODIES, TEXT_BODIES
 from vllm_guard.masking.fields import ROUTES
 from vllm_guard.masking.middleware import BODYLESS_POSTS
 
@@ -87,6 +87,19 @@ def test_every_text_field_is_masked_or_refused_at_the_engine(server, route, body
     status, resp = call(server, "alice", body, path=route)
     assert status == 200 or 400 <= status < 500, resp
     assert EMAIL not in server.log_text()
+
+
+@pytest.mark.parametrize("route,body,path", NUMBER_BODIES)
+def test_a_card_number_sent_as_a_json_number_never_reaches_the_engine(server, route, body,
+                                                                      path):
+    """The masker scanned strings only: a card number as a JSON number (a schema default,
+    an enum, tool-call arguments, a seed) reached the engine raw. Now refused by the guard
+    (not by vLLM: the error code is the masker's), naming the field."""
+    status, resp = call(server, "alice", body, path=route)
+    assert status == 400, resp
+    assert resp["error"]["code"] == "sensitive_value_in_control_field", resp
+    assert f"'{path}'" in resp["error"]["message"]
+    assert str(CARD) not in json.dumps(resp) and str(CARD) not in server.log_text()
 
 
 def test_every_other_post_route_is_refused(server):

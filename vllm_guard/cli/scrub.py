@@ -22,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("output", type=Path, help="JSONL file to write (refused if it exists, "
                    "unless --force)")
     s.add_argument("--fields", default=",".join(DEFAULT_FIELDS),
-                   help="comma-separated text fields to scrub (a list of chat messages "
-                        "scrubs each 'content'); other fields are copied untouched")
+                   help="comma-separated fields whose every string is scrubbed (chat "
+                        "messages, ShareGPT conversations, nested parts); other fields are "
+                        "copied only if they hold no sensitive value")
     s.add_argument("--masking", default="masking.json",
                    help="masking config: entities, strategies, NER profile, context rules "
                         "(default: the packaged masking.json)")

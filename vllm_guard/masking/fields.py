@@ -5,7 +5,11 @@ Every string of a request body ends up in one of three places:
   descriptions, documents, ...): sensitive values in it are replaced by placeholders;
 - a **control slot** (every other string: model name, stop strings, schemas, ids, ...):
   it cannot be rewritten without changing what it means, so a sensitive value in it refuses
-  the request;
+  the request. Every JSON number, wherever it is (a schema's ``default`` or ``enum``,
+  tool-call arguments given as an object, ``seed``), is a control slot too: it is scanned as
+  the engine renders it, and replacing it by a placeholder string would change the schema or
+  the arguments' types, so a number read as sensitive refuses the request (booleans and null
+  carry nothing);
 - refused outright: fields and shapes the masker cannot read (token-id prompts,
   ``prompt_embeds``, media parts, stored or templated context) and any field or part type
   not listed here. ``tests/unit/masking/test_fields.py`` compares these tables with vLLM's own
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_guard.asgi import RequestError
+from vllm_guard.masking.types import render_number
 
 COMPLETIONS, CHAT, RESPONSES = "/v1/completions", "/v1/chat/completions", "/v1/responses"
 ROUTES = (COMPLETIONS, CHAT, RESPONSES)
@@ -41,6 +46,7 @@ class Slot:
     key: Any
     path: str
     mask: bool  # True: replace sensitive values; False: refuse the request if any
+    number: bool = False  # a JSON number, scanned in its rendered form (never rewritten)
 
 
 class Unmaskable(RequestError):
@@ -55,11 +61,17 @@ Walker = Callable[[Any, str, list[Slot]], None]
 def _slot(holder: Any, key: Any, path: str, out: list[Slot], mask: bool) -> None:
     if isinstance(holder[key], str):
         out.append(Slot(holder, key, path, mask))
+    else:
+        control(holder[key], path, out)
 
 
 def control(value: Any, path: str, out: list[Slot]) -> None:
-    """Every string (and object key) anywhere inside: a control slot."""
-    if isinstance(value, dict):
+    """Every string, number (and object key) anywhere inside: a control slot."""
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int | float):
+        out.append(Slot(_Ref(render_number(value)), 0, path, False, number=True))
+    elif isinstance(value, dict):
         for k in list(value):
             out.append(Slot({k: k}, k, f"{path} (key)", False))
             control(value[k], f"{path}.{k}", out)
@@ -85,7 +97,9 @@ def text_leaves(value: Any, path: str, out: list[Slot]) -> None:
                 out.append(Slot(value, i, f"{path}[{i}]", True))
             else:
                 text_leaves(v, f"{path}[{i}]", out)
-    elif value is not None and not isinstance(value, bool | int | float):
+    elif isinstance(value, bool | int | float) or value is None:
+        control(value, path, out)  # a number: checked, never rewritten
+    else:
         raise Unmaskable(path, "unexpected value")
 
 

@@ -56,8 +56,9 @@ class Masker:
         wanted: dict[tuple[str, str], None] = {}
         for slot, res in zip(slots, results, strict=True):
             if res.spans and not slot.mask:
+                why = " (a JSON number cannot become a placeholder)" if slot.number else ""
                 raise RequestError(400, f"'{slot.path}' contains a sensitive value "
-                                   f"({res.spans[0].entity}) and cannot be masked there",
+                                   f"({res.spans[0].entity}) and cannot be masked there{why}",
                                    "sensitive_value_in_control_field")
             for sp in res.spans:
                 wanted[(sp.entity, res.text[sp.start:sp.end])] = None

@@ -1,6 +1,12 @@
 """De-identify JSONL training data: the masker's detection and strategies (placeholders,
 surrogates, fpe), one file at a time, streamed line by line (``vllm-guard scrub``).
 
+Every string leaf of a named field is scrubbed, at any depth (chat messages, ShareGPT
+``conversations``, content parts, tool-call arguments, ...). Everything else is copied only
+when it holds nothing sensitive (fail closed): fields not named, object keys and JSON
+numbers (none of which can become a stand-in) are scanned, and a sensitive value in one of them
+stops the run with the line and the path.
+
 The whole file is one session: a value gets the same stand-in on every line, and a value
 found once is masked wherever it occurs later. A stand-in is never a value seen before it;
 a value first seen later that equals an earlier stand-in gets a stand-in of its own (lines
@@ -14,9 +20,10 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -27,18 +34,44 @@ from vllm_guard.masking.masker import apply_placeholders
 from vllm_guard.masking.restorer import StandInMap, restore
 from vllm_guard.masking.strategies import StandIns
 from vllm_guard.masking.strategies.base import Item
-from vllm_guard.masking.types import Detector
+from vllm_guard.masking.types import Detector, Span, render_number
 from vllm_guard.masking.vault import placeholder
-from vllm_guard.masking.worker import analyse, known_automaton
+from vllm_guard.masking.worker import analyse, detect_windows, known_automaton, known_spans
 
-DEFAULT_FIELDS = ("prompt", "answer", "text")
+# prompt/completion, chat messages and ShareGPT records are scrubbed as they are
+DEFAULT_FIELDS = ("prompt", "completion", "answer", "text", "messages", "conversations")
 MAPPING_FORMAT = "vllm-guard-scrub-mapping"
 _AAD = b"vllm-guard scrub mapping v1"
 REBUILD = 1024
+CHECK_CACHE, CHECK_CACHE_LEN = 65_536, 64  # detector verdicts on short checked strings
 
 
 class ScrubError(GuardError):
-    """A line cannot be scrubbed (not JSON, a named field that is not text)."""
+    """A line cannot be scrubbed (not JSON, a named field that is not text, a sensitive value
+    where no stand-in can go)."""
+
+
+@dataclass(frozen=True)
+class _Check:
+    """A value copied as it is, so it must hold nothing sensitive: a string outside the named
+    fields, an object key or a JSON number (as rendered)."""
+
+    text: str
+    path: str
+    kind: str  # "unnamed", "key" or "number"
+
+    def refusal(self, lineno: int, entity: str) -> ScrubError:
+        if self.kind == "key":
+            why = "an object key is never rewritten"
+        elif self.kind == "number":
+            why = "a JSON number cannot become a stand-in; write it as a string"
+        else:
+            top = self.path.split(".")[0].split("[")[0]
+            why = f"it is not in --fields (add {top!r} to scrub it)"
+        where = f"a key of '{self.path}'" if self.kind == "key" and self.path else (
+            "a top-level key" if self.kind == "key" else f"'{self.path}'")
+        return ScrubError(f"line {lineno}: {where} holds a sensitive value ({entity}) and "
+                          f"cannot be copied: {why}")
 
 
 @dataclass
@@ -76,6 +109,7 @@ class Scrubber:
         self._values: list[tuple[str, str]] = []
         self._big, self._big_n = None, 0
         self._small, self._small_n = None, 0
+        self._verdicts: dict[str, list[Span]] = {}  # keys and labels repeat on every line
 
     @property
     def mapping(self) -> dict[str, str]:
@@ -83,7 +117,7 @@ class Scrubber:
 
     def scrub_line(self, line: str, lineno: int) -> str:
         doc = _parse(line, lineno)
-        slots = list(_text_slots(doc, self.fields, lineno))
+        slots, checks = _walk_record(doc, self.fields, lineno)
         if slots:
             results = analyse(self.detector, [h[k] for h, k in slots], [True] * len(slots),
                               [], self._automata())
@@ -94,9 +128,28 @@ class Scrubber:
                     table[(sp.entity, value)] = self._placeholder(sp.entity, value)
                     self.report.masked[sp.entity] += 1
                 holder[key] = apply_placeholders(res, table)
+        # after the scrub, so values this line revealed are known to the checks too
+        automata = self._automata()
+        for check in checks:
+            spans = self._detect(check.text) + [
+                sp for a in automata for sp in known_spans(check.text, a)]
+            if spans:
+                raise check.refusal(lineno, spans[0].entity)
         self.report.lines += 1
         self.report.fields += len(slots)
         return json.dumps(doc, ensure_ascii=False)
+
+    def _detect(self, text: str) -> list[Span]:
+        """The detectors' verdict, remembered for short strings (keys and labels such as
+        ``"role"`` or ``"human"`` come back on every line)."""
+        if len(text) > CHECK_CACHE_LEN:
+            return detect_windows(self.detector, text)
+        spans = self._verdicts.get(text)
+        if spans is None:
+            if len(self._verdicts) >= CHECK_CACHE:
+                self._verdicts.clear()
+            spans = self._verdicts[text] = detect_windows(self.detector, text)
+        return spans
 
     def _placeholder(self, entity: str, value: str) -> str:
         shown = self.table.get((entity, value))
@@ -121,7 +174,7 @@ class Scrubber:
 
 def restore_line(line: str, lineno: int, mapping: dict[str, str], fields: Iterable[str]) -> str:
     doc = _parse(line, lineno)
-    for holder, key in _text_slots(doc, tuple(fields), lineno):
+    for holder, key in _walk_record(doc, tuple(fields), lineno)[0]:
         holder[key] = restore(holder[key], mapping, count=False)
     return json.dumps(doc, ensure_ascii=False)
 
@@ -129,30 +182,52 @@ def restore_line(line: str, lineno: int, mapping: dict[str, str], fields: Iterab
 def _parse(line: str, lineno: int) -> dict:
     try:
         doc = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ScrubError(f"line {lineno}: not valid JSON") from None
     if not isinstance(doc, dict):
         raise ScrubError(f"line {lineno}: not a JSON object")
     return doc
 
 
-def _text_slots(doc: dict, fields: tuple[str, ...], lineno: int) -> Iterator[tuple[dict, str]]:
-    """(holder, key) of every named text field; chat ``messages[*].content`` too."""
-    for name in fields:
-        if name not in doc or doc[name] is None:
-            continue
-        value = doc[name]
-        if isinstance(value, str):
-            yield doc, name
-        elif isinstance(value, list) and all(isinstance(m, dict) for m in value):
-            for i, m in enumerate(value):
-                if not isinstance(m.get("content", ""), str):
-                    raise ScrubError(f"line {lineno}: field {name!r}[{i}].content is not text")
-                if "content" in m:
-                    yield m, "content"
+def _walk_record(doc: dict, fields: tuple[str, ...],
+                 lineno: int) -> tuple[list[tuple[Any, Any]], list[_Check]]:
+    """(holder, key) of every string leaf of the named fields, and what must be checked:
+    every other string, every object key and every number, wherever they are."""
+    slots: list[tuple[Any, Any]] = []
+    checks: list[_Check] = []
+    try:
+        for name in doc:
+            checks.append(_Check(name, "", "key"))
+            value = doc[name]
+            named = name in fields and value is not None
+            if named and not isinstance(value, str | list | dict):
+                raise ScrubError(f"line {lineno}: field {name!r} is not text (a string, or a "
+                                 "list or object of them)")
+            _walk(doc, name, name, named, slots, checks)
+    except RecursionError:
+        raise ScrubError(f"line {lineno}: nested too deeply") from None
+    return slots, checks
+
+
+def _walk(holder: Any, key: Any, path: str, named: bool, slots: list[tuple[Any, Any]],
+          checks: list[_Check]) -> None:
+    value = holder[key]
+    if isinstance(value, str):
+        if named:
+            slots.append((holder, key))
         else:
-            raise ScrubError(f"line {lineno}: field {name!r} is not text (a string or a list "
-                             "of messages)")
+            checks.append(_Check(value, path, "unnamed"))
+    elif isinstance(value, bool) or value is None:
+        return  # carries nothing
+    elif isinstance(value, int | float):
+        checks.append(_Check(render_number(value), path, "number"))
+    elif isinstance(value, dict):
+        for k in value:
+            checks.append(_Check(k, path, "key"))
+            _walk(value, k, f"{path}.{k}", named, slots, checks)
+    elif isinstance(value, list):
+        for i in range(len(value)):
+            _walk(value, i, f"{path}[{i}]", named, slots, checks)
 
 
 def scrub_file(src: Path, dst: Path, scrubber: Scrubber,

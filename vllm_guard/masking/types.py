@@ -1,10 +1,11 @@
 """What detection and the request path share: entity names, the placeholder pattern, a detected
-:class:`Span`, the :class:`Detector` base and :class:`Intervals`. A leaf: it imports nothing
-else from vllm_guard, so any masking module may import it."""
+:class:`Span`, the :class:`Detector` base, :class:`Intervals` and :func:`render_number`. A
+leaf: it imports nothing else from vllm_guard, so any masking module may import it."""
 
 from __future__ import annotations
 
 import bisect
+import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -16,6 +17,17 @@ ENTITIES = (*STRUCTURED, *NER_ENTITIES, "SENSITIVE_TERM")
 
 # a vault placeholder as the engine and the client see it: <PERSON_1>
 PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)_(\d+)>")
+
+
+def render_number(value: int | float) -> str:
+    """A JSON number as the text the detectors scan: ``json.dumps`` (how a body is forwarded
+    and how ``tojson`` renders it in a chat template); an integral float
+    (``4012888888881881.0``, also when sent as ``4.012888888881881e15``) is also given as the
+    integer, which the detectors read (a card number followed by ``.0`` is not)."""
+    text = json.dumps(value)
+    if isinstance(value, float) and value.is_integer():
+        text += f" {int(value)}"
+    return text
 
 
 @dataclass(frozen=True)

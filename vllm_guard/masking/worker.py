@@ -33,7 +33,7 @@ class Analysis:
     spans: list[Span]  # non-overlapping, sorted
 
 
-def _known_spans(text: str, automaton) -> list[Span]:
+def known_spans(text: str, automaton) -> list[Span]:
     if automaton is None:
         return []
     return [Span(end + 1 - len(value), end + 1, entity, 1.0)
@@ -73,9 +73,9 @@ def analyse(detector: Detector, texts: list[str], rewrite: list[bool],
     out = []
     for text, rw in zip(texts, rewrite, strict=True):
         text = neutralise(text) if rw else text
-        spans = _detect_windows(detector, text)
+        spans = detect_windows(detector, text)
         for automaton in automata:
-            spans += _known_spans(text, automaton)
+            spans += known_spans(text, automaton)
         out.append(Analysis(text, _merge(spans)))
     return out
 
@@ -85,7 +85,7 @@ def known_automaton(known: list[tuple[str, str]]):
     return _automaton(known)
 
 
-def _detect_windows(detector: Detector, text: str) -> list[Span]:
+def detect_windows(detector: Detector, text: str) -> list[Span]:
     """Large texts in overlapping windows: bounded work per detector call (spaCy refuses
     texts over 1M characters); a value cut at a window's end is whole in the next one and
     wins the merge by length."""

@@ -142,6 +142,58 @@ def test_sensitive_value_in_a_control_field_is_refused(masker, body):
     assert EMAIL not in e.value.message and SSN not in e.value.message
 
 
+CARD = 4012888888881881  # a card number as a JSON number: never a string slot
+CARD_PARAMS = {"type": "object", "properties": {"card": {"type": "integer", "default": CARD}}}
+NUMBER_BODIES = [  # (route, body, the path the refusal names)
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": CARD_PARAMS}}]},
+     "tools[0].function.parameters.properties.card.default"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"card": {"enum": [1, CARD]}}}}}]},
+     "tools[0].function.parameters.properties.card.enum[1]"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": CARD_PARAMS}}]}},
+     "chat_template_kwargs.tools[0].function.parameters.properties.card.default"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": CARD_PARAMS}}},
+     "response_format.json_schema.schema.properties.card.default"),
+    (CHAT, {"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "f", "arguments": {"card": [CARD]}}}]}]},
+     "messages[0].tool_calls[0].function.arguments.card[0]"),
+    (RESPONSES, {"input": [{"type": "function_call", "call_id": "c", "name": "f",
+                            "arguments": {"card": CARD}}]}, "input[0].arguments.card"),
+    (RESPONSES, {"input": [{"type": "function_call", "call_id": "c", "name": "f",
+                            "arguments": {"card": float(CARD)}}]}, "input[0].arguments.card"),
+    (COMPLETIONS, {"prompt": "a", "structured_outputs": {"choice": ["a", -CARD]}},
+     "structured_outputs.choice[1]"),
+    (COMPLETIONS, {"prompt": "a", "seed": CARD}, "seed"),
+]
+
+
+@pytest.mark.parametrize("route,body,path", NUMBER_BODIES)
+def test_a_sensitive_json_number_is_refused_naming_its_path(masker, route, body, path):
+    """A number cannot become a placeholder string without changing the schema or the
+    arguments' types, so a number the detector reads as sensitive refuses the request."""
+    from vllm_guard.asgi import RequestError
+
+    with pytest.raises(RequestError) as e:
+        mask(masker, route, json.loads(json.dumps(body)))
+    assert e.value.status == 400 and e.value.code == "sensitive_value_in_control_field"
+    assert f"'{path}'" in e.value.message and "CREDIT_CARD" in e.value.message
+    assert str(CARD) not in e.value.message
+
+
+def test_harmless_numbers_booleans_and_nulls_pass_unchanged(masker):
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.7,
+            "max_tokens": 16, "seed": 1234, "logit_bias": {"50256": -100}, "top_p": 1.0,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "properties": {"n": {"type": "integer", "enum": [1, 2.5],
+                                                       "default": None, "x": True}}}}}]}
+    assert mask(masker, CHAT, json.loads(json.dumps(body))) == body
+
+
 def test_typed_placeholders_are_neutralised_and_values_inside_still_found(masker):
     body = mask(masker, COMPLETIONS, {"prompt": "a <PERSON_1> b <CARD_4111111111111111>"},
                 "look")

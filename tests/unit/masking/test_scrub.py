@@ -149,3 +149,58 @@ def test_scrub_with_surrogates_and_fpe_restores_exactly(dataset, tmp_path):
                "--fields", fields, key=key, masking=str(config), env_extra=fpe_key)
     assert done.returncode == 0, done.stderr[-2000:]
     assert back.read_text(encoding="utf-8") == src.read_text(encoding="utf-8")
+
+
+EMAIL, SSN = "jane.roe@example.com", "078-05-1120"
+SECRET = f"mail {EMAIL} ssn {SSN}"
+SHAPES = [  # record shapes the scrubber once copied through untouched (issue #32 item 3)
+    {"conversations": [{"from": "human", "value": SECRET}, {"from": "gpt", "value": "ok"}]},
+    {"messages": [{"role": "assistant", "content": None, "reasoning_content": SECRET,
+                   "name": EMAIL, "tool_calls": [
+                       {"id": "c1", "type": "function", "function": {
+                           "name": "send", "arguments": json.dumps({"to": EMAIL})}}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": SECRET}]}]},
+    {"prompt": [{"text": SECRET}], "completion": SECRET},
+    {"text": SECRET, "answer": {"parts": [SECRET, {"deep": [SSN]}]}},
+]
+
+
+def test_every_record_shape_is_scrubbed_with_the_default_fields(tmp_path):
+    src, out, back = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "back.jsonl"
+    mapping = tmp_path / "map"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [{"prompt": SECRET}, *SHAPES]),
+                   encoding="utf-8")
+    key = base64.b64encode(os.urandom(32)).decode()
+    done = cli(str(src), str(out), "--keep-mapping", str(mapping), key=key)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scrubbed = out.read_text(encoding="utf-8")
+    assert EMAIL not in scrubbed and SSN not in scrubbed, scrubbed
+    rows = [json.loads(line) for line in scrubbed.splitlines()]
+    assert rows[1]["conversations"][0]["from"] == "human"  # structure kept
+    done = cli(str(out), str(back), "--restore", "--keep-mapping", str(mapping), key=key)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert back.read_text(encoding="utf-8") == src.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("record,path", [
+    ({"prompt": "hi", "completion": SECRET}, "'completion'"),
+    ({"prompt": "hi", "conversations": [{"from": "human", "value": SECRET}]},
+     "'conversations[0].value'"),
+    ({"prompt": "hi", "meta": {"owner": EMAIL}}, "'meta.owner'"),
+    ({"prompt": "hi", "meta": {EMAIL: 1}}, "a key of 'meta'"),
+    ({"prompt": [{"text": "hi", "card": 4012888888881881}]}, "'prompt[0].card'"),
+    ({"prompt": "hi", "id": 4012888888881881.0}, "'id'"),
+])
+def test_a_value_the_scrubber_cannot_rewrite_stops_the_run(tmp_path, record, path):
+    """Fields not named in --fields are copied only when they hold nothing sensitive; a
+    sensitive key or JSON number cannot become a stand-in. Either stops the run: one line
+    naming the line and the path, no value, exit 1, no output left behind."""
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps(record) + "\n",
+                   encoding="utf-8")
+    done = cli(str(src), str(tmp_path / "out.jsonl"), "--fields", "prompt")
+    assert done.returncode == 1, (done.stderr, done.stdout)
+    err = done.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.count("line 2: ") == 1 and path in err, err
+    assert EMAIL not in err and SSN not in err and "4012888888881881" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
