@@ -83,7 +83,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 def masked_silu_and_mul_triton(x: torch.Tensor, neuron_bits: torch.Tensor,
                                grants: torch.Tensor, block: int = 256,
-                               out: torch.Tensor | None = None) -> torch.Tensor:
+                               out: torch.Tensor | None = None,
+                               num_warps: int | None = None) -> torch.Tensor:
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed")
     tokens, d = x.shape[0], x.shape[-1] // 2
@@ -91,8 +92,9 @@ def masked_silu_and_mul_triton(x: torch.Tensor, neuron_bits: torch.Tensor,
         out = torch.empty((tokens, d), dtype=x.dtype, device=x.device)
     if tokens:
         grid = (tokens, triton.cdiv(d, block))
+        extra = {} if num_warps is None else {"num_warps": num_warps}  # benchmarks' sweep
         _masked_silu_and_mul_kernel[grid](x, out, neuron_bits, grants, d, x.stride(0),
-                                          out.stride(0), BLOCK=block)
+                                          out.stride(0), BLOCK=block, **extra)
     return out
 
 
