@@ -46,6 +46,10 @@ class GrantState:
         self.filled = 0
         self.plan: StepPlan | None = None
         self._keep: dict[tuple, torch.Tensor | None] = {}
+        # What each layer does under the current plan, keyed by the caller (the masked op):
+        # kept while consecutive steps have the same grants and runs (decode), so a layer's
+        # call is one dict lookup rather than a plan check and a cache lookup per grant.
+        self.memo: dict[tuple, object] = {}
 
     def ensure_buffer(self, size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The grant buffer (made once: its identity is what compiled graphs capture)."""
@@ -83,7 +87,19 @@ class GrantState:
         if self.filled > n:
             buf[n:self.filled].fill_(PUBLIC_BIT)
         self.filled = n
-        self.plan = plan_step(per_request_bits, num_tokens, n)
+        plan, old = plan_step(per_request_bits, num_tokens, n), self.plan
+        if old is None or plan.runs != old.runs or plan.grants != old.grants:
+            self.memo.clear()
+        self.plan = plan
+
+    def step_memo(self, tokens: int, grants: torch.Tensor) -> dict[tuple, object] | None:
+        """:attr:`memo` when the hook's plan describes a call over ``tokens`` tokens of
+        ``grants``; None otherwise (direct calls, dummy runs, padding: see step_plan)."""
+        plan, buf = self.plan, self.buffer
+        if (plan is not None and plan.tokens == tokens and buf is not None
+                and (grants is buf or grants.data_ptr() == buf.data_ptr())):
+            return self.memo
+        return None
 
     def step_plan(self, tokens: int, grants: torch.Tensor) -> StepPlan:
         """The plan for a layer call over ``tokens`` tokens reading ``grants``: the hook's,
@@ -129,6 +145,8 @@ class GrantState:
     def _forget(self, table_id: int) -> None:
         for k in [k for k in self._keep if k[0] == table_id]:
             del self._keep[k]
+        for k in [k for k in self.memo if k[0] == table_id]:  # ids are reused
+            del self.memo[k]
 
 
 def _signed(bits: int) -> int:

@@ -123,3 +123,49 @@ def test_planned_step_masks_per_token_without_per_layer_analysis(monkeypatch):
     bits.copy_(torch.full((d,), 1))  # the loader re-attaches in place: the cache must notice
     state.fill([PUBLIC_BIT | 2], np.array([2]))
     assert torch.count_nonzero(masked_silu_and_mul_torch(torch.randn(2, 2 * d), bits, buf)) == 0
+
+
+def test_decode_steps_reuse_each_layers_masking_and_follow_changes(monkeypatch):
+    """Consecutive steps with the same grants (decode) look nothing up again per layer call;
+    a table rewritten in place, a new plan and a direct call on another buffer still mask
+    exactly."""
+    import numpy as np
+
+    from vllm_guard.runtime.grant_state import GrantState
+
+    state = GrantState()
+    monkeypatch.setattr("vllm_guard.kernels.masked_silu.STATE", state)
+    buf = state.ensure_buffer(16)
+    gen = torch.Generator().manual_seed(5)
+    d = 40
+    tables = [torch.randint(1, 8, (d,), generator=gen, dtype=torch.int64) for _ in range(3)]
+    lookups = []
+    for name in ("keep_row", "closed_index"):
+        real = getattr(state, name)
+        monkeypatch.setattr(state, name, lambda *a, _r=real: lookups.append(1) or _r(*a))
+
+    def layers(tokens):
+        x = {dt: torch.randn(tokens, 2 * d, generator=gen).to(dt)
+             for dt in (torch.float32, torch.bfloat16)}
+        for table in tables:
+            for xt in x.values():
+                out = masked_silu_and_mul_torch(xt, table, buf)
+                ref, keep = reference(xt, table, buf)
+                torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[xt.dtype],
+                                           atol=TOL[xt.dtype])
+                assert torch.count_nonzero(out[~keep]) == 0
+
+    for _ in range(4):  # four decode steps of the same two requests
+        state.fill([PUBLIC_BIT | 1, PUBLIC_BIT | 6], np.array([1, 1]))
+        layers(2)
+    first_step = len(tables) * 2 * 2  # tables x dtypes x grants
+    assert len(lookups) == first_step, "later steps looked the masking up again"
+    tables[0].copy_(torch.full((d,), 2))  # re-attached in place under the same plan
+    state.fill([PUBLIC_BIT | 1, PUBLIC_BIT | 6], np.array([1, 1]))
+    layers(2)
+    state.fill([PUBLIC_BIT | 2], np.array([3]))  # a new plan
+    layers(3)
+    other = torch.full((8,), PUBLIC_BIT | 4, dtype=torch.int64)  # not the hook's buffer
+    x = torch.randn(3, 2 * d, generator=gen)
+    ref, keep = reference(x, tables[1], other)
+    torch.testing.assert_close(masked_silu_and_mul_torch(x, tables[1], other), ref)
