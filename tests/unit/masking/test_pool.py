@@ -25,7 +25,8 @@ def pool(tmp_path):
     path = tmp_path / "masking.json"
     path.write_text(json.dumps({"ner": "off", "name_lists": False}))
     config = MaskingConfig.load(str(path))
-    p = DetectorPool(lambda: build_detector(config), str(path), 2, 60)
+    # a replacement worker imports Presidio: > 60 s at a load of 10 on 2 cores
+    p = DetectorPool(lambda: build_detector(config), str(path), 2, 180)
     yield p
     p.close()
 
