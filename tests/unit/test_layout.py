@@ -230,14 +230,15 @@ def test_wheel_ships_only_the_product_and_works_without_a_checkout(tmp_path):
     # .pth path entry (which does not run our editable-install hook, so the source tree
     # stays invisible).
     venv = tmp_path / "venv"
+    # no PYTHONPATH: with a checkout on it, pip finds vllm_guard installed and skips the wheel
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLLM_GUARD_CACHE")}
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=120)
+                   timeout=120, env=env)
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
                     "install", "--quiet", "--no-deps", str(wheel)], check=True,
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=300, env=env)
     site = _site_packages(venv)
     (site / "deps.pth").write_text(str(Path(sysconfig.get_path("purelib"))) + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLLM_GUARD_CACHE")}
     env["HOME"] = str(tmp_path / "home")
 
     run = subprocess.run([str(venv / "bin" / "vllm-guard"), "demo", "--help"], cwd=tmp_path,
