@@ -2,7 +2,11 @@
 
 Exact: only ``<TYPE_N>`` placeholders in the session's mapping are replaced, in one regex pass
 over complete tokens (``<PERSON_1>`` never touches ``<PERSON_10>``); unknown ones stay as they
-are and are counted (``METRICS["unknown_placeholders"]``).
+are and are counted (``METRICS["unknown_placeholders"]``). Literal stand-ins (surrogates, fpe)
+restore as whole words; one glued to a letter or digit is left and counted
+(``METRICS["unrestored_stand_ins"]``, the ``x-vllm-guard-unrestored`` header of a whole body,
+an SSE comment at the end of a stream). Typed look-alikes come back as typed (the masker maps
+their neutral form back).
 
 Non-streamed bodies: every text the model produced or the response echoes (choices' text and
 messages, Responses output items, ``output_text``, ``instructions``, ``input``, ``tools``);
