@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 
+from harness.masking_client import sse_text
 from harness.server import post
 from tests.servers import token
 from tests.unit.masking.test_fields import CARD, NUMBER_BODIES, TEXT_BODIES
@@ -67,6 +68,9 @@ def test_echo_of_typed_placeholders_restores_nothing(server, stream):
         out = streamed(server, who, body, "shared2") if stream else json.dumps(
             call(server, who, body, "shared2")[1])
         assert EMAIL not in out and SSN not in out
+        # ... and echoed exactly as typed (#32 item 4), never as their neutral form
+        text = sse_text(out.encode()) if stream else json.loads(out)["choices"][0]["text"]
+        assert text.startswith(body["prompt"]), (who, text)
 
 
 def test_a_raw_value_reveals_nothing_about_another_session(server):

@@ -4,6 +4,9 @@ come back exact, streamed and not, and the engine never sees a value the detecto
 from __future__ import annotations
 
 import re
+import threading
+import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -83,3 +86,62 @@ def test_stand_ins_are_consistent_in_a_session_and_differ_across_sessions(server
     for forged in (token.split(".")[0], token[:-2] + "xx", "conv-1"):
         seen = engine_prompt(tokenizer, echo(server, text, session=forged, ids=True)[1])
         assert seen != seen1, forged
+
+
+# --- issue #32 items 4 and 5 ---------------------------------------------------------------
+
+
+def _echoed(server, prompt: str, session: str | None) -> tuple[str, str]:
+    """The echoed prompt, whole and streamed (one generated token cut off by length)."""
+    status, body = echo(server, prompt, session=session)
+    assert status == 200, body
+    status, raw = echo(server, prompt, session=session, stream=True)
+    assert status == 200, raw
+    return body["choices"][0]["text"], sse_text(raw)
+
+
+def test_glued_values_and_typed_look_alikes_come_back_exactly(server):
+    """A value glued to a letter or digit ("...1111ri", a known name inside a longer word)
+    and a placeholder look-alike the client typed both come back exactly as sent."""
+    card, name = "4111 1111 1111 1111", "Jon Cole"
+    first = f"card {card}ri from {name}."
+    _, _, token = echo(server, first, with_session=True)
+    prompts = [first, f"{name}ri, x{name}, {card}7 and {name}",
+               "Template: Dear <PERSON_1>, card <CARD_4111111111111111>, ref <X_2>."]
+    for prompt in prompts:
+        whole, streamed = _echoed(server, prompt, token)
+        assert whole.startswith(prompt), (prompt, whole)
+        assert streamed.startswith(prompt), (prompt, streamed)
+
+
+def test_a_body_with_50000_values_is_refused_fast_and_health_stays_responsive(server):
+    """413 after the cheap pattern count, not after seconds of detection; /health answers
+    promptly meanwhile (the event loop is not blocked)."""
+    prompt = " ".join(f"mail u{i}x@host{i}.org now" for i in range(50_000))  # 1.5 MB
+    lat: list[float] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            t = time.monotonic()
+            with urllib.request.urlopen(server.url + "/health", timeout=30) as r:
+                assert r.status == 200
+            lat.append(time.monotonic() - t)
+            time.sleep(0.01)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    time.sleep(0.5)
+    t = time.monotonic()
+    status, body = echo(server, prompt)
+    took = time.monotonic() - t
+    time.sleep(0.3)
+    done.set()
+    poller.join()
+    assert status == 413 and body["error"]["code"] == "too_many_sensitive_values", body
+    lat.sort()
+    p50, worst = lat[len(lat) // 2], lat[-1]
+    print(f"\n413 after {took:.2f} s; /health p50 {p50 * 1000:.1f} ms, max "
+          f"{worst * 1000:.1f} ms over {len(lat)} probes")
+    assert took < 5.0, took
+    assert worst < 0.25, (p50, worst)

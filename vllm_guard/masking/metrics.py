@@ -1,5 +1,6 @@
 """One counter for the whole masking package: masked_<ENTITY>, unknown_placeholders,
-vault_unavailable, standin_fallback_<ENTITY>."""
+unrestored_stand_ins (a literal stand-in glued to a word, left as written), vault_unavailable,
+standin_fallback_<ENTITY>."""
 
 from __future__ import annotations
 

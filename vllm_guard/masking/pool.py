@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from vllm_guard.errors import GuardError
 from vllm_guard.log import get_logger
 from vllm_guard.masking.types import Detector, Span
-from vllm_guard.masking.worker import Analysis, analyse, encode, read_frame
+from vllm_guard.masking.worker import Analysis, ValueLimit, analyse, encode, read_frame
 
 logger = get_logger(__name__)
 
@@ -45,7 +45,7 @@ class _Worker:
         self.proc.stdin.write(payload)
         self.proc.stdin.flush()
         reply = read_frame(self.proc.stdout)
-        if not isinstance(reply, dict) or "results" not in reply:
+        if not isinstance(reply, dict) or ("results" not in reply and "too_many" not in reply):
             raise DetectionFailed(f"detector worker failed: {(reply or {}).get('error', 'exited')}")
         return reply
 
@@ -77,19 +77,21 @@ class DetectorPool:
             logger.error("vllm-guard masking: detector worker could not start (%s)", e)
             raise DetectionFailed("sensitive-value detection failed") from None
 
-    def _detect_inline(self, texts, rewrite, known) -> list[Analysis]:
+    def _detect_inline(self, texts, rewrite, known, limit) -> list[Analysis]:
         with self._lock:
-            return analyse(self._detector, texts, rewrite, known)
+            return analyse(self._detector, texts, rewrite, known, limit=limit)
 
     async def analyse(self, texts: list[str], rewrite: list[bool],
-                      known: list[tuple[str, str]]) -> list[Analysis]:
+                      known: list[tuple[str, str]],
+                      limit: int | None = None) -> list[Analysis]:
+        """Raises :class:`ValueLimit` as soon as more than ``limit`` new values are found."""
         if not texts:
             return []
         if self.workers == 0:
-            return await asyncio.to_thread(self._detect_inline, texts, rewrite, known)
+            return await asyncio.to_thread(self._detect_inline, texts, rewrite, known, limit)
         if self._free is None:
             self._free = asyncio.Semaphore(self.workers)
-        payload = encode({"texts": texts, "rewrite": rewrite, "known": known})
+        payload = encode({"texts": texts, "rewrite": rewrite, "known": known, "limit": limit})
         async with self._free:
             worker = self._idle.pop() if self._idle else self._spawn()
             loop = asyncio.get_running_loop()
@@ -115,6 +117,8 @@ class DetectorPool:
                     worker.kill()
                     with contextlib.suppress(DetectionFailed):  # else the slot's next request
                         self._idle.append(self._spawn())  # tries again
+        if "too_many" in reply:
+            raise ValueLimit(int(reply["too_many"]))
         return [Analysis(r["text"], [Span(s, e, ent, 1.0) for s, e, ent in r["spans"]])
                 for r in reply["results"]]
 

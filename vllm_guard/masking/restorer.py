@@ -2,7 +2,11 @@
 
 Exact: only ``<TYPE_N>`` placeholders in the session's mapping are replaced, in one regex pass
 over complete tokens (``<PERSON_1>`` never touches ``<PERSON_10>``); unknown ones stay as they
-are and are counted (``METRICS["unknown_placeholders"]``).
+are and are counted (``METRICS["unknown_placeholders"]``). Literal stand-ins (surrogates, fpe)
+restore as whole words; one glued to a letter or digit is left and counted
+(``METRICS["unrestored_stand_ins"]``, the ``x-vllm-guard-unrestored`` header of a whole body,
+an SSE comment at the end of a stream). Typed look-alikes come back as typed (the masker maps
+their neutral form back).
 
 Non-streamed bodies: every text the model produced or the response echoes (choices' text and
 messages, Responses output items, ``output_text``, ``instructions``, ``input``, ``tools``);
@@ -45,25 +49,40 @@ PART_INDEXES = ("output_index", "content_index", "summary_index")
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed",
                              "error"})
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+UNRESTORED = "unrestored_stand_ins"  # the metric, and the response header below
+UNRESTORED_HEADER = b"x-vllm-guard-unrestored"
 
 
 class StandInMap(dict):
     """stand-in -> value for one request. Stand-ins are ``<TYPE_N>`` placeholders or literal
     text (surrogates, fpe values); the regex over the literals is compiled once, on first use.
     A literal that begins or ends with an ASCII letter or digit only matches as a whole word
-    there ("Anna Berg" is not restored inside "Anna Bergmann")."""
+    there ("Anna Berg" is not restored inside "Anna Bergmann"); such a literal glued to a
+    letter or digit stays as it is and is counted (``METRICS["unrestored_stand_ins"]``: the
+    masker never glues one, so only the model's own writing does)."""
 
     _pattern: re.Pattern[str] | None = None
+    _glued: re.Pattern[str] | None = None
     _literals: list[str] | None = None
 
     def _compile(self) -> None:
         lits = [k for k in self if not PLACEHOLDER.fullmatch(k)]
         self._literals = sorted(lits)
+        by_len = sorted(lits, key=len, reverse=True)  # longest first
         alts = [PLACEHOLDER.pattern] + [
             ("(?<![A-Za-z0-9])" if _ascii_alnum(k[0]) else "") + re.escape(k)
             + ("(?![A-Za-z0-9])" if _ascii_alnum(k[-1]) else "")
-            for k in sorted(lits, key=len, reverse=True)]  # longest first
+            for k in by_len]
         self._pattern = re.compile("|".join(alts)) if lits else PLACEHOLDER
+        edged = [re.escape(k) for k in by_len if _ascii_alnum(k[0]) or _ascii_alnum(k[-1])]
+        self._glued = re.compile("|".join(edged)) if edged else None
+
+    @property
+    def glued(self) -> re.Pattern[str] | None:
+        """The literals with a letter or digit at an edge, without the whole-word rule."""
+        if self._pattern is None:
+            self._compile()
+        return self._glued
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -89,23 +108,35 @@ def as_stand_ins(mapping: dict[str, str]) -> StandInMap:
     return mapping if isinstance(mapping, StandInMap) else StandInMap(mapping)
 
 
-def restore(text: str, mapping: dict[str, str], *, count: bool = True) -> str:
+def restore(text: str, mapping: dict[str, str], *, count: bool = True,
+            before: str = "") -> str:
     """``text`` with each stand-in of ``mapping`` replaced by its value; unknown placeholders
     stay (and are counted unless ``count`` is false: full texts re-sent after their
-    deltas). Pass a :class:`StandInMap` on hot paths: a plain dict is compiled per call."""
+    deltas), so do literals glued to a letter or digit (counted too). ``before``: the text
+    released just before ``text`` in a stream (its last character decides whether a
+    literal at the start is a whole word, as in the whole text). Pass a
+    :class:`StandInMap` on hot paths: a plain dict is compiled per call."""
     m = as_stand_ins(mapping)
     if "<" not in text and not m.literals:
         return text
-
-    def sub(match: re.Match[str]) -> str:
+    full, start = before[-1:] + text, len(before[-1:])
+    out, pos = [], start
+    restored: set[tuple[int, int]] = set()
+    for match in m.pattern.finditer(full, start):  # look-behinds see ``before``
         value = m.get(match.group(0))
         if value is None:
             if count:
                 METRICS["unknown_placeholders"] += 1
-            return match.group(0)
-        return value
-
-    return m.pattern.sub(sub, text)
+            continue
+        out += (full[pos:match.start()], value)
+        pos = match.end()
+        restored.add(match.span())
+    out.append(full[pos:])
+    if count and m.glued is not None:  # a stand-in glued to a word: left, and counted
+        left = sum(g.span() not in restored for g in m.glued.finditer(full, start))
+        if left:
+            METRICS[UNRESTORED] += left
+    return "".join(out)
 
 
 def restore_all(doc: Any, mapping: dict[str, str], *, count: bool = True) -> Any:
@@ -146,11 +177,15 @@ class StreamRestorer:
     """Incremental restoration, one held fragment per key (choice and field, tool call,
     Responses part). Holds back only a trailing fragment that can still become one of this
     session's stand-ins (a complete literal that ends in a letter or digit included: the next
-    character decides whether it is a whole word); everything else is released at once, so
+    character decides whether it is a whole word, restored, or glued, counted); everything
+    else is released at once, so
     ``<ABC...`` that can never be restored does not stall the stream until the end."""
 
     mapping: StandInMap
     held: dict[Hashable, str] = field(default_factory=dict)
+    # per key, the last character released (as the engine wrote it): the whole-word rule
+    # at the start of the next piece looks at it, as it would in the whole text
+    last: dict[Hashable, str] = field(default_factory=dict)
     _sorted: list[str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -162,11 +197,17 @@ class StreamRestorer:
         if cut < len(buf):
             self.held[key] = buf[cut:]
             buf = buf[:cut]
-        return restore(buf, self.mapping)
+        return self._release(key, buf)
 
     def flush(self, key: Hashable) -> str:
         """What is held for ``key`` (restored as it stands: it never became a stand-in)."""
-        return restore(self.held.pop(key, ""), self.mapping)
+        return self._release(key, self.held.pop(key, ""))
+
+    def _release(self, key: Hashable, buf: str) -> str:
+        out = restore(buf, self.mapping, before=self.last.get(key, ""))
+        if buf:
+            self.last[key] = buf[-1]
+        return out
 
     def _hold_from(self, buf: str) -> int:
         cut = len(buf)
@@ -180,8 +221,9 @@ class StreamRestorer:
         longest = max(map(len, lits))
         for i in range(max(0, len(buf) - longest), cut):
             frag = buf[i:]
-            if (_prefix_of(lits, frag, proper=not _ascii_alnum(frag[-1]))
-                    and not (_ascii_alnum(frag[0]) and i and _ascii_alnum(buf[i - 1]))):
+            # held even when glued to a word before it: a stand-in that comes out glued is
+            # counted, so it must reach restore() whole, as in a whole body
+            if _prefix_of(lits, frag, proper=not _ascii_alnum(frag[-1])):
                 cut = i
                 break
         # never split a stand-in that is complete before the cut: hold it whole
@@ -401,6 +443,12 @@ class ResponseRestorer:
         self.pending = b""  # a stream's incomplete event
         self.named = route == RESPONSES  # whether events carry an ``event:`` line
         self.sep = b"\n\n"
+        # stand-ins left unrestored in this response (glued to a word): a header on whole
+        # bodies, an SSE comment at the end of streams. Counted as the METRICS delta over
+        # synchronous stretches (no await between: no other request's restore in between).
+        self.unrestored = 0
+        self._seen = 0
+        self.noted = False
 
     async def __call__(self, message: Message) -> None:
         kind = message.get("type")
@@ -437,13 +485,17 @@ class ResponseRestorer:
         self.body.append(message.get("body", b""))
         if message.get("more_body"):
             return
+        before = METRICS[UNRESTORED]
         raw = self._document(b"".join(self.body))
+        left = METRICS[UNRESTORED] - before
         self.body = []
         assert self.start is not None
         start, self.start = self.start, None
         headers = [(k, v) for k, v in start.get("headers") or []
                    if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(raw)).encode()))
+        if left:
+            headers.append((UNRESTORED_HEADER, str(left).encode()))
         await self.send_downstream({**start, "headers": headers})
         await self.send_downstream({"type": "http.response.body", "body": raw,
                                     "more_body": False})
@@ -462,7 +514,21 @@ class ResponseRestorer:
 
     # --- streams --------------------------------------------------------------------------
 
+    def _tally(self) -> None:
+        now = METRICS[UNRESTORED]
+        self.unrestored += now - self._seen
+        self._seen = now
+
+    def _note(self) -> bytes:
+        """An SSE comment (clients skip it) with the count of unrestored stand-ins, once."""
+        self._tally()
+        if self.noted or not self.unrestored:
+            return b""
+        self.noted = True
+        return b": " + UNRESTORED_HEADER + b" " + str(self.unrestored).encode() + self.sep
+
     async def _stream(self, message: Message) -> None:
+        self._seen = METRICS[UNRESTORED]
         old = len(self.pending)
         data = self.pending + message.get("body", b"")
         more = bool(message.get("more_body", False))
@@ -477,6 +543,8 @@ class ResponseRestorer:
                 out.append(self._event(self.pending, self.sep))
             self.pending = b""
             out.append(self._frames(self.stream.end()))
+            out.append(self._note())
+        self._tally()
         await self.send_downstream({"type": "http.response.body", "body": b"".join(out),
                                     "more_body": more})
 
@@ -490,7 +558,8 @@ class ResponseRestorer:
             return event + sep
         payload = b"\n".join(_value(lines[i]) for i in data_at)
         if payload.strip() == b"[DONE]":
-            return self._frames(self.stream.end()) + event + sep
+            tail = self._frames(self.stream.end())
+            return tail + self._note() + event + sep
         try:
             doc = json.loads(payload)
         except (ValueError, RecursionError):

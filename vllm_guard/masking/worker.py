@@ -21,9 +21,18 @@ FRAME = struct.Struct("!Q")
 WINDOW, OVERLAP = 32_768, 512  # characters; no value we detect is longer than OVERLAP
 
 
+class ValueLimit(Exception):  # noqa: N818 - a verdict, not a fault
+    """More new values than the request may hold: found early, before detection ends."""
+
+    def __init__(self, found: int):
+        super().__init__(found)
+        self.found = found
+
+
 def neutralise(text: str) -> str:
     """``<PERSON_1>`` typed by a client becomes ``‹PERSON 1›``: not a placeholder, and the
-    digits are a word of their own (so ``<CARD_4111111111111111>`` is still a card)."""
+    digits are a word of their own (so ``<CARD_4111111111111111>`` is still a card). The
+    length is kept, so offsets in the typed text hold (the masker maps it back for echoes)."""
     return PLACEHOLDER.sub(lambda m: f"\u2039{m.group(1)} {m.group(2)}\u203a", text)
 
 
@@ -65,15 +74,41 @@ def _merge(spans: list[Span]) -> list[Span]:
 
 
 def analyse(detector: Detector, texts: list[str], rewrite: list[bool],
-            known: list[tuple[str, str]], automata: list | None = None) -> list[Analysis]:
+            known: list[tuple[str, str]], automata: list | None = None,
+            limit: int | None = None) -> list[Analysis]:
     """``rewrite[i]``: text i will be rewritten (prompt text), so look-alikes are neutralised;
     ``known``: the session's (value, entity) pairs, found wherever they occur (or, for a
-    caller that keeps them across calls, ``automata`` built by :func:`known_automaton`)."""
+    caller that keeps them across calls, ``automata`` built by :func:`known_automaton`).
+    ``limit``: the most new values the request may hold. Cheap checks come first: a pattern-
+    only count (:meth:`count_values` of the detector, if it has one), then a running count
+    per detection window; either past the limit raises :class:`ValueLimit` at once, so a
+    body of 50,000 values is refused without running the slow detectors over all of it."""
+    texts = [neutralise(t) if rw else t for t, rw in zip(texts, rewrite, strict=True)]
+    seen: set[tuple[str, str]] | None = None
+    if limit is not None:
+        count = getattr(detector, "count_values", None)
+        if count is not None:
+            found = count(texts, {v for v, _ in known}, limit)
+            if found > limit:
+                raise ValueLimit(found)
+        seen = set()
+    known_set = set(known)
     automata = [_automaton(known)] if automata is None else automata
     out = []
-    for text, rw in zip(texts, rewrite, strict=True):
-        text = neutralise(text) if rw else text
-        spans = detect_windows(detector, text)
+    for text in texts:
+
+        def tally(spans: list[Span], upto: int, text: str = text) -> None:
+            """New values among the spans ending before ``upto`` (whole in this window)."""
+            if seen is None or limit is None:
+                return
+            for sp in spans:
+                value = text[sp.start:sp.end]
+                if sp.end <= upto and (value, sp.entity) not in known_set:
+                    seen.add((sp.entity, value))
+            if len(seen) > limit:
+                raise ValueLimit(len(seen))
+
+        spans = detect_windows(detector, text, tally)
         for automaton in automata:
             spans += known_spans(text, automaton)
         out.append(Analysis(text, _merge(spans)))
@@ -85,16 +120,24 @@ def known_automaton(known: list[tuple[str, str]]):
     return _automaton(known)
 
 
-def detect_windows(detector: Detector, text: str) -> list[Span]:
+def detect_windows(detector: Detector, text: str, tally=None) -> list[Span]:
     """Large texts in overlapping windows: bounded work per detector call (spaCy refuses
     texts over 1M characters); a value cut at a window's end is whole in the next one and
-    wins the merge by length."""
+    wins the merge by length. ``tally(spans, upto)`` sees each window's spans as they come
+    (``upto``: where a value can no longer be cut by the window's end)."""
     if len(text) <= WINDOW + OVERLAP:
-        return detector.detect(text)
+        spans = detector.detect(text)
+        if tally is not None:
+            tally(spans, len(text))
+        return spans
     spans = []
     for off in range(0, len(text), WINDOW):
-        spans += [Span(s.start + off, s.end + off, s.entity, s.score)
-                  for s in detector.detect(text[off:off + WINDOW + OVERLAP])]
+        got = [Span(s.start + off, s.end + off, s.entity, s.score)
+               for s in detector.detect(text[off:off + WINDOW + OVERLAP])]
+        if tally is not None:
+            last = off + WINDOW + OVERLAP >= len(text)
+            tally(got, len(text) if last else off + WINDOW)
+        spans += got
     return spans
 
 
@@ -133,9 +176,11 @@ def main(config_path: str) -> None:
     while (req := read_frame(proto_in)) is not None:
         try:
             res = analyse(detector, req["texts"], req["rewrite"],
-                          [tuple(k) for k in req["known"]])
+                          [tuple(k) for k in req["known"]], limit=req.get("limit"))
             doc = {"results": [{"text": a.text, "spans": [[s.start, s.end, s.entity]
                                                           for s in a.spans]} for a in res]}
+        except ValueLimit as e:
+            doc = {"too_many": e.found}
         except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
             doc = {"error": f"{type(e).__name__}"}
         proto_out.write(encode(doc))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -49,3 +50,71 @@ def test_a_cancelled_request_never_shares_its_worker_with_the_next(pool):
         return texts
 
     assert asyncio.run(scenario()) == [BOB] * 2
+
+
+# --- a body with far more values than a request may hold (issue #32 item 5) -----------------
+
+MANY = " ".join(f"mail u{i}x@host{i}.org now" for i in range(50_000))  # 50,000 distinct
+
+
+async def _loop_lag(stop: asyncio.Event) -> float:
+    """The longest the event loop went without running this task (ticks every 5 ms)."""
+    worst, loop = 0.0, asyncio.get_running_loop()
+    while not stop.is_set():
+        t = loop.time()
+        await asyncio.sleep(0.005)
+        worst = max(worst, loop.time() - t - 0.005)
+    return worst
+
+
+def test_too_many_values_refused_early_and_the_event_loop_stays_free(tmp_path):
+    """Refused with 413 after the cheap pattern count, not after full detection (10 s+),
+    and the loop is never blocked for 50 ms meanwhile."""
+    from vllm_guard.masking.masker import Masker, TooManyValues
+    from vllm_guard.masking.vault import InMemoryVault
+
+    path = tmp_path / "masking.json"
+    path.write_text(json.dumps({"ner": "off", "name_lists": False}))
+    pool = DetectorPool(None, str(path), 1, 300)  # one worker: it starts alone, sooner
+    masker = Masker(pool, InMemoryVault(), max_per_request=1000)
+
+    async def scenario() -> tuple[float, float]:
+        await pool.analyse(["warm up"], [True], [])
+        stop = asyncio.Event()
+        lag = asyncio.create_task(_loop_lag(stop))
+        t = time.monotonic()
+        with pytest.raises(TooManyValues) as e:
+            await masker.mask_request("ns", "/v1/completions", {"model": "m", "prompt": MANY})
+        took = time.monotonic() - t
+        stop.set()
+        assert e.value.status == 413 and "more than the 1000 allowed" in e.value.message
+        return took, await lag
+
+    took, lag = asyncio.run(scenario())
+    print(f"413 after {took:.2f} s, event loop blocked at most {lag * 1000:.0f} ms")
+    assert took < 3.0 and lag < 0.05, (took, lag)
+    try:  # the worker answered in full: it serves the next request
+        ok = asyncio.run(pool.analyse(["a@b.org c@d.org"], [True], [], 2))
+        assert len(ok[0].spans) == 2
+    finally:
+        pool.close()
+
+
+def test_detection_stops_at_the_first_window_past_the_limit():
+    """Values the pattern count cannot see (names) stop detection window by window."""
+    from vllm_guard.masking.types import Detector, Span
+    from vllm_guard.masking.worker import WINDOW, ValueLimit, analyse
+
+    class Names(Detector):
+        calls = 0
+
+        def detect(self, text: str) -> list[Span]:
+            Names.calls += 1
+            return [Span(i, i + 6, "PERSON", 1.0) for i in range(0, len(text) - 6, 8)]
+
+    text = "".join(f"N{i:05d}  " for i in range(60_000))  # 480,000 chars, 15 windows
+    with pytest.raises(ValueLimit):
+        analyse(Names(), [text], [True], [], limit=1000)
+    assert Names.calls == 1
+    Names.calls = 0
+    assert len(analyse(Names(), [text[:WINDOW]], [True], [], limit=10_000)[0].spans) > 4000

@@ -430,3 +430,45 @@ def test_non_200_and_non_json_pass_through_unchanged():
     out = run(CHAT, [{**SSE_START, "status": 500}] + [body(e) for e in events]
               + [body(b"", more=False)])
     assert received(out) == b"".join(events)
+
+
+# --- stand-ins left unrestored (issue #32 item 4) --------------------------------------------
+
+GLUED_MAP = {"Ryan Sexton": "Jon Cole", "4968 4034 8450 1448": "4111 1111 1111 1111"}
+
+
+def test_a_stand_in_glued_to_a_word_is_counted_and_reported_in_a_header():
+    doc = {"object": "text_completion",
+           "choices": [{"index": 0, "text": "from Ryan Sextonri and Ryan Sexton, card "
+                        "4968 4034 8450 14485", "finish_reason": "stop"}]}
+    before = METRICS["unrestored_stand_ins"]
+    out = run(COMPLETIONS, [{"type": "http.response.start", "status": 200,
+                             "headers": [(b"content-type", b"application/json")]},
+                            body(json.dumps(doc).encode(), more=False)], GLUED_MAP)
+    text = json.loads(out[1]["body"])["choices"][0]["text"]
+    assert text == "from Ryan Sextonri and Jon Cole, card 4968 4034 8450 14485"
+    assert METRICS["unrestored_stand_ins"] == before + 2
+    assert (b"x-vllm-guard-unrestored", b"2") in out[0]["headers"]
+
+
+@pytest.mark.parametrize("ending", ["done", "empty"])
+def test_a_stream_reports_glued_stand_ins_in_a_comment_at_its_end(ending):
+    """Split anywhere, a glued stand-in is counted once (held until the next character
+    decides), and the count goes out as an SSE comment, which clients skip."""
+    full = "xRyan Sexton and Ryan Sextonri, Ryan Sexton."
+    for cut in range(1, len(full)):
+        out = run(CHAT, [SSE_START] + [body(chunk(0, content=p)) for p in (full[:cut],
+                                                                         full[cut:])]
+                  + [body(chunk(0, "stop"))]
+                  + ([body(b"data: [DONE]\n\n")] if ending == "done" else [])
+                  + [body(b"", more=False)], GLUED_MAP)
+        raw = received(out)
+        assert texts(raw) == {(0, "content"): "xRyan Sexton and Ryan Sextonri, Jon Cole."}
+        assert raw.count(b": x-vllm-guard-unrestored 2\n\n") == 1, (cut, raw)
+        if ending == "done":
+            assert raw.index(b": x-vllm-guard") < raw.index(b"data: [DONE]")
+
+
+def test_no_header_or_comment_when_everything_is_restored():
+    out = stream(CHAT, [chunk(0, content="Li Lei"), chunk(0, "stop")])
+    assert b"unrestored" not in received(out)

@@ -28,13 +28,15 @@ from vllm_guard.masking.detection.name_gazetteer import gazetteer
 from vllm_guard.masking.detection.ner import SpacyNerDetector, load_pipeline
 from vllm_guard.masking.detection.person_names import GuardPersonNameRecognizer
 from vllm_guard.masking.detection.place_names import place_spans
-from vllm_guard.masking.detection.recognizers import builtin_recognizers
+from vllm_guard.masking.detection.recognizers import _Checked, builtin_recognizers
 from vllm_guard.masking.types import NER_ENTITIES, Detector, Intervals, Span
 
 if TYPE_CHECKING:
     from vllm_guard.masking.config import MaskingConfig
 
 logger = get_logger(__name__)
+MIN_VALUE_CHARS = 6  # the shortest value a pattern finds ("a@b.co", "1.1.1.1" is 7)
+FAST_CHUNK, FAST_OVERLAP = 65_536, 512  # no pattern value, with its context, is longer
 
 
 def _offline_tldextract() -> None:
@@ -66,6 +68,11 @@ class PresidioDetector(Detector):
         self.entities = [e for e in self.thresholds if e not in NER_ENTITIES
                          or (e == "PERSON" and config.name_lists)]
         self.entities = [e for e in self.entities if e != "SENSITIVE_TERM"]
+        # our own pattern recognizers, compiled once with the stdlib (no IGNORECASE, no
+        # Presidio per-match objects): :meth:`CompositeDetector.count_values`' cheap pass
+        self.fast = [(re.compile(p.regex, re.DOTALL | re.MULTILINE), p.score, rec)
+                     for rec in builtin_recognizers() if isinstance(rec, _Checked)
+                     and rec.supported_entities[0] in self.entities for p in rec.patterns]
         engine = NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "no_op"}])
         self.analyzer = AnalyzerEngine(nlp_engine=engine, registry=registry,
                                        supported_languages=["en"])
@@ -172,6 +179,61 @@ class CompositeDetector(Detector):
             out.append(s)
             taken.add(s.start, s.end)
         return sorted(out, key=lambda s: s.start)
+
+
+    def count_values(self, texts: list[str], known: set[str], limit: int) -> int:
+        """Distinct values, not in ``known``, that our pattern recognizers find (checksums,
+        thresholds, the allow-list and context rules applied); counting stops past
+        ``limit``. The full detection finds at least these (pattern hits win its overlaps),
+        so a count past the limit refuses a request before the slow detectors run. Regex and
+        checksum only, chunk by chunk, so a body dense with values stops in its first chunk."""
+        presidio = next((d for d in self.detectors if isinstance(d, PresidioDetector)), None)
+        # a value takes at least MIN_VALUE_CHARS: texts this short cannot pass the limit
+        if presidio is None or not presidio.fast or sum(map(len, texts)) <= (
+                limit + 1) * MIN_VALUE_CHARS:
+            return 0
+        found: set[str] = set()
+        for text in texts:
+            cursors, taken = [0] * len(presidio.fast), Intervals()
+            for b in range(FAST_CHUNK, len(text) + FAST_CHUNK, FAST_CHUNK):
+                chunk_end = min(b, len(text))
+                endpos = min(len(text), chunk_end + FAST_OVERLAP)
+                hits: list[tuple[int, int, str]] = []
+                for i, (pat, score, rec) in enumerate(presidio.fast):
+                    cursors[i] = self._scan(text, pat, score, rec, presidio.thresholds,
+                                            cursors[i], chunk_end, endpos, known, hits)
+                # as the detector resolves overlaps: longest first, then earliest
+                for start, end, entity in sorted(hits, key=lambda h: (h[0] - h[1], h[0])):
+                    if (not taken.overlapping(start, end)
+                            and not self.context.exempt(text, start, end, entity)):
+                        taken.add(start, end)
+                        found.add(text[start:end])
+                if len(found) > limit:
+                    return len(found)
+        return len(found)
+
+    def _scan(self, text: str, pat: re.Pattern[str], score: float, rec, thresholds,
+              pos: int, chunk_end: int, endpos: int, known: set[str],
+              hits: list[tuple[int, int, str]]) -> int:
+        """Adds to ``hits`` the matches of ``pat`` starting in [pos, chunk_end), as a scan of
+        the whole text finds them (a match too near ``endpos`` to have its look-ahead is
+        left to the next chunk); returns where the next chunk's scan resumes."""
+        entity = rec.supported_entities[0]
+        while pos < chunk_end:
+            m = pat.search(text, pos, endpos)
+            if m is None or m.start() >= chunk_end:
+                return chunk_end
+            if endpos < len(text) and m.end() + 8 > endpos:
+                return m.start()  # its context is cut: the next chunk sees it whole
+            pos = max(m.end(), m.start() + 1)
+            value = m.group()
+            if value in known or value.lower() in self.allow:
+                continue
+            ok = rec.validate_result(value)
+            if ok is False or (ok is None and score < thresholds.get(entity, 1.1)):
+                continue
+            hits.append((m.start(), m.end(), entity))
+        return pos
 
 
 def _trimmed(text: str, span: Span, taken: list[tuple[int, int]]) -> Span | None:

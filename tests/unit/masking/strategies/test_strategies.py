@@ -180,3 +180,55 @@ def test_masker_with_strategies_hides_and_restores_the_corpus():
             assert restore(masked, mapping) == ex.text
 
     asyncio.run(go())
+
+
+# --- glued stand-ins and typed look-alikes (issue #32 item 4) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def fast_masker() -> Masker:
+    config = MaskingConfig(ner="off", detector_workers=0, strategies=STRATEGIES)
+    detector = build_detector(config)
+    return Masker(DetectorPool(lambda: detector, None, 0, 60), InMemoryVault(),
+                  stand_ins=StandIns(STRATEGIES, os.urandom(32)))
+
+
+def _mask(masker: Masker, prompt: str, ns: str) -> tuple[str, StandInMap]:
+    body = {"model": "m", "prompt": prompt}
+    mapping = asyncio.run(masker.mask_request(ns, "/v1/completions", body))
+    return body["prompt"], mapping
+
+
+def test_a_value_glued_to_a_word_comes_back_exactly(fast_masker):
+    """A value that touches a letter or digit ("...1111ri"; a known name inside a longer word)
+    must come back as it was sent, never as its stand-in, whole or streamed."""
+    card, name = "4111 1111 1111 1111", "Jon Cole"
+    first = f"card {card}ri from {name}."
+    masked, mapping = _mask(fast_masker, first, "glue")
+    assert card not in masked and name not in masked
+    assert restore(masked, mapping) == first
+    again = f"{name}ri, x{name}, {card}7 and {name}"  # known values, glued where they occur
+    masked, mapping = _mask(fast_masker, again, "glue")
+    assert card not in masked and name not in masked
+    assert restore(masked, mapping) == again
+    for cut in range(1, len(masked)):
+        sr = StreamRestorer(mapping)
+        assert sr.feed("k", masked[:cut]) + sr.feed("k", masked[cut:]) + sr.flush("k") == again
+
+
+def test_typed_look_alikes_come_back_exactly_as_typed(fast_masker):
+    prompt = "Template: Dear <PERSON_1>, card <CARD_4111111111111111>, ref <X_2>."
+    masked, mapping = _mask(fast_masker, prompt, "look")
+    assert "<PERSON_1>" not in masked and "4111111111111111" not in masked
+    assert restore(masked, mapping) == prompt
+    for cut in range(1, len(masked)):
+        sr = StreamRestorer(mapping)
+        assert sr.feed("k", masked[:cut]) + sr.feed("k", masked[cut:]) + sr.flush("k") == prompt
+    # the owner's own placeholder typed: restored as typed, never to the session's value
+    _mask(fast_masker, "mail jane.roe@example.com", "look2")
+    masked, mapping = _mask(fast_masker, "echo <EMAIL_ADDRESS_1>", "look2")
+    assert restore(masked, mapping) == "echo <EMAIL_ADDRESS_1>"
+    # a neutral form the client typed itself is never turned into a placeholder
+    both = "\u2039PERSON 1\u203a and <PERSON_1>"
+    masked, mapping = _mask(fast_masker, both, "look3")
+    assert restore(masked, mapping).startswith("\u2039PERSON 1\u203a and ")
