@@ -25,10 +25,11 @@ from vllm_guard.masking.detection.chinese_names import ChineseNameDetector
 from vllm_guard.masking.detection.common_words import common_english
 from vllm_guard.masking.detection.context import ContextFilter
 from vllm_guard.masking.detection.name_gazetteer import gazetteer
-from vllm_guard.masking.detection.ner import SpacyNerDetector, load_pipeline
+from vllm_guard.masking.detection.ner import NOT_PERSON, SpacyNerDetector, load_pipeline
 from vllm_guard.masking.detection.person_names import GuardPersonNameRecognizer
 from vllm_guard.masking.detection.place_names import place_spans
 from vllm_guard.masking.detection.recognizers import builtin_recognizers
+from vllm_guard.masking.detection.zh_segment import segmenter
 from vllm_guard.masking.types import NER_ENTITIES, Detector, Intervals, Span
 
 if TYPE_CHECKING:
@@ -149,6 +150,15 @@ class CompositeDetector(Detector):
 
     def detect(self, text: str) -> list[Span]:
         spans = [s for d in self.detectors for s in d.detect(text)]
+        # the model's ORG/PRODUCT spans: a name-list PERSON strictly inside one is part of a
+        # firm's or a product's name ("Martha Stewart Living", "Alfa Romeo Giulia"). Not on
+        # the same words alone: the small model calls many real names ORG
+        vetoes = [s for s in spans if s.entity == NOT_PERSON]
+        if vetoes:
+            spans = [s for s in spans if s.entity != NOT_PERSON and not (
+                s.entity == "PERSON" and any(
+                    v.start <= s.start and s.end <= v.end and v.end - v.start > s.end - s.start
+                    for v in vetoes))]
         # no placeholder is exempt: callers neutralise look-alikes before detecting
         taken = Intervals()
         out: list[Span] = []
@@ -214,6 +224,7 @@ def build_detector(config: MaskingConfig) -> CompositeDetector:
     if "PERSON" in config.enabled():
         common_english()  # load the lazy tables now, not in the first request (~0.5 s)
         place_spans("")
+        segmenter()  # jieba's dictionary: once per process (1-2 s), here in the worker
 
         detectors.append(ChineseNameDetector(max(config.enabled()["PERSON"], 0.85)))
     if config.always_sensitive:
