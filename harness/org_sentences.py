@@ -71,3 +71,13 @@ ORG_SENTENCES = (
     "Charles River Laboratories hired new staff.",
     "Marriott hotels raised their rates.",
 )
+
+
+def masked_as_person(detect) -> list[tuple[str, list[str]]]:  # noqa: ANN001 - a callable
+    """The sentences where ``detect`` finds a PERSON, with what it found."""
+    out = []
+    for text in ORG_SENTENCES:
+        found = [text[s.start:s.end] for s in detect(text) if s.entity == "PERSON"]
+        if found:
+            out.append((text, found))
+    return out

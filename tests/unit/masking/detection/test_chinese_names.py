@@ -10,7 +10,7 @@ import pytest
 
 from harness.pii_corpus import score
 from harness.zh_names import zh_name_corpus
-from harness.zh_sentences import zh_handwritten
+from harness.zh_sentences import exact_scores, zh_handwritten
 from tests.unit.masking.test_masking import REPORTS
 from vllm_guard.masking.detection.chinese_names import ChineseNameDetector
 
@@ -35,28 +35,13 @@ def test_chinese_names_recall_and_precision(request, corpora, profile):
     assert report["without_cue"]["recall"] >= 0.80, report
 
 
-def handwritten_scores(detect) -> dict:
-    """Exact-span recall and precision on the hand-written sentences (harness/zh_sentences)."""
-    with_names, no_names = zh_handwritten()
-    gold = found = predicted = 0
-    wrong: list[tuple[str, list[str]]] = []
-    for ex in with_names + no_names:
-        got = {(s.start, s.end) for s in detect(ex.text) if s.entity == "PERSON"}
-        want = {(a, b) for a, b, _ in ex.spans}
-        gold, found, predicted = gold + len(want), found + len(got & want), predicted + len(got)
-        if got != want:
-            wrong.append((ex.text, [ex.text[a:b] for a, b in sorted(got)]))
-    return {"names": gold, "recall": found / gold, "precision": found / predicted,
-            "wrong": wrong}
-
-
 @pytest.mark.parametrize("profile", ["default", "fast"])
 def test_handwritten_sentences_exact_spans(request, profile):
     """>= 50 sentences with names (no cue, role word before or after, 和 and 、) and >= 50
     traps; a span one character off counts as a miss and a false positive."""
     with_names, no_names = zh_handwritten()
     assert len(with_names) >= 50 and len(no_names) >= 50
-    rep = handwritten_scores(request.getfixturevalue(f"{profile}_detector").detect)
+    rep = exact_scores(request.getfixturevalue(f"{profile}_detector").detect)
     assert rep["recall"] >= 0.90, rep
     assert rep["precision"] >= 0.95, rep
 

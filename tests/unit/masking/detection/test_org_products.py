@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.org_sentences import ORG_SENTENCES
+from harness.org_sentences import ORG_SENTENCES, masked_as_person
 from vllm_guard.masking.detection.context import ContextFilter, ContextRule
 from vllm_guard.masking.detection.detector import CompositeDetector
 from vllm_guard.masking.detection.ner import NOT_PERSON
@@ -22,7 +22,7 @@ def persons(det, text: str) -> list[str]:
 def test_at_most_one_in_twenty_companies_masked_as_a_person(request, profile):
     det = request.getfixturevalue(f"{profile}_detector")
     assert len(ORG_SENTENCES) >= 60
-    masked = [(t, persons(det, t)) for t in ORG_SENTENCES if persons(det, t)]
+    masked = masked_as_person(det.detect)
     assert len(masked) * 20 <= len(ORG_SENTENCES), masked
 
 
