@@ -1,10 +1,12 @@
 """Chinese word segmentation for the Chinese-name recognizer: jieba (MIT), its dictionary and
 HMM for words no dictionary holds (most personal names are such words).
 
-The dictionary loads once per process, on first use (1-2 s, ~60 MB; jieba keeps a prefix
-cache in the temp directory), never at import: a detector worker pays it once, a CLI that
-never sees Chinese text never. Nothing is fetched over the network: the dictionary ships
-inside the wheel (jieba's optional paddle mode, which would pip-install, is never enabled).
+The dictionary loads once per process (1-2 s, ~60 MB) when the detector is built
+(``build_detector``: in each detector worker, in the server with ``detector_workers: 0``,
+in ``vllm-guard scrub``), never at import and never per request. Its prefix cache is kept in
+``$VLLM_GUARD_CACHE/jieba``, not the shared temp directory. Nothing is fetched over the
+network: the dictionary ships inside the wheel (jieba's optional paddle mode, which would
+pip-install, is never enabled).
 Without jieba the recognizer keeps to cue words (``available()``).
 """
 
@@ -37,8 +39,11 @@ class Segmenter:
             warnings.simplefilter("ignore", DeprecationWarning)
             import jieba
 
-        jieba.setLogLevel(logging.ERROR)  # "Building prefix dict..." on stderr otherwise
+        # quiet: "Building prefix dict..." on stderr, and a traceback when the cache cannot
+        # be written (read-only home): the dictionary is then built each time, 1 s slower
+        jieba.setLogLevel(logging.CRITICAL)
         self.tokenizer = jieba.Tokenizer()
+        self.tokenizer.tmp_dir = str(_private_cache_dir())
         self.tokenizer.initialize()
         self.freq = self.tokenizer.FREQ
         dict_path = Path(jieba.__file__).with_name("dict.txt")
@@ -52,6 +57,27 @@ class Segmenter:
     def tokens(self, text: str) -> list[Token]:
         return [Token(w, a, b, self.freq.get(w, 0) > 0)
                 for w, a, b in self.tokenizer.tokenize(text)]
+
+
+def _private_cache_dir() -> Path:
+    """Where jieba keeps its prefix cache: ``$VLLM_GUARD_CACHE/jieba``, ours alone. Not the
+    shared temp directory jieba uses by default: anyone could plant /tmp/jieba.cache there,
+    and its word frequencies decide where names are found. A directory another user owns or
+    may write is not used (a fresh private one is, without reuse)."""
+    import os
+    import tempfile
+
+    from vllm_guard import envs
+
+    path = envs.cache_dir() / "jieba"
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+        if st.st_uid == os.getuid() and not st.st_mode & 0o022:
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="vllm-guard-jieba-"))
 
 
 def available() -> bool:

@@ -26,3 +26,17 @@ def test_tokens_index_the_text():
     assert all(text[t.start:t.end] == t.word for t in tokens)
     words = {t.word: t.known for t in tokens}
     assert words["黄蕾"] is False and words["和"] is True  # an unknown word: a name, here
+
+
+def test_prefix_cache_is_private(tmp_path, monkeypatch):
+    """jieba's default cache is /tmp/jieba.cache, which anyone may plant: ours is the
+    user's own directory, and one others may write is not used."""
+    from vllm_guard.masking.detection.zh_segment import _private_cache_dir
+
+    monkeypatch.setenv("VLLM_GUARD_CACHE", str(tmp_path / "cache"))
+    path = _private_cache_dir()
+    assert path == tmp_path / "cache" / "jieba" and path.stat().st_mode & 0o777 == 0o700
+    assert segmenter().tokenizer.tmp_dir != "/tmp"
+    path.chmod(0o777)  # group/world-writable: not trusted
+    other = _private_cache_dir()
+    assert other != path and other.stat().st_mode & 0o777 == 0o700
