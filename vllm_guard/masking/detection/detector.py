@@ -31,7 +31,6 @@ from vllm_guard.masking.detection.place_names import place_spans
 from vllm_guard.masking.detection.recognizers import builtin_recognizers
 from vllm_guard.masking.detection.sentence_names import SCORE as SENTENCE_SCORE
 from vllm_guard.masking.detection.sentence_names import SentenceNameDetector
-from vllm_guard.masking.detection.zh_segment import segmenter
 from vllm_guard.masking.types import NER_ENTITIES, Detector, Intervals, Span
 
 if TYPE_CHECKING:
@@ -226,7 +225,6 @@ def build_detector(config: MaskingConfig) -> CompositeDetector:
     if "PERSON" in config.enabled():
         common_english()  # load the lazy tables now, not in the first request (~0.5 s)
         place_spans("")
-        segmenter()  # jieba's dictionary: once per process (1-2 s), here in the worker
 
         detectors.append(ChineseNameDetector(max(config.enabled()["PERSON"], 0.85)))
         if config.name_lists and config.enabled()["PERSON"] <= SENTENCE_SCORE:

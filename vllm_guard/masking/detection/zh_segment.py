@@ -1,9 +1,10 @@
 """Chinese word segmentation for the Chinese-name recognizer: jieba (MIT), its dictionary and
 HMM for words no dictionary holds (most personal names are such words).
 
-The dictionary loads once per process (1-2 s, ~60 MB) when the detector is built
-(``build_detector``: in each detector worker, in the server with ``detector_workers: 0``,
-in ``vllm-guard scrub``), never at import and never per request. Its prefix cache is kept in
+The dictionary loads once per process (1-2 s, ~60 MB), lazily: on the first text with CJK
+characters a detector sees (in the detector worker, or the server with
+``detector_workers: 0``, or ``vllm-guard scrub``), never at import, never per request, never
+in a process that sees no Chinese. Its prefix cache is kept in
 ``$VLLM_GUARD_CACHE/jieba``, not the shared temp directory. Nothing is fetched over the
 network: the dictionary ships inside the wheel (jieba's optional paddle mode, which would
 pip-install, is never enabled).

@@ -164,10 +164,7 @@ def test_model_person_guesses_need_the_shape_of_a_name():
 
 def test_known_places_can_be_turned_off():
     text = "Flights to Nguyễn Văn Cừ are delayed."
-    fast = build_detector(MaskingConfig(ner="off", detector_workers=0))
-    # without the model: found by the sentence's evidence ("ask"), not by the lists
-    assert persons(fast, text) == {"Oluwaseun Adebayo"}
-    assert persons(fast, "The parcel for Oluwaseun Adebayo arrived late.") == set()
+    assert persons(build_detector(MaskingConfig(ner="off", detector_workers=0)), text) == set()
     off = build_detector(MaskingConfig(ner="off", known_places=False, detector_workers=0))
     assert persons(off, text) == {"Nguyễn Văn Cừ"}
 
