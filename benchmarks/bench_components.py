@@ -2,6 +2,8 @@
 activation op against plain SiluAndMul.
 
 python -m benchmarks.bench_components  -> benchmarks/results/components.json
+python -m benchmarks.bench_components --masker-only  (the masker alone: English and Chinese
+~1 KB prompts, ``ours_<profile>`` and ``ours_<profile>_zh``)
 """
 
 from __future__ import annotations
@@ -29,6 +31,26 @@ def _english_1kb(n: int) -> list:
         text += ex.text + "\n"
         if len(text) >= 1000:
             out.append(LabelledText(text, spans, "en"))
+            text, spans = "", []
+            if len(out) == n:
+                break
+    return out
+
+
+def _chinese_1kb(n: int) -> list:
+    """~1 KB (UTF-8, ~340 characters) Chinese prompts: the corpus's Chinese examples and
+    sentences with Chinese names (a cue word or none), joined, spans shifted."""
+    from harness.pii_corpus import LabelledText, generate
+    from harness.zh_names import zh_name_corpus
+
+    zh = [ex for ex in generate(n * 12, seed=3) if ex.lang == "zh"]
+    names = zh_name_corpus(len(zh) * 2, seed=5, cue_share=0.5)
+    out, text, spans = [], "", []
+    for ex in (e for i, z in enumerate(zh) for e in (z, names[2 * i], names[2 * i + 1])):
+        spans += [(a + len(text), b + len(text), e) for a, b, e in ex.spans]
+        text += ex.text
+        if len(text.encode()) >= 1000:
+            out.append(LabelledText(text, spans, "zh"))
             text, spans = "", []
             if len(out) == n:
                 break
@@ -75,7 +97,12 @@ def masker_timings(n: int = 150) -> dict:
                  for loc in NAME_LOCALES}
     examples = _english_1kb(n)
     texts = [ex.text for ex in examples]
-    result: dict = {"prompts": len(texts), "mean_chars": statistics.mean(map(len, texts))}
+    zh_examples = _chinese_1kb(n)
+    result: dict = {"prompts": len(texts), "mean_chars": statistics.mean(map(len, texts)),
+                    "zh_prompts": len(zh_examples),
+                    "zh_mean_chars": statistics.mean(len(ex.text) for ex in zh_examples),
+                    "zh_mean_utf8_bytes": statistics.mean(len(ex.text.encode())
+                                                          for ex in zh_examples)}
 
     def timed(fn) -> list[float]:
         return _timed(fn, texts)
@@ -85,8 +112,19 @@ def masker_timings(n: int = 150) -> dict:
         # detection in this thread (workers=0), a fresh session per prompt
         masker = Masker(DetectorPool(lambda det=det: det, None, 0, 60), InMemoryVault())
         loop, sessions = asyncio.new_event_loop(), itertools.count()
-        times = timed(lambda t, m=masker, lp=loop, ids=sessions: lp.run_until_complete(
-            m.mask_request(f"s{next(ids)}", "/v1/completions", {"prompt": t})))
+
+        def mask(t: str, m=masker, lp=loop, ids=sessions) -> None:  # noqa: ANN001
+            lp.run_until_complete(m.mask_request(f"s{next(ids)}", "/v1/completions",
+                                                 {"prompt": t}))
+
+        times = timed(mask)
+        zh_times = _timed(mask, [ex.text for ex in zh_examples])
+        zh_rep = score(zh_examples, det.detect)
+        result[f"ours_{profile}_zh"] = {"p50_ms": percentile(zh_times, 50) * 1e3,
+                                        "p99_ms": percentile(zh_times, 99) * 1e3,
+                                        "micro_recall": zh_rep["micro_recall"],
+                                        "micro_precision": zh_rep["micro_precision"],
+                                        "person_recall": zh_rep["entities"]["PERSON"]["recall"]}
         rep = score(examples, det.detect)
         result[f"person_recall_by_name_locale_{profile}"] = {
             loc: score(other, det.detect)["entities"]["PERSON"]["recall"]

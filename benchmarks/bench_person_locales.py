@@ -4,7 +4,10 @@ Positives: English sentences around a full name of the locale (Faker's lists, an
 names from gender-guesser's independent list). Negatives: sentences of capitalised non-names
 (the locale's cities, companies, streets from Faker; products, organisations), and, held out
 from every list the masker uses, towns of the locale's country from GeoNames.
-Chinese names in Chinese text are measured by tests/unit/masking/detection/test_chinese_names.py.
+Chinese names in Chinese text: a ``zh_CN`` row per profile, on the hand-written sentences
+(harness/zh_sentences.py, exact spans) and Faker's zh_CN names with and without cue words
+(harness/zh_names.py). Companies and products named like people (harness/org_sentences.py):
+a ``companies_products`` row, the share of sentences with a PERSON found (all false).
 
 ``python -m benchmarks.bench_person_locales --n 200``
 """
@@ -16,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+from harness.org_sentences import ORG_SENTENCES, masked_as_person
 from harness.person_corpus import (
     FR_NEGATIVE_TEMPLATES,
     FR_TEMPLATES,
@@ -26,6 +30,8 @@ from harness.person_corpus import (
     positives,
 )
 from harness.pii_corpus import score
+from harness.zh_names import zh_name_corpus
+from harness.zh_sentences import exact_scores
 from vllm_guard.masking.config import MaskingConfig
 from vllm_guard.masking.detection.detector import build_detector
 
@@ -62,6 +68,20 @@ def french_text(n: int, seed: int = 0) -> dict:
     return out
 
 
+def chinese_rows(det, n: int, seed: int) -> dict:  # noqa: ANN001 - a detector
+    """Chinese text: the hand-written sentences (exact spans), Faker's names with and
+    without a cue word (a span >= 70% of the name, as everywhere here)."""
+    hand = exact_scores(det.detect)
+    rows = {"handwritten": {"recall": round(hand["recall"], 3),
+                            "precision": round(hand["precision"], 3), "names": hand["names"],
+                            "wrong": hand["wrong"]}}
+    for name, cue in (("faker_with_cue", 1.0), ("faker_without_cue", 0.0)):
+        rep = score(zh_name_corpus(n, seed=seed, cue_share=cue), det.detect)["entities"]
+        rows[name] = {"recall": round(rep["PERSON"]["recall"], 3),
+                      "precision": round(rep["PERSON"]["precision"], 3)}
+    return rows
+
+
 def measure(n: int, profiles: dict[str, dict], seed: int = 0) -> dict:
     out: dict = {"n_positive": n, "n_negative": n // 2, "profiles": {}}
     for profile, overrides in profiles.items():
@@ -90,6 +110,15 @@ def measure(n: int, profiles: dict[str, dict], seed: int = 0) -> dict:
                 f"P(places) {r.get('precision_held_out_places', float('nan')):.2f}"
                 for s, r in row.items()),
                 flush=True)
+        rows["zh_CN"] = chinese_rows(det, n, seed)
+        org = masked_as_person(det.detect)
+        rows["companies_products"] = {"sentences": len(ORG_SENTENCES),
+                                      "masked_as_person": len(org),
+                                      "share": round(len(org) / len(ORG_SENTENCES), 3),
+                                      "examples": org}
+        print(f"{profile:8s} zh_CN: " + "  ".join(
+            f"{k} R {r['recall']:.2f} P {r['precision']:.2f}" for k, r in rows["zh_CN"].items())
+            + f"   companies/products as PERSON: {len(org)}/{len(ORG_SENTENCES)}", flush=True)
         out["profiles"][profile] = rows
     return out
 

@@ -26,6 +26,9 @@ from vllm_guard.masking.detection.place_names import inside_place, place_spans
 
 _WORD = re.compile(r"[^\W\d_][\w'’.-]*")  # a word, with "St." and "O'Neil"
 _PARTICLES_AT_END = re.compile(r"(?:\s+(?:de|del|da|do|dos|das|di|della|la|le|des|du))+$")
+# the lowercase word right after, past up to two capitalised ones ("Alfa Romeo Giulia reviews")
+_NEXT_LOWER = re.compile(r"(?:[ \t][A-Z][\w-]*){0,2}[ \t]([a-z]+)\b(?!['’])")
+_THE_BEFORE = re.compile(r"\b[Tt]he[ \t]+$")
 _FOLLOWING = 4  # capitalised words after a match that may still carry the context word
 
 
@@ -39,9 +42,13 @@ class ContextRule:
     # first or last word of a match whose first word is no listed first name, even when the
     # word is a name too: "Andrade Grande", "Baria Nagar", "Evans Field" (not "Ariana Grande")
     unnamed_ends: tuple[str, ...] = ()
+    # lowercase nouns right after the match (no possessive between) that make it a firm or a
+    # product used as a modifier: "Morgan Stanley report", "Ford Mustang sales" (a plural
+    # "s" is matched too); also any lowercase word after "the X": "the Calvin Klein campaign"
+    nouns_after: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("after", "before", "phrases", "unnamed_ends"):
+        for name in ("after", "before", "phrases", "unnamed_ends", "nouns_after"):
             bad = [w for w in getattr(self, name) if not any(c.isalpha() for c in w)]
             if bad:  # "" would exempt every match
                 raise ValueError(f"context rule '{name}' holds {bad[0]!r}: every entry needs "
@@ -80,7 +87,8 @@ ORGANISATION_WORDS = ("Airport", "University", "College", "School", "Academy", "
                       "Stadium", "Arena", "Hall", "Building", "Tower", "Memorial", "Prize",
                       "Award", "Trust", "Fund", "Corporation", "Company", "Inc", "Inc.", "Ltd",
                       "Ltd.", "LLC", "GmbH", "AG", "SA", "S.A.", "Group", "Holdings", "Motors",
-                      "Controls", "Club", "Times", "Review", "Bank", "Cross",
+                      "Controls", "Club", "Times", "Review", "Bank", "Cross", "Bros", "Bros.",
+                      "Brothers",
                       "Công", "Tập")  # Vietnamese "Công ty" (company), "Tập đoàn" (group)
 # organisation words that are no name part, matched anywhere after a span's first word
 _ANYWHERE = frozenset({"công", "tập"})
@@ -219,6 +227,22 @@ def _not_names(words) -> tuple[str, ...]:  # noqa: ANN001 - any iterable of word
     return tuple(sorted({w for w in words if fold(w) not in known}))
 
 
+# what follows a company, brand or product name used as a modifier; a person's name takes a
+# possessive there ("Mary Smith's report"), a firm's does not ("Morgan Stanley report")
+FIRM_NOUNS = ("report", "sales", "share", "stock", "earning", "revenue", "profit", "loss",
+              "analyst", "advisor", "adviser", "broker", "fund", "index", "store", "outlet",
+              "boutique", "dealership", "dealer", "campaign", "brand", "product", "model",
+              "price", "customer", "client", "employee", "executive", "subsidiary",
+              "headquarters", "factory", "plant", "delivery", "recall", "owner", "lineup",
+              "jacket", "suit", "handbag", "bag", "shoe", "watch", "motorcycle", "car",
+              "truck", "tractor", "engine", "whiskey", "beer", "wine", "cosmetic", "perfume",
+              "magazine", "paint", "review", "phone", "laptop", "printer", "app", "software",
+              "account", "card", "bond", "deal", "merger", "acquisition", "ipo", "ceo",
+              "spokesperson", "spokesman", "spokeswoman", "logo", "ad", "advert", "commercial",
+              "collection", "line", "range", "shop", "branch", "office", "staff", "bank",
+              "shareholder", "investor", "dividend", "valuation", "market", "retail")
+
+
 def default_context() -> dict[str, ContextRule]:
     prefixes, suffixes = company_words()
     person = ContextRule(
@@ -228,7 +252,7 @@ def default_context() -> dict[str, ContextRule]:
                *_not_names((*TOWN_WORDS, *INDIAN_PLACE_WORDS)), *suffixes, *place_suffixes()),
         before=("Mount", "Lake", "Fort", "Cape", "Port", "C.", "Av.", "Avda.", "Pza.",
                 *street_types(), *prefixes),
-        phrases=company_phrases(), unnamed_ends=unnamed_place_ends())
+        phrases=company_phrases(), unnamed_ends=unnamed_place_ends(), nouns_after=FIRM_NOUNS)
     return {"PERSON": person}
 
 
@@ -247,6 +271,8 @@ class ContextFilter:
                                                                      reverse=True))))
                         for e, r in rules.items() if r.phrases}
         self.unnamed_ends = {e: {fold_word(w) for w in r.unnamed_ends} for e, r in rules.items()}
+        self.nouns_after = {e: {w.lower() for w in r.nouns_after} for e, r in rules.items()
+                            if r.nouns_after}
         self.always = {t.lower() for terms in always.values() for t in terms}
         self.known_places = known_places
         self._places: tuple[str, list[tuple[int, int]]] = ("", [])  # the last text's
@@ -266,6 +292,8 @@ class ContextFilter:
         if entity == "PERSON" and self.known_places and self._in_known_place(text, start, end):
             return True
         after, before = self.after.get(entity), self.before.get(entity)
+        if self._modifier(text, start, end, self.nouns_after.get(entity)):
+            return True
         if self._firm_phrase(text, start, end, self.phrases.get(entity)):
             return True
         ends = self.unnamed_ends.get(entity)
@@ -312,6 +340,20 @@ class ContextFilter:
                 head = head[:-len(words[-1])].rstrip(" \t")
                 words.pop()
         return False
+
+    @staticmethod
+    def _modifier(text: str, start: int, end: int, nouns: set[str] | None) -> bool:
+        """A name used as a modifier of a lowercase noun: a firm or a product."""
+        if not nouns:
+            return False
+        m = _NEXT_LOWER.match(text, end)
+        if m is None:
+            return False
+        word = m.group(1)
+        if word in nouns or (word.endswith("s") and word[:-1] in nouns):
+            return True
+        # "the Calvin Klein campaign": a determiner before, a lowercase word after
+        return _THE_BEFORE.search(text, max(0, start - 5), start) is not None
 
     @staticmethod
     def _firm_phrase(text: str, start: int, end: int, phrases: re.Pattern | None) -> bool:

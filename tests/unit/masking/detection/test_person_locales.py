@@ -193,4 +193,7 @@ def test_model_runs_only_where_the_lists_cannot_explain():
     text = "Please ask Oluwaseun Adebayo to sign it."  # in no list: the model's
     assert persons(build_detector(MaskingConfig(detector_workers=0)), text) == {
         "Oluwaseun Adebayo"}
-    assert persons(build_detector(MaskingConfig(ner="off", detector_workers=0)), text) == set()
+    fast = build_detector(MaskingConfig(ner="off", detector_workers=0))
+    # without the model: found by the sentence's evidence ("ask"), not by the lists
+    assert persons(fast, text) == {"Oluwaseun Adebayo"}
+    assert persons(fast, "The parcel for Oluwaseun Adebayo arrived late.") == set()
