@@ -36,8 +36,7 @@ from vllm_guard.masking.masker import apply_placeholders
 from vllm_guard.masking.restorer import StandInMap, restore
 from vllm_guard.masking.strategies import StandIns
 from vllm_guard.masking.strategies.base import Item
-from vllm_guard.masking.types import (Detector, Span, known_numbers, render_number,
-                                      sensitive_number)
+from vllm_guard.masking.types import Detector, Span, known_numbers, render_number, sensitive_number
 from vllm_guard.masking.vault import placeholder
 from vllm_guard.masking.worker import analyse, detect_windows, known_automaton, known_spans
 

@@ -1,7 +1,7 @@
 """What detection and the request path share: entity names, the placeholder pattern, a detected
 :class:`Span`, the :class:`Detector` base, :class:`Intervals` and the number rule
-(:func:`render_number`, :func:`sensitive_number`). A
-leaf: it imports nothing else from vllm_guard, so any masking module may import it."""
+(:func:`render_number`, :func:`sensitive_number`). A leaf: it imports nothing else from
+vllm_guard, so any masking module may import it."""
 
 from __future__ import annotations
 
