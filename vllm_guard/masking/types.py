@@ -54,6 +54,14 @@ def number_keys(value: str) -> list[str]:
     return keys
 
 
+def _issued(card: str) -> bool:
+    """A Luhn-valid run of digits that a card issuer could have given out: the major industry
+    identifier (first digit) of payment cards is 2-6, or 1 for 15-digit UATP cards. A
+    millisecond timestamp (13 digits from 1) passes Luhn one time in ten; it is not a card."""
+    digits = "".join(_DIGITS.findall(card))
+    return digits[:1] in ("2", "3", "4", "5", "6") or (digits[:1] == "1" and len(digits) == 15)
+
+
 def known_numbers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     """(value, entity) pairs -> {form: entity} for :func:`sensitive_number`."""
     return {k: entity for value, entity in pairs for k in number_keys(value)}
@@ -64,12 +72,15 @@ def sensitive_number(text: str, spans: Iterable[Span], known: Mapping[str, str])
     makes it sensitive, or None. ``text`` is :func:`render_number`'s, ``spans`` what the
     detectors (and the known-value automaton) found in it, ``known`` :func:`known_numbers` of
     the values already found in this request or session. A number is sensitive only when
-    it holds a checksummed identifier (:data:`CHECKSUMMED`) or equals a known value: the
+    it holds a checksummed identifier (:data:`CHECKSUMMED`; a card number also needs an
+    issuer's first digit) or equals a known value: the
     phone-number patterns alone read 44% of random uint32 seeds and the int32 bounds
     (2147483647) as phone numbers, so they never refuse a number by themselves."""
     for sp in spans:
         value = text[sp.start:sp.end]
-        if sp.entity in CHECKSUMMED or any(k in known for k in number_keys(value)):
+        if any(k in known for k in number_keys(value)):
+            return sp.entity
+        if sp.entity in CHECKSUMMED and (sp.entity != "CREDIT_CARD" or _issued(value)):
             return sp.entity
     for run in _DIGITS.findall(text):
         if run in known:

@@ -234,7 +234,7 @@ def test_numbers_read_only_as_phone_numbers_pass(masker):
                                     "json_schema": {"name": "s", "schema": bounds}}}
         assert mask(masker, CHAT, json.loads(json.dumps(body))) == body
     body = {"input": [{"type": "function_call", "call_id": "c", "name": "f",
-                       "arguments": {"ids": PHONE_LIKE, "ts": 1733540000123}}]}
+                       "arguments": {"ids": PHONE_LIKE, "ts": 1733540000010}}]}
     assert mask(masker, RESPONSES, json.loads(json.dumps(body))) == body
 
 
