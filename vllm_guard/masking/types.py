@@ -73,9 +73,9 @@ def sensitive_number(text: str, spans: Iterable[Span], known: Mapping[str, str])
     detectors (and the known-value automaton) found in it, ``known`` :func:`known_numbers` of
     the values already found in this request or session. A number is sensitive only when
     it holds a checksummed identifier (:data:`CHECKSUMMED`; a card number also needs an
-    issuer's first digit) or equals a known value: the
-    phone-number patterns alone read 44% of random uint32 seeds and the int32 bounds
-    (2147483647) as phone numbers, so they never refuse a number by themselves."""
+    issuer's first digit) or equals a known value: the phone-number patterns alone read 44%
+    of random uint32 seeds and the int32 bounds (2147483647) as phone numbers, so they never
+    refuse a number by themselves."""
     for sp in spans:
         value = text[sp.start:sp.end]
         if any(k in known for k in number_keys(value)):
