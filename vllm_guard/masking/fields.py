@@ -5,11 +5,13 @@ Every string of a request body ends up in one of three places:
   descriptions, documents, ...): sensitive values in it are replaced by placeholders;
 - a **control slot** (every other string: model name, stop strings, schemas, ids, ...):
   it cannot be rewritten without changing what it means, so a sensitive value in it refuses
-  the request. Every JSON number, wherever it is (a schema's ``default`` or ``enum``,
-  tool-call arguments given as an object, ``seed``), is a control slot too: it is scanned as
-  the engine renders it, and replacing it by a placeholder string would change the schema or
-  the arguments' types, so a number read as sensitive refuses the request (booleans and null
-  carry nothing);
+  the request. Every JSON number that may reach the prompt (a schema's ``default`` or
+  ``enum``, tool-call arguments given as an object, ``chat_template_kwargs``) is a control
+  slot too: replacing it by a placeholder string would change the schema or the arguments'
+  types, so a number that :func:`~vllm_guard.masking.types.sensitive_number` calls
+  sensitive (a checksummed identifier or a known value) refuses the request. Numbers of the
+  ``SCALARS`` (``seed``, ``max_tokens``, token ids, ...) are never rendered and not scanned;
+  booleans and null carry nothing;
 - refused outright: fields and shapes the masker cannot read (token-id prompts,
   ``prompt_embeds``, media parts, stored or templated context) and any field or part type
   not listed here. ``tests/unit/masking/test_fields.py`` compares these tables with vLLM's own
@@ -65,19 +67,21 @@ def _slot(holder: Any, key: Any, path: str, out: list[Slot], mask: bool) -> None
         control(holder[key], path, out)
 
 
-def control(value: Any, path: str, out: list[Slot]) -> None:
-    """Every string, number (and object key) anywhere inside: a control slot."""
+def control(value: Any, path: str, out: list[Slot], numbers: bool = True) -> None:
+    """Every string, number (unless ``numbers`` is False: never rendered) and object key
+    anywhere inside: a control slot."""
     if isinstance(value, bool) or value is None:
         return
     if isinstance(value, int | float):
-        out.append(Slot(_Ref(render_number(value)), 0, path, False, number=True))
+        if numbers:
+            out.append(Slot(_Ref(render_number(value)), 0, path, False, number=True))
     elif isinstance(value, dict):
         for k in list(value):
             out.append(Slot({k: k}, k, f"{path} (key)", False))
-            control(value[k], f"{path}.{k}", out)
+            control(value[k], f"{path}.{k}", out, numbers)
     elif isinstance(value, list):
         for i in range(len(value)):
-            control(value[i], f"{path}[{i}]", out)
+            control(value[i], f"{path}[{i}]", out, numbers)
     elif isinstance(value, str):
         out.append(Slot(_Ref(value), 0, path, False))
 
@@ -396,11 +400,13 @@ def collect(route: str, body: dict) -> list[Slot]:
             start = len(out)
             text_fields[key](value, key, out)
             for s in out[start:]:  # a top-level string: written back into the body
-                if isinstance(s.holder, _Ref) and s.path == key:
+                if isinstance(s.holder, _Ref) and s.path == key and not s.number:
                     s.holder, s.key = body, key
         elif key in REFUSED:
             refused(REFUSED[key])(value, key, out)
-        elif key in SCALARS or key in CONTROLS:
+        elif key in SCALARS:  # their numbers never reach the prompt (strings still checked)
+            control(value, key, out, numbers=False)
+        elif key in CONTROLS:
             control(value, key, out)
         else:
             raise Unmaskable(key, "unknown field")

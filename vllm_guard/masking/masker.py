@@ -18,7 +18,7 @@ from vllm_guard.masking.metrics import METRICS
 from vllm_guard.masking.pool import DetectorPool
 from vllm_guard.masking.restorer import StandInMap
 from vllm_guard.masking.strategies import StandIns
-from vllm_guard.masking.types import PLACEHOLDER
+from vllm_guard.masking.types import PLACEHOLDER, known_numbers, sensitive_number
 from vllm_guard.masking.vault import Vault, VaultFull
 from vllm_guard.masking.worker import Analysis, ValueLimit
 
@@ -67,13 +67,24 @@ class Masker:
             raise self._too_many(f"at least {e.found}") from None
         wanted: dict[tuple[str, str], None] = {}
         for slot, res in zip(slots, results, strict=True):
-            if res.spans and not slot.mask:
+            if slot.mask:
+                for sp in res.spans:
+                    wanted[(sp.entity, res.text[sp.start:sp.end])] = None
+        numbers: dict[str, str] | None = None
+        for slot, res in zip(slots, results, strict=True):
+            if slot.mask:
+                continue
+            entity = res.spans[0].entity if res.spans else None
+            if slot.number:  # the one number rule: checksummed or known (this request too)
+                if numbers is None:
+                    numbers = known_numbers([(v, entity_of(p)) for p, v in known.items()]
+                                            + [(v, e) for e, v in wanted])
+                entity = sensitive_number(res.text, res.spans, numbers)
+            if entity is not None:
                 why = " (a JSON number cannot become a placeholder)" if slot.number else ""
                 raise RequestError(400, f"'{slot.path}' contains a sensitive value "
-                                   f"({res.spans[0].entity}) and cannot be masked there{why}",
+                                   f"({entity}) and cannot be masked there{why}",
                                    "sensitive_value_in_control_field")
-            for sp in res.spans:
-                wanted[(sp.entity, res.text[sp.start:sp.end])] = None
         by_value = {(entity_of(p), v): p for p, v in known.items()}
         new = [k for k in wanted if k not in by_value]
         if len(new) > self.max_per_request:

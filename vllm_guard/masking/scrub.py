@@ -5,7 +5,9 @@ Every string leaf of a named field is scrubbed, at any depth (chat messages, Sha
 ``conversations``, content parts, tool-call arguments, ...). Everything else is copied only
 when it holds nothing sensitive (fail closed): fields not named, object keys and JSON
 numbers (none of which can become a stand-in) are scanned, and a sensitive value in one of them
-stops the run with the line and the path.
+stops the run with the line and the path. A number is sensitive under the masker's rule
+(:func:`~vllm_guard.masking.types.sensitive_number`: a checksummed identifier or a value
+already found in the file), so ids and timestamps the phone patterns read are copied.
 
 The whole file is one session: a value gets the same stand-in on every line, and a value
 found once is masked wherever it occurs later. A stand-in is never a value seen before it;
@@ -34,7 +36,7 @@ from vllm_guard.masking.masker import apply_placeholders
 from vllm_guard.masking.restorer import StandInMap, restore
 from vllm_guard.masking.strategies import StandIns
 from vllm_guard.masking.strategies.base import Item
-from vllm_guard.masking.types import Detector, Span, render_number
+from vllm_guard.masking.types import Detector, Span, known_numbers, render_number, sensitive_number
 from vllm_guard.masking.vault import placeholder
 from vllm_guard.masking.worker import analyse, detect_windows, known_automaton, known_spans
 
@@ -59,14 +61,18 @@ class _Check:
     text: str
     path: str
     kind: str  # "unnamed", "key" or "number"
+    named: bool = False  # inside a field of --fields (a number there)
 
     def refusal(self, lineno: int, entity: str) -> ScrubError:
+        top = self.path.split(".")[0].split("[")[0]
         if self.kind == "key":
             why = "an object key is never rewritten"
+        elif self.kind == "number" and self.named:
+            why = "a JSON number cannot become a stand-in; write it as a string to scrub it"
         elif self.kind == "number":
-            why = "a JSON number cannot become a stand-in; write it as a string"
+            why = (f"a JSON number cannot become a stand-in; write it as a string and add "
+                   f"{top!r} to --fields to scrub it")
         else:
-            top = self.path.split(".")[0].split("[")[0]
             why = f"it is not in --fields (add {top!r} to scrub it)"
         where = f"a key of '{self.path}'" if self.kind == "key" and self.path else (
             "a top-level key" if self.kind == "key" else f"'{self.path}'")
@@ -107,6 +113,7 @@ class Scrubber:
         # Known values in two automata: a large one rebuilt every REBUILD new values and a
         # small one over the values since (rebuilt when it grows): amortised O(1) per value.
         self._values: list[tuple[str, str]] = []
+        self._numbers: dict[str, str] = {}  # the values as JSON numbers match them
         self._big, self._big_n = None, 0
         self._small, self._small_n = None, 0
         self._verdicts: dict[str, list[Span]] = {}  # keys and labels repeat on every line
@@ -133,8 +140,11 @@ class Scrubber:
         for check in checks:
             spans = self._detect(check.text) + [
                 sp for a in automata for sp in known_spans(check.text, a)]
-            if spans:
-                raise check.refusal(lineno, spans[0].entity)
+            entity = spans[0].entity if spans else None
+            if check.kind == "number":
+                entity = sensitive_number(check.text, spans, self._numbers)
+            if entity is not None:
+                raise check.refusal(lineno, entity)
         self.report.lines += 1
         self.report.fields += len(slots)
         return json.dumps(doc, ensure_ascii=False)
@@ -161,6 +171,7 @@ class Scrubber:
             shown = self.table[(entity, value)] = self.stand_ins.pick(item, self._secret,
                                                                        self._used)
             self._values.append((value, entity))
+            self._numbers.update(known_numbers([(value, entity)]))
         return shown
 
     def _automata(self) -> list:
@@ -220,7 +231,7 @@ def _walk(holder: Any, key: Any, path: str, named: bool, slots: list[tuple[Any, 
     elif isinstance(value, bool) or value is None:
         return  # carries nothing
     elif isinstance(value, int | float):
-        checks.append(_Check(render_number(value), path, "number"))
+        checks.append(_Check(render_number(value), path, "number", named))
     elif isinstance(value, dict):
         for k in value:
             checks.append(_Check(k, path, "key"))

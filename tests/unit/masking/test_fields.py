@@ -168,7 +168,18 @@ NUMBER_BODIES = [  # (route, body, the path the refusal names)
                             "arguments": {"card": float(CARD)}}]}, "input[0].arguments.card"),
     (COMPLETIONS, {"prompt": "a", "structured_outputs": {"choice": ["a", -CARD]}},
      "structured_outputs.choice[1]"),
-    (COMPLETIONS, {"prompt": "a", "seed": CARD}, "seed"),
+    # a card's 16 digits beside a decimal point still reach the prompt (tojson)
+    (CHAT, {"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "f", "arguments": {"card": CARD + 0.5}}}]}]},
+     "messages[0].tool_calls[0].function.arguments.card"),
+    (RESPONSES, {"input": [{"type": "function_call", "call_id": "c", "name": "f",
+                            "arguments": {"card": 0.4012888888881881}}]},
+     "input[0].arguments.card"),
+    # a number as a whole top-level text field: checked, never handed to the detector raw
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": CARD},
+     "chat_template_kwargs"),
+    (RESPONSES, {"input": "hi", "chat_template_kwargs": CARD}, "chat_template_kwargs"),
 ]
 
 
@@ -192,6 +203,61 @@ def test_harmless_numbers_booleans_and_nulls_pass_unchanged(masker):
                 "type": "object", "properties": {"n": {"type": "integer", "enum": [1, 2.5],
                                                        "default": None, "x": True}}}}}]}
     assert mask(masker, CHAT, json.loads(json.dumps(body))) == body
+
+
+@pytest.mark.parametrize("route,body", [
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": 7}),
+    (RESPONSES, {"input": "hi", "chat_template_kwargs": 2.5}),
+])
+def test_a_top_level_number_in_a_text_field_is_scanned_as_text(masker, route, body):
+    """A number as a top-level text field was rebound to the body, so the detector got the
+    raw number (TypeError: a 500, or a dead detector worker)."""
+    assert all(isinstance(s.holder[s.key], str) for s in collect(route, body))
+    assert mask(masker, route, json.loads(json.dumps(body))) == body
+
+
+# uint32 seeds and int32/uint32 bounds the phone patterns read as phone numbers
+PHONE_LIKE = [2147483647, -2147483648, 4294967295, 3792497226, 2345678901]
+
+
+def test_numbers_read_only_as_phone_numbers_pass(masker):
+    """Only a checksummed identifier or a known value refuses a number: the phone patterns
+    alone refused 44% of random uint32 seeds and generated int32/uint32 schema bounds."""
+    bounds = {"type": "integer", "minimum": -2147483648, "maximum": 4294967295,
+              "enum": PHONE_LIKE}
+    for seed in [*PHONE_LIKE[2:], CARD]:  # never rendered: not scanned at all
+        body = {"messages": [{"role": "user", "content": "hi"}], "seed": seed,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                    "type": "object", "properties": {"n": bounds}}}}],
+                "chat_template_kwargs": {"limit": 2147483647},
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "s", "schema": bounds}}}
+        assert mask(masker, CHAT, json.loads(json.dumps(body))) == body
+    body = {"input": [{"type": "function_call", "call_id": "c", "name": "f",
+                       "arguments": {"ids": PHONE_LIKE, "ts": 1733540000010}}]}
+    assert mask(masker, RESPONSES, json.loads(json.dumps(body))) == body
+
+
+def test_a_number_equal_to_a_known_value_is_refused(masker):
+    """A phone number found in the prompt (or earlier in the session) is refused where it
+    comes back as a JSON number, in any spelling of its digits."""
+    from vllm_guard.asgi import RequestError
+
+    def call(content: str, number: int) -> dict:
+        return {"messages": [{"role": "user", "content": content}, {
+            "role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "f", "arguments": {"phone": number}}}]}]}
+
+    path = "messages[1].tool_calls[0].function.arguments.phone"
+    with pytest.raises(RequestError) as e:
+        mask(masker, CHAT, call("call me on 138-0013-8000", 13800138000), "phone")
+    assert f"'{path}'" in e.value.message and "PHONE_NUMBER" in e.value.message
+    mask(masker, CHAT, {"messages": [{"role": "user", "content": "call 13900139000"}]},
+         "phone")  # now in the session
+    with pytest.raises(RequestError) as e:
+        mask(masker, CHAT, call("hi", 13900139000), "phone")
+    assert f"'{path}'" in e.value.message and "13900139000" not in e.value.message
+    assert mask(masker, CHAT, call("hi", 13900139000), "other")  # another session: passes
 
 
 def test_typed_placeholders_are_neutralised_and_values_inside_still_found(masker):

@@ -204,3 +204,33 @@ def test_a_value_the_scrubber_cannot_rewrite_stops_the_run(tmp_path, record, pat
     assert len(err.splitlines()) == 1 and err.count("line 2: ") == 1 and path in err, err
     assert EMAIL not in err and SSN not in err and "4012888888881881" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def fast_detector():
+    return build_detector(MaskingConfig(ner="off", name_lists=False))
+
+
+def test_ordinary_ids_and_timestamps_pass(fast_detector):
+    """Unnamed numbers stop the run only under the masker's number rule (checksummed or
+    known): ids and millisecond timestamps the phone patterns read are copied."""
+    record = {"prompt": "hi", "id": 3792497226, "ts": 1733540000010, "n": [2147483647, 0.5],
+              "meta": {"max": 4294967295, "min": -2147483648}}
+    scrubber = Scrubber(fast_detector, fields=("prompt",))
+    assert json.loads(scrubber.scrub_line(json.dumps(record), 1)) == record
+
+
+@pytest.mark.parametrize("record,path,advice", [
+    ({"prompt": "hi", "meta": {"card": 4012888888881881.5}}, "'meta.card'",
+     "add 'meta' to --fields"),
+    ({"prompt": "hi", "x": 0.4012888888881881}, "'x'", "add 'x' to --fields"),
+    ({"prompt": ["call 13800138000", 13800138000]}, "'prompt[1]'", "write it as a string"),
+])
+def test_a_sensitive_number_stops_the_run_with_advice_that_helps(fast_detector, record, path,
+                                                                  advice):
+    scrubber = Scrubber(fast_detector, fields=("prompt",))
+    with pytest.raises(ScrubError) as e:
+        scrubber.scrub_line(json.dumps(record), 3)
+    msg = str(e.value)
+    assert msg.startswith("line 3: ") and path in msg and advice in msg, msg
+    assert "4012888888881881" not in msg and "13800138000" not in msg
