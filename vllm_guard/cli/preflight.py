@@ -39,7 +39,8 @@ def check_locked_checkpoint(model: str, args: Sequence[str]) -> frozenset[str]:
     """What ``--load-format secneuron`` would check before reading a weight: its options
     (unknown keys refused), the manifest's signature, version and signed files, and that
     every given key opens its task. Returns the checkpoint's task names."""
-    from vllm_guard.secneuron.preflight import SecNeuronLoadConfig, open_for_serving
+    from vllm_guard.secneuron.options import SecNeuronLoadConfig
+    from vllm_guard.secneuron.preflight import open_for_serving
 
     root = Path(model).expanduser()
     if not root.is_dir():
