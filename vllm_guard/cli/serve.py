@@ -71,7 +71,10 @@ def server_argv(vllm_args: Sequence[str]) -> list[str]:
         if not root.is_dir():
             raise GuardError(f"model path {model} does not exist or is not a directory")
         # the loader opens Path(model_config.model): hand vLLM the directory we check
-        args = with_model(args, str(root.resolve()))
+        resolved = str(root.resolve())
+        if resolved != model:  # clients keep the model name they used (vLLM's default);
+            args = ["--served-model-name", model, *args]  # a later one of the user's wins
+        args = with_model(args, resolved)
         if flag_value(args, LOAD_FORMAT_FLAG) != "secneuron":
             from vllm_guard.secneuron.manifest import MANIFEST_NAME
 

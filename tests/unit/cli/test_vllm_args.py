@@ -62,6 +62,10 @@ def test_the_model_path_vllm_gets_is_the_one_checked(tmp_path, monkeypatch):
         argv = server_argv([*form, "--port", "9"])
         assert flag_value(argv, "--model") == str((tmp_path / "ckpt").resolve()), (form, argv)
         assert sum(a.startswith("--model") for a in argv) == 1, argv
+        # clients still name the model as before (vLLM's default served name is --model)
+        assert flag_value(argv, "--served-model-name") == form[-1].split("=")[-1], argv
+    argv = server_argv(["./ckpt", "--served-model-name", "mine"])
+    assert flag_value(argv, "--served-model-name") == "mine", argv  # the user's one wins
 
 
 def test_a_repeated_load_format_exits_2_in_one_line(tmp_path):
