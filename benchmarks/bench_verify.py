@@ -66,7 +66,8 @@ def resharded(model: Path, shards: int, out: Path) -> Path:
 
 def stream_seconds(locked: Path, key_dir: Path, verify: bool, repeats: int) -> float:
     from vllm_guard.secneuron.keys import load_task_keys
-    from vllm_guard.secneuron.preflight import SecNeuronLoadConfig, open_checkpoint
+    from vllm_guard.secneuron.options import SecNeuronLoadConfig
+    from vllm_guard.secneuron.preflight import open_checkpoint
     from vllm_guard.secneuron.weights import stream_weights
 
     cfg = SecNeuronLoadConfig.from_extra({"key_dir": str(key_dir),

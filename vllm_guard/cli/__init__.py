@@ -51,4 +51,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except GuardError as e:
         print(f"vllm-guard {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)  # 2 for a usage error, as argparse

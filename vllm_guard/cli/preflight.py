@@ -15,22 +15,10 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
+from vllm_guard.cli.vllm_args import LOAD_CONFIG_FLAG, LOAD_FORMAT_FLAG, MODEL_FLAG, flag_value
 from vllm_guard.errors import GuardError
 
-LOAD_CONFIG_FLAG = "--model-loader-extra-config"
 VLLM_DEFAULT_PORT = 8000
-
-
-def flag_value(args: Sequence[str], flag: str) -> str | None:
-    """The value of ``flag`` in ``args`` (``--flag V`` or ``--flag=V``; the last one wins,
-    as in argparse)."""
-    value = None
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
-    return value
 
 
 def loader_extra(args: Sequence[str]) -> dict:
@@ -51,7 +39,8 @@ def check_locked_checkpoint(model: str, args: Sequence[str]) -> frozenset[str]:
     """What ``--load-format secneuron`` would check before reading a weight: its options
     (unknown keys refused), the manifest's signature, version and signed files, and that
     every given key opens its task. Returns the checkpoint's task names."""
-    from vllm_guard.secneuron.preflight import SecNeuronLoadConfig, open_for_serving
+    from vllm_guard.secneuron.options import SecNeuronLoadConfig
+    from vllm_guard.secneuron.preflight import open_for_serving
 
     root = Path(model).expanduser()
     if not root.is_dir():
@@ -100,9 +89,10 @@ def check_port(args: Sequence[str]) -> None:
 def check_before_exec(args: Sequence[str], grants: str | None) -> None:
     """Every check of a server's arguments that needs no vLLM. ``args`` is the vLLM argv
     (``--model`` resolved)."""
-    model = flag_value(args, "--model")
-    # (serve refuses a locked checkpoint without --load-format secneuron before this)
-    if model is not None and flag_value(args, "--load-format") == "secneuron":
+    model = flag_value(args, MODEL_FLAG)
+    # (serve refuses a locked checkpoint without --load-format secneuron before this, and a
+    # repeated or abbreviated --model/--load-format: vllm_args reads them as vLLM will)
+    if model is not None and flag_value(args, LOAD_FORMAT_FLAG) == "secneuron":
         tasks = check_locked_checkpoint(model, args)
         if grants:
             check_grant_tasks(grants, tasks, model)

@@ -11,6 +11,13 @@ from pathlib import Path
 from vllm_guard import envs
 from vllm_guard.cli.commands import add_parser
 from vllm_guard.cli.common import config_file
+from vllm_guard.cli.vllm_args import (
+    LOAD_FORMAT_FLAG,
+    MODEL_FLAG,
+    check_unambiguous,
+    flag_name,
+    flag_value,
+)
 from vllm_guard.errors import GuardError
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -50,33 +57,44 @@ def server_argv(vllm_args: Sequence[str]) -> list[str]:
     """
     args = list(vllm_args)
     if args and not args[0].startswith("-"):
-        args = ["--model", args[0], *args[1:]]
-    if "--host" not in args and not any(a.startswith("--host=") for a in args):
+        args = [MODEL_FLAG, args[0], *args[1:]]
+    if flag_value(args, "--host") is None:
         args += ["--host", "127.0.0.1"]  # never listen on all interfaces unless asked
-    model = _flag_value(args, "--model")
+    check_unambiguous(args)  # from here on, we read each flag as vLLM will
+    model = flag_value(args, MODEL_FLAG)
     if model is None and {"-h", "--help"} & set(args):
         return [sys.executable, "-m", SERVER_MODULE, *args]
     if model is None:
         raise GuardError("no model given: vllm-guard serve MODEL_PATH [vLLM options...]")
-    if looks_local(model) and not Path(model).expanduser().is_dir():
-        raise GuardError(f"model path {model} does not exist or is not a directory")
-    if looks_local(model) and _flag_value(args, "--load-format") != "secneuron":
-        from vllm_guard.secneuron.manifest import MANIFEST_NAME
+    if looks_local(model):
+        root = Path(model).expanduser()
+        if not root.is_dir():
+            raise GuardError(f"model path {model} does not exist or is not a directory")
+        # the loader opens Path(model_config.model): hand vLLM the directory we check
+        resolved = str(root.resolve())
+        if resolved != model:  # clients keep the model name they used (vLLM's default);
+            args = ["--served-model-name", model, *args]  # a later one of the user's wins
+        args = with_model(args, resolved)
+        if flag_value(args, LOAD_FORMAT_FLAG) != "secneuron":
+            from vllm_guard.secneuron.manifest import MANIFEST_NAME
 
-        if (Path(model).expanduser() / MANIFEST_NAME).exists():
-            # vLLM's own loaders would compute on the ciphertext of every locked neuron
-            raise GuardError(f"{model} is a locked checkpoint ({MANIFEST_NAME}): serve it with "
-                             "--load-format secneuron")
+            if (root / MANIFEST_NAME).exists():
+                # vLLM's own loaders would compute on the ciphertext of every locked neuron
+                raise GuardError(f"{model} is a locked checkpoint ({MANIFEST_NAME}): serve it "
+                                 "with --load-format secneuron")
     return [sys.executable, "-m", SERVER_MODULE, *args]
 
 
-def _flag_value(args: Sequence[str], flag: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
+def with_model(args: Sequence[str], model: str) -> list[str]:
+    """``args`` with its one ``--model`` (any spelling) set to ``model``."""
+    out = list(args)
+    for i, token in enumerate(out):
+        if flag_name(token) == MODEL_FLAG:
+            if "=" in token:
+                out[i] = f"{MODEL_FLAG}={model}"
+            else:
+                out[i + 1] = model
+    return out
 
 
 def middleware_args(grants: str | None, masking: str | None) -> list[str]:

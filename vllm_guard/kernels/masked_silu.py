@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vllm_guard.runtime.grant_state import STATE, StepPlan
+from vllm_guard.runtime.grant_state import STATE, MaskingSteps, StepPlan
 
 MAX_RUNS = 8  # above this many grant runs in a step, one gathered multiply is cheaper
 
@@ -35,14 +35,14 @@ def masked_silu_and_mul_torch(x: torch.Tensor, neuron_bits: torch.Tensor,
     tokens = out.shape[0]
     if not tokens:
         return out
-    memo = STATE.step_memo(tokens, grants)
-    if memo is None:  # not the hook's step: derive the plan from the buffer itself
-        steps = _masking(STATE.step_plan(tokens, grants), neuron_bits, out)
+    plan, memo = STATE.step_plan(tokens, grants)
+    if memo is None:  # not the hook's step: the plan was derived from the buffer itself
+        steps = _masking(plan, neuron_bits, out)
     else:
         key = (id(neuron_bits), neuron_bits._version, out.dtype)
         steps = memo.get(key)
         if steps is None:
-            steps = memo[key] = _masking(STATE.plan, neuron_bits, out)
+            steps = memo[key] = _masking(plan, neuron_bits, out)
     for start, end, kind, t in steps:
         target = out if start is None else out[start:end]
         if kind is _FILL:
@@ -57,15 +57,16 @@ def masked_silu_and_mul_torch(x: torch.Tensor, neuron_bits: torch.Tensor,
 _FILL, _MUL, _GATHER = "fill", "mul", "gather"
 
 
-def _masking(plan: StepPlan, neuron_bits: torch.Tensor,
-             out: torch.Tensor) -> tuple[tuple, ...]:
+def _masking(plan: StepPlan, neuron_bits: torch.Tensor, out: torch.Tensor) -> MaskingSteps:
     """The masking passes of one layer under ``plan``: (start, end, kind, tensor) each, start
     None for the whole output; () when the step's grants open every neuron.
 
     fp32 and bf16 multiply by cached keep rows: on this project's 2-core AMD EPYC machine
     the multiply beat zeroing the closed columns (``index_fill_``) at every size, for bf16
     2.8 vs 4.5 us at 1 token and 366 vs 579 us at 256 (I=4864, 13% closed, one thread; an
-    Intel Xeon favoured the fill at 256 tokens). bf16 has fp32's range: no inf * 0."""
+    Intel Xeon favoured the fill at 256 tokens). bf16 has fp32's range, so a real activation
+    does not overflow to inf (inf * 0 = NaN); a NaN activation (NaN in the input) still reads
+    NaN after * 0 where zeroing would give 0, for bf16 as for fp32."""
     whole = len(plan.runs) == 1
     if out.dtype == torch.float16 and len(plan.runs) <= MAX_RUNS:
         # fp16: zero the closed columns of each run. A multiply is faster (2.4 vs 4.6 us at

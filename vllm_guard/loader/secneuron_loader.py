@@ -24,7 +24,8 @@ from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
 from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
 from vllm_guard.secneuron.neuron_bits import neuron_bits
 from vllm_guard.secneuron.open import OpenReport, layer_counts
-from vllm_guard.secneuron.preflight import SecNeuronLoadConfig, open_for_serving
+from vllm_guard.secneuron.options import SecNeuronLoadConfig
+from vllm_guard.secneuron.preflight import open_for_serving
 from vllm_guard.secneuron.weights import stream_weights
 
 logger = get_logger(__name__)

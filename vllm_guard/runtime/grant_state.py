@@ -14,6 +14,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -36,6 +37,13 @@ class StepPlan:
     rows: torch.Tensor  # int64 [tokens]: each token's index into ``grants``
 
 
+# A layer's masking passes under one plan, (start, end, kind, tensor) each (see
+# kernels.masked_silu._masking), keyed by (id of its neuron table, the table's in-place
+# version, output dtype).
+MaskingSteps: TypeAlias = tuple[tuple[int | None, int | None, str, Any], ...]
+StepMemo: TypeAlias = dict[tuple[int, int, torch.dtype], MaskingSteps]
+
+
 class GrantState:
     """Process-wide: task -> bit (from the loaded manifest), the per-token grant buffer, the
     current step's plan and the per-table keep rows."""
@@ -49,7 +57,7 @@ class GrantState:
         # What each layer does under the current plan, keyed by the caller (the masked op):
         # kept while consecutive steps have the same grants and runs (decode), so a layer's
         # call is one dict lookup rather than a plan check and a cache lookup per grant.
-        self.memo: dict[tuple, object] = {}
+        self.memo: StepMemo = {}
 
     def ensure_buffer(self, size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The grant buffer (made once: its identity is what compiled graphs capture)."""
@@ -92,38 +100,30 @@ class GrantState:
             self.memo.clear()
         self.plan = plan
 
-    def step_memo(self, tokens: int, grants: torch.Tensor) -> dict[tuple, object] | None:
-        """:attr:`memo` when the hook's plan describes a call over ``tokens`` tokens of
-        ``grants``; None otherwise (direct calls, dummy runs, padding: see step_plan)."""
+    def step_plan(self, tokens: int, grants: torch.Tensor) -> tuple[StepPlan, StepMemo | None]:
+        """The plan for a layer call over ``tokens`` tokens reading ``grants``, and
+        :attr:`memo`. The hook's plan and memo when it describes exactly this buffer and
+        token count; otherwise (direct calls, dummy runs, padding) a plan derived from
+        ``grants`` itself and no memo (what a layer does under it is not worth keeping)."""
         plan, buf = self.plan, self.buffer
         if (plan is not None and plan.tokens == tokens and buf is not None
                 and (grants is buf or grants.data_ptr() == buf.data_ptr())):
-            return self.memo
-        return None
-
-    def step_plan(self, tokens: int, grants: torch.Tensor) -> StepPlan:
-        """The plan for a layer call over ``tokens`` tokens reading ``grants``: the hook's,
-        when it describes exactly this buffer and token count; otherwise (direct calls,
-        dummy runs, padding) derived from ``grants`` itself."""
-        plan = self.plan
-        if (plan is not None and plan.tokens == tokens and self.buffer is not None
-                and grants.data_ptr() == self.buffer.data_ptr()):
-            return plan
+            return plan, self.memo
         values, counts = torch.unique_consecutive(grants[:tokens], return_counts=True)
-        return make_plan(values.cpu().numpy(), counts.cpu().numpy())
+        return make_plan(values.cpu().numpy(), counts.cpu().numpy()), None
 
     def keep_row(self, neuron_bits: torch.Tensor, grant: int,
                  dtype: torch.dtype) -> torch.Tensor | None:
         """``dtype`` [I]: 1 where ``grant`` may use the neuron, 0 where not; None when it may
         use them all. Cached per (table, its in-place version, grant, dtype): multiplying by
-        it is the cheapest masking pass on CPUs for 32-bit outputs (several times faster
-        than masked_fill)."""
+        it is the CPU masking pass for fp32 and bf16 outputs (faster than zeroing columns;
+        see kernels.masked_silu._masking); fp16 zeroes columns instead (closed_index)."""
         return self._cached(neuron_bits, grant, dtype, lambda keep: keep.to(dtype))
 
     def closed_index(self, neuron_bits: torch.Tensor, grant: int) -> torch.Tensor | None:
         """int64 indices of the neurons ``grant`` may not use; None when it may use them
-        all. For 16-bit outputs zeroing these columns beat the multiply (1.18x vs 1.39x the
-        plain op at 256 tokens, bf16, one core)."""
+        all. Used for fp16 outputs only: zeroing these columns gives 0 where a multiply by 0
+        would turn an overflowed activation (inf) into NaN. It is slower than the multiply."""
         return self._cached(neuron_bits, grant, "closed",
                             lambda keep: (~keep).nonzero().flatten())
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_guard.secneuron.manifest import LayerInfo
-from vllm_guard.secneuron.preflight import DetectorConfig
+from vllm_guard.secneuron.options import DetectorConfig
 
 DEFAULT_DETECTOR = DetectorConfig()
 

@@ -78,7 +78,8 @@ def side_files(manifest: Manifest) -> list[str]:
     return sorted(n for n in manifest.files if not is_weight_file(n))
 
 
-def _workers(n_items: int, workers: int | None) -> int:
+def pool_workers(n_items: int, workers: int | None) -> int:
+    """Threads for ``n_items`` hashing jobs: the ``workers`` option, else up to 8 cores."""
     return max(1, min(n_items, workers or min(os.cpu_count() or 1, 8)))
 
 
@@ -126,7 +127,7 @@ def digest_files(root: str | os.PathLike[str], names: Iterable[str],
     names = list(names)
     sizes = {n: (Path(root) / n).stat().st_size for n in names}
     run = 4
-    with loader_pool(_workers(2 * len(names), workers)) as pool:
+    with loader_pool(pool_workers(2 * len(names), workers)) as pool:
         whole = {n: pool.submit(hash_file, Path(root) / n) for n in names}
         parts = {n: [pool.submit(hash_blocks, Path(root) / n, block_bytes, i,
                                  min(run, -(-sizes[n] // block_bytes) - i))

@@ -30,10 +30,10 @@ from vllm_guard.secneuron.crypto import digest_equal, read_block, read_hashed
 from vllm_guard.secneuron.files import (
     FileCheck,
     IntegrityError,
-    _workers,
     check_digest,
     checkpoint_files,
     digest_files,
+    pool_workers,
     side_files,
     weight_files,
 )
@@ -118,7 +118,7 @@ def _verified_files(root: str | os.PathLike[str], expected: Mapping[str, FileDig
                     ) -> Iterator[tuple[VerifiedFile, list[TensorEntry], dict[str, str]]]:
     """Each file in order with its parsed (verified) header; the files after it are opened
     ahead while their bytes fit ``inflight_bytes`` (one at least)."""
-    pool = loader_pool(_workers(max(len(names), 2), workers))
+    pool = loader_pool(pool_workers(max(len(names), 2), workers))
     opened: deque[VerifiedFile] = deque()
     try:
         queue, held = iter(names), 0

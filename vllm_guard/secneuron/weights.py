@@ -30,7 +30,7 @@ from vllm_guard.secneuron.detector import scan_layer
 from vllm_guard.secneuron.files import weight_files
 from vllm_guard.secneuron.manifest import Manifest
 from vllm_guard.secneuron.open import OpenReport, decrypt_in_place
-from vllm_guard.secneuron.preflight import SecNeuronLoadConfig
+from vllm_guard.secneuron.options import SecNeuronLoadConfig
 from vllm_guard.secneuron.threads import loader_pool
 from vllm_guard.secneuron.verify import iter_verified_tensors
 

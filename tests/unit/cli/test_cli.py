@@ -122,7 +122,7 @@ def test_serve_refuses_config_typos_and_missing_secrets_in_one_line(tmp_path, ra
             assert out.returncode == 1 and len(lines) == 1 and named in lines[0], out.stderr
     extra = json.dumps({"allow_unsigned": "false"})
     from vllm_guard.errors import GuardError
-    from vllm_guard.secneuron.preflight import SecNeuronLoadConfig
+    from vllm_guard.secneuron.options import SecNeuronLoadConfig
 
     try:
         SecNeuronLoadConfig.from_extra(json.loads(extra))

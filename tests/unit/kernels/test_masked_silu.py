@@ -169,3 +169,21 @@ def test_decode_steps_reuse_each_layers_masking_and_follow_changes(monkeypatch):
     x = torch.randn(3, 2 * d, generator=gen)
     ref, keep = reference(x, tables[1], other)
     torch.testing.assert_close(masked_silu_and_mul_torch(x, tables[1], other), ref)
+
+
+def test_step_plan_is_the_hooks_plan_and_memo_only_for_the_hooks_call():
+    """One check of "is this the hook's step" gives both the plan and the memo: a call on the
+    hook's buffer and token count gets them, any other call a derived plan and no memo."""
+    import numpy as np
+
+    from vllm_guard.runtime.grant_state import GrantState
+
+    state = GrantState()
+    buf = state.ensure_buffer(8)
+    state.fill([PUBLIC_BIT | 1, PUBLIC_BIT | 2], np.array([2, 1]))
+    plan, memo = state.step_plan(3, buf)
+    assert plan is state.plan and memo is state.memo
+    for tokens, grants in ((2, buf), (3, buf.clone())):  # padding/dummy run, a direct call
+        derived, memo = state.step_plan(tokens, grants)
+        assert memo is None and derived.tokens == tokens
+        assert derived.grants == tuple(sorted({int(g) for g in grants[:tokens]}))

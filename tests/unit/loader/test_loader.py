@@ -9,7 +9,7 @@ from tests.unit.secneuron.test_signed_checkpoint import locked, run_loader  # no
 from vllm_guard.errors import DecryptionError, GuardError
 from vllm_guard.loader.secneuron_loader import attach_neuron_bits, tp_shard
 from vllm_guard.secneuron.keys import TaskKey, load_task_key, save_task_key
-from vllm_guard.secneuron.preflight import SecNeuronLoadConfig
+from vllm_guard.secneuron.options import SecNeuronLoadConfig
 
 
 def test_tp_shard_maps_neuron_indices_to_ranks():
@@ -111,3 +111,22 @@ def test_loader_refuses_wrong_key_bytes_in_one_line(locked, keydir, tmp_path):  
     save_task_key(TaskKey("capital", real.key_id, bytes(32)), tmp_path / "wrong.key")
     with pytest.raises(DecryptionError, match=r"task key 'capital' .* does not open group"):
         run_loader(locked, keydir, keys=[str(tmp_path / "wrong.key")])  # one refusal line
+
+
+def test_loader_options_live_apart_from_the_checks_frozen_and_torch_free():
+    """The option dataclasses are their own module (secneuron.options): frozen, strict, and
+    importable without torch or the checkpoint checks (serve parses them before vLLM)."""
+    import dataclasses
+
+    from tests.unit.cli.test_lazy import fresh_python
+    from vllm_guard.secneuron import options, preflight
+
+    for cls in (options.DetectorConfig, options.LoaderExtraConfig, options.SecNeuronLoadConfig):
+        assert cls.__module__ == "vllm_guard.secneuron.options"
+        assert cls.__dataclass_params__.frozen, cls  # type: ignore[attr-defined]
+    assert not hasattr(preflight, "LoaderExtraConfig")
+    cfg = options.SecNeuronLoadConfig.from_extra({"keys": "k.key"}, env={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.keys = ()  # type: ignore[misc]
+    loaded, _ = fresh_python("import vllm_guard.secneuron.options")
+    assert loaded == [], loaded

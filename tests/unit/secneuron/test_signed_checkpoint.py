@@ -51,7 +51,8 @@ from vllm_guard.secneuron.manifest import (
     write_manifest,
 )
 from vllm_guard.secneuron.open import OpenReport
-from vllm_guard.secneuron.preflight import SecNeuronLoadConfig, open_checkpoint, open_data_keys
+from vllm_guard.secneuron.options import SecNeuronLoadConfig
+from vllm_guard.secneuron.preflight import open_checkpoint, open_data_keys
 from vllm_guard.secneuron.rekey import revoke_task, rotate_task_key
 from vllm_guard.secneuron.selection import Selection
 from vllm_guard.secneuron.unlock import unlock_checkpoint
