@@ -24,11 +24,14 @@ def test_component_gate_catches_a_slower_masked_op(monkeypatch):
     assert base and all(k.startswith("kernel.") for k in base)
     real = masked_silu.masked_silu_and_mul_torch
 
-    def twice(*args, **kwargs):  # a regression: the op does its work twice
-        real(*args, **kwargs)
+    def four_times(*args, **kwargs):
+        # a regression: the op does its work four times. Twice was within the allowance of
+        # a run beside a training worker (spreads of 40-57%: CI, 2026-12-07)
+        for _ in range(3):
+            real(*args, **kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(masked_silu, "masked_silu_and_mul_torch", twice)
+    monkeypatch.setattr(masked_silu, "masked_silu_and_mul_torch", four_times)
     slow = _kernel()
     failures = check_components(slow, base)
     assert len(failures) >= len(base) // 2, failures
