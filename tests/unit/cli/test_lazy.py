@@ -41,6 +41,26 @@ def fresh_python(code: str, env: dict[str, str] | None = None) -> tuple[list[str
     return json.loads(last), out.stdout
 
 
+def serve_until_exec(argv: list[str], env: dict[str, str] | None = None
+                     ) -> tuple[list[str], str]:
+    """``vllm-guard serve`` in a new interpreter, stopped where it would exec vLLM's server
+    (printed as ``EXEC argv``): (the heavy modules it loaded, its stdout)."""
+    return fresh_python(f"""
+        import os
+
+        def execve(path, argv, env):  # stands in for exec'ing vLLM's server
+            print("EXEC", *argv)
+            raise SystemExit(0)
+
+        os.execve = execve
+        from vllm_guard.cli import main
+        try:
+            main({argv!r})
+        except SystemExit as e:
+            assert e.code == 0, e.code
+    """, env)
+
+
 def test_keygen_help_imports_no_heavy_module():
     loaded, stdout = fresh_python("""
         from vllm_guard.cli import main
@@ -78,20 +98,8 @@ def test_serve_checks_before_exec_import_no_heavy_module(tmp_path: Path, extra: 
     (tmp_path / "model").mkdir()
     names = {"MODEL": str(tmp_path / "model"), "GRANTS": str(grants), "MASKING": str(masking)}
     argv = ["serve", *(names.get(a, a) for a in extra)]
-    loaded, stdout = fresh_python(f"""
-        import os, sys
-
-        def execve(path, argv, env):  # stands in for exec'ing vLLM's server
-            print("EXEC", *argv)
-            raise SystemExit(0)
-
-        os.execve = execve
-        from vllm_guard.cli import main
-        try:
-            main({argv!r})
-        except SystemExit as e:
-            assert e.code == 0, e.code
-    """, env={"VLLM_GUARD_FPE_KEY": base64.b64encode(bytes(32)).decode()})
+    loaded, stdout = serve_until_exec(
+        argv, env={"VLLM_GUARD_FPE_KEY": base64.b64encode(bytes(32)).decode()})
     exec_line = next(line for line in stdout.splitlines() if line.startswith("EXEC "))
     assert "vllm.entrypoints.openai.api_server" in exec_line
     if "--port" in extra:  # vLLM's options still go through, after our middlewares

@@ -132,23 +132,10 @@ def test_every_missing_secret_is_named_at_once(random_tiny, tmp_path):
 
 def test_a_good_locked_checkpoint_passes_without_importing_torch(locked, keydir):  # noqa: F811
     """The checks pass a right config through to vLLM, and stay light (no torch, no vLLM)."""
-    from tests.unit.cli.test_lazy import fresh_python
+    from tests.unit.cli.test_lazy import serve_until_exec
 
     argv = ["serve", str(locked), *loader_args(keydir, [keydir / "add.key"]),
             "--port", str(free_port())]
-    loaded, stdout = fresh_python(f"""
-        import os
-
-        def execve(path, argv, env):  # stands in for exec'ing vLLM's server
-            print("EXEC", *argv)
-            raise SystemExit(0)
-
-        os.execve = execve
-        from vllm_guard.cli import main
-        try:
-            main({argv!r})
-        except SystemExit as e:
-            assert e.code == 0, e.code
-    """)
+    loaded, stdout = serve_until_exec(argv)
     assert any(line.startswith("EXEC ") for line in stdout.splitlines()), stdout
     assert loaded == [], f"serve's loader checks imported {loaded}"
