@@ -127,7 +127,7 @@ def apply_placeholders(res: Analysis, table: dict[tuple[str, str], str],
     spans = res.spans
     if start or end < len(res.text):  # spans are sorted and disjoint
         spans = spans[bisect_left([sp.start for sp in spans], start):]
-        spans = [sp for sp in itertools.takewhile(lambda sp: sp.end <= end, spans)]
+        spans = list(itertools.takewhile(lambda sp: sp.end <= end, spans))
     shown = [table[(sp.entity, res.text[sp.start:sp.end])] for sp in spans]
     out, pos = [], start
     for i, sp in enumerate(spans):
@@ -144,10 +144,6 @@ def apply_placeholders(res: Analysis, table: dict[tuple[str, str], str],
         pos = sp.end
     out.append(res.text[pos:end])
     return "".join(out)
-
-
-def _word_char(c: str) -> bool:
-    return c.isascii() and c.isalnum()
 
 
 _NEUTRAL = re.compile(r"\u2039[^\u2039\u203a]{0,200}\u203a")
