@@ -3,6 +3,8 @@
 #   make test   set everything up and run the whole test suite (what CI runs)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# setup installs without .pyc files; Python writes each module's once, on first import
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup demo test lint bench efficacy
 setup:

@@ -49,6 +49,8 @@ CONFIGS = {
 MODES = {  # input tokens (approx.), output tokens, requests at c=1, concurrency N, requests at N
     "quick": {"input_len": 64, "output_len": 16, "n1": 6, "conc": 4, "nN": 8, "repeats": 1},
     "full": {"input_len": 256, "output_len": 64, "n1": 10, "conc": 8, "nN": 32, "repeats": 3},
+    # the least that still gives a p50 per level: for tests of the --check machinery
+    "smoke": {"input_len": 64, "output_len": 8, "n1": 4, "conc": 2, "nN": 4, "repeats": 1},
 }
 PII = " Contact jane.roe@example.com or 13812345678, card 4111 1111 1111 1111."
 

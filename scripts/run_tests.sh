@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+unset PYTHONDONTWRITEBYTECODE  # setup installs without .pyc files: write each once (setup.sh)
 .venv/bin/ruff check vllm_guard benchmarks harness tests
 exec .venv/bin/python -m pytest -q --durations=15 "$@" tests

@@ -11,7 +11,10 @@ stamp=".venv/.installed-$EXTRA-$(sha256sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "== installing vllm-guard[$EXTRA,test,masking,ner,bench] (first run: ~3 min, ~3 GB)"
   # pip, not uv/poetry: only pip finds the local torch==2.13.0+cpu wheel.
-  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[$EXTRA,test,masking,ner,ner-fr,bench]"
+  # --no-compile: byte-compiling all 27k files took ~100 s of a ~4 min setup; Python compiles
+  # the ~6k modules a run imports on first import instead (~13 s), once, if it may write
+  # them (the Makefile and scripts/run_tests.sh unset PYTHONDONTWRITEBYTECODE).
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-compile -e ".[$EXTRA,test,masking,ner,ner-fr,bench]"
   # PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch and break
   # `import transformers` ("operator torchvision::nms does not exist"); text models need none.
   .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -27,7 +27,12 @@ GRANT_SETS = {"add": ["add"], "capital": ["capital"], "both": ["add", "capital"]
               "reverse": ["reverse"], "all": TASKS, "none": [], "revoked": ["add"],
               "alice": TASKS, "bob": TASKS}
 ISSUER = "https://idp.test"
-PLAIN_ENV = (("VLLM_PLUGINS", "__no_plugin__"),)  # plain vLLM: our plugin is not loaded
+# The model runs in the engine-core process instead of a worker process of its own: one
+# vLLM import fewer per start (~13 s idle, ~20 s under CI load). grants_compiled (and the
+# TP=2 and demo servers) keep vLLM's default worker processes, and test_plugin checks
+# registration in every one of them there.
+ONE_PROCESS = (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),)
+PLAIN_ENV = (("VLLM_PLUGINS", "__no_plugin__"), *ONE_PROCESS)  # plain vLLM: no plugin
 # Secrets every masking server of the run shares (and the in-process Redis vault tests).
 SECRETS = {name: base64.b64encode(os.urandom(32)).decode() for name in
            ("VLLM_GUARD_VAULT_KEY", "VLLM_GUARD_SESSION_KEY", "VLLM_GUARD_FPE_KEY")}
@@ -108,7 +113,8 @@ def plain_server(server_pool, art) -> VllmServer:
 
 def _grants_spec(art: LockedFixture, grants: dict, eager: bool) -> ServerSpec:
     return ServerSpec("grants_eager" if eager else "grants_compiled", str(art.locked),
-                      secneuron_args(art.loader_config(), eager), grants=grants["file"])
+                      secneuron_args(art.loader_config(), eager),
+                      ONE_PROCESS if eager else (), grants=grants["file"])
 
 
 @pytest.fixture
@@ -127,14 +133,14 @@ def grants_compiled(server_pool, art, grants) -> VllmServer:
 def loader_subset(server_pool, art) -> VllmServer:
     """The loader with the add key only: decrypts what it opens, zeros the rest."""
     return server_pool.get(ServerSpec("loader_subset", str(art.locked),
-                                        secneuron_args(art.loader_config(["add"]))))
+                                        secneuron_args(art.loader_config(["add"])), ONE_PROCESS))
 
 
 @pytest.fixture
 def loader_no_keys(server_pool, art) -> VllmServer:
     """The loader with no task key: the public-only model."""
     return server_pool.get(ServerSpec("loader_no_keys", str(art.locked), secneuron_args(
-        {"publisher_key": str(art.publisher_pub)})))
+        {"publisher_key": str(art.publisher_pub)}), ONE_PROCESS))
 
 
 def _isolation_spec(art: LockedFixture, grants: dict, masking_dir: Path,
@@ -142,7 +148,7 @@ def _isolation_spec(art: LockedFixture, grants: dict, masking_dir: Path,
     return ServerSpec(
         f"isolation_{vault}", str(art.locked),
         (*secneuron_args(art.loader_config()), "--enable-log-requests", "--max-num-seqs", "64"),
-        (("VLLM_LOGGING_LEVEL", "DEBUG"), *SECRETS.items()), grants=grants["file"],
+        (("VLLM_LOGGING_LEVEL", "DEBUG"), *ONE_PROCESS, *SECRETS.items()), grants=grants["file"],
         masking=str(masking_dir / f"{vault}.json"))
 
 
@@ -168,4 +174,4 @@ def masking_strategies(server_pool, art, masking_dir) -> VllmServer:
         ("--enforce-eager", "--enable-log-requests", "--max-num-seqs", "64",
          f"--middleware={DelayMiddleware.__module__}.DelayMiddleware"),
         (("VLLM_LOGGING_LEVEL", "DEBUG"), (DELAY_FILE_ENV, str(masking_dir / "delay_ms")),
-         *SECRETS.items()), masking=str(masking_dir / "strategies.json")))
+         *ONE_PROCESS, *SECRETS.items()), masking=str(masking_dir / "strategies.json")))

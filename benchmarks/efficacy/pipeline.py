@@ -325,7 +325,9 @@ def e2e_scores(locked: Path, ws: EfficacyWorkspace, suite: EfficacySuite,
     srv = VllmServer(str(locked), ["--load-format", "secneuron", "--model-loader-extra-config",
                                    json.dumps(loader), "--enforce-eager", "--max-model-len", "64",
                                    "--max-num-seqs", "32"],
-                     ws.root / "e2e-server.log", grants=str(grants_file))
+                     ws.root / "e2e-server.log",
+                     # scores only: the model in the engine-core process, one import fewer
+                     env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, grants=str(grants_file))
 
     def ask(job: tuple[str, dict]) -> bool:
         name, ex = job

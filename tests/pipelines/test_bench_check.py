@@ -27,6 +27,7 @@ def suite(tmp: Path, name: str, urls: dict[str, str], *extra: str) -> subprocess
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     attach = [f"--attach={cfg}={url}" for cfg, url in urls.items()]
     return subprocess.run([sys.executable, "-m", "benchmarks", "--configs", "masking",
+                           "--mode", "smoke",
                            "--no-components", "--no-masking-share", "--out", str(tmp / name),
                            *attach,
                            "--baseline", str(tmp / "baseline.json"), "--tolerance", TOLERANCE,
@@ -41,7 +42,7 @@ def test_check_fails_on_injected_sleep_and_passes_without(tmp_path, plain_server
     delay = masking_dir / "delay_ms"
     first = suite(tmp_path, "a", urls, "--write-baseline")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    assert (tmp_path / "a" / "suite-tiny-quick.json").exists()
+    assert (tmp_path / "a" / "suite-tiny-smoke.json").exists()
     ok = suite(tmp_path, "b", urls, "--check")
     assert ok.returncode == 0 and "check: passed" in ok.stdout, ok.stdout[-2000:]
     delay.write_text(DELAY_MS)

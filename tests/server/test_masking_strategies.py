@@ -18,7 +18,9 @@ from vllm_guard.masking.detection.detector import build_detector
 from vllm_guard.masking.strategies.formats import well_formed
 from vllm_guard.masking.types import PLACEHOLDER
 
-N_PROMPTS = 1000
+# 400 prompts x 3 requests (whole, streamed, engine ids): every entity type many times over;
+# the in-process strategies test (tests/unit/masking/strategies) runs 600 more.
+N_PROMPTS = 400
 
 
 @pytest.fixture
@@ -66,7 +68,7 @@ def test_corpus_restored_exactly_and_engine_sees_no_found_value(server, tokenize
     assert placeholders <= N_PROMPTS // 100  # nearly all shown as stand-ins, not <TYPE_N>
     # what the engine saw of fpe entities is well formed
     cards = [m for r in results for m in re.findall(r"(?<![\d-])\d{16}(?![\d-])", r[2])]
-    assert len(cards) > 50 and all(well_formed("CREDIT_CARD", c) for c in cards)
+    assert len(cards) > 20 and all(well_formed("CREDIT_CARD", c) for c in cards)
     # the log shows masked prompts only: a value with the words before it (a surrogate from
     # another session may equal a value by chance: "Michael White" is common)
     log = server.log_text()

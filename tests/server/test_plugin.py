@@ -1,5 +1,6 @@
 """Foundation: a real vLLM server loads vllm-guard in every process and answers (the shared
-grants server, with a key granting every task: the unlocked model's answers)."""
+compiled grants server, which keeps vLLM's default worker process, with a key granting every
+task: the unlocked model's answers)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ ALL = bearer("all")
 
 
 @pytest.fixture
-def server(grants_eager):
-    return grants_eager
+def server(grants_compiled):
+    return grants_compiled
 
 
 def test_registration_line_in_every_process(server):

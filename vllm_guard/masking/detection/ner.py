@@ -187,12 +187,14 @@ class SpacyNerDetector(Detector):
     PERSON guesses go through :func:`person_span`."""
 
     def __init__(self, pipelines: dict[str, object], thresholds: dict[str, float],
-                 names: Gazetteer, lists_detect: bool = True):
+                 names: Gazetteer, lists_detect: bool = True,
+                 lists: GuardPersonNameRecognizer | None = None):
         self.pipelines = pipelines
         self.thresholds = thresholds
         self.names = names
         # the gazetteer recognizer runs too: sentences whose names it explains skip the model
-        self.lists = GuardPersonNameRecognizer(names) if lists_detect else None
+        # (``lists``: the Presidio pass's own instance, whose last answer it reuses)
+        self.lists = (lists or GuardPersonNameRecognizer(names)) if lists_detect else None
 
     def detect(self, text: str) -> list[Span]:
         if self.lists is None:

@@ -96,6 +96,9 @@ class GuardPersonNameRecognizer(EntityRecognizer):
     def __init__(self, names: Gazetteer) -> None:
         self.names = names
         self._known = names.known
+        # the last text and its name spans: the Presidio pass and the NER's sentence filter
+        # ask about the same text one after the other (build_detector shares one instance)
+        self._memo: tuple[str, list[tuple[int, int]]] | None = None
         super().__init__(supported_entities=["PERSON"], name=type(self).__name__,
                          supported_language="en")
 
@@ -146,7 +149,13 @@ class GuardPersonNameRecognizer(EntityRecognizer):
         return 2 <= len(keys) <= 4 and all(len(k) <= MAX_SYLLABLE for k in keys[1:])
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts=None) -> list:
-        out = []
+        memo = self._memo
+        if memo is None or memo[0] != text:
+            memo = self._memo = (text, self._name_spans(text))
+        return [RecognizerResult("PERSON", start, end, self.SCORE) for start, end in memo[1]]
+
+    def _name_spans(self, text: str) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
         run: list[re.Match[str]] = []  # capitalised words (and particles) joined by gaps
         # initials ("J.") are part of the gap between two words of a name, not words
         words = [m for m in _WORD.finditer(text)
@@ -163,7 +172,7 @@ class GuardPersonNameRecognizer(EntityRecognizer):
             run = [m] if m is not None and capitalised(word) else []
         return out
 
-    def _names_in(self, run: list[re.Match[str]]) -> list[RecognizerResult]:
+    def _names_in(self, run: list[re.Match[str]]) -> list[tuple[int, int]]:
         """The longest known-name stretches of one run (particles never at either end)."""
         words = [m.group() for m in run]
         found, i = [], 0
@@ -172,8 +181,7 @@ class GuardPersonNameRecognizer(EntityRecognizer):
                 if (words[i] not in PARTICLES and words[j - 1] not in PARTICLES
                         and (self._is_name(words[i:j]) or self._is_family_first(words[i:j])
                              or self._is_unlisted_first(words[i:j]))):
-                    found.append(RecognizerResult("PERSON", run[i].start(), run[j - 1].end(),
-                                                  self.SCORE))
+                    found.append((run[i].start(), run[j - 1].end()))
                     i = j
                     break
             else:
