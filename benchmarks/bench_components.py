@@ -8,8 +8,10 @@ python -m benchmarks.bench_components --masker-only  (the masker alone: English 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
+import json
 import statistics
 import time
 
@@ -294,16 +296,23 @@ def decrypt_timings(preset: str = "qwen2-0.5b-shape", rounds: int = 5) -> dict:
             "gb_per_s": statistics.median(runs), "gb_per_s_runs": runs}
 
 
-if __name__ == "__main__":
-    import sys
-
+def main(argv: list[str] | None = None) -> dict:
+    # a parser, so a mistyped option is refused instead of running both halves
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--masker-only", action="store_true", help="skip the kernel timings")
+    only.add_argument("--kernel-only", action="store_true", help="skip the masker timings")
+    args = ap.parse_args(argv)
     res = {}
-    if "--masker-only" not in sys.argv:
+    if not args.masker_only:
         res["kernel"] = kernel_timings()
-    if "--kernel-only" not in sys.argv:
+    if not args.kernel_only:
         res["masker"] = masker_timings()
         res["recognizers"] = recognizer_costs()
-    import json
-
     print(json.dumps(res, indent=1))
     write_result("components", res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

