@@ -142,7 +142,13 @@ def _stop_after_parsing(monkeypatch: pytest.MonkeyPatch, *, relax_required: bool
 
 def _vllm_serve_args(args: list[str]) -> argparse.Namespace:
     """``args`` parsed by the parser of vLLM's OpenAI server, and its pre-load checks."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    try:  # vLLM 0.33 moved the server's argument parser
+        from vllm.entrypoints.common.cli_args import make_arg_parser, validate_parsed_serve_args
+    except ImportError:
+        from vllm.entrypoints.launchers.cli_args import (
+            make_arg_parser,
+            validate_parsed_serve_args,
+        )
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))

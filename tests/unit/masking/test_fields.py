@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import types
 
 import pytest
 
@@ -43,11 +44,52 @@ def test_every_field_of_vllms_request_models_is_classified(route):
     assert not missing, f"{route}: vLLM request fields not handled by the masker: {missing}"
 
 
+def _chat_utils():
+    """vLLM's chat message parsing: one module up to 0.32, a package from 0.33 on."""
+    try:
+        from vllm.renderers.chat_utils import chat_message
+    except ImportError:
+        from vllm.renderers import chat_utils as chat_message
+    return chat_message
+
+
 def test_chat_text_part_types_are_vllms():
-    from vllm.renderers.chat_utils import MM_PARSER_MAP, TEXT_PART_TYPES
+    MM_PARSER_MAP, TEXT_PART_TYPES = _chat_utils().MM_PARSER_MAP, _chat_utils().TEXT_PART_TYPES
 
     assert set(fields.CHAT_TEXT_PARTS) == set(TEXT_PART_TYPES)
     assert not set(fields.CHAT_TEXT_PARTS) & (set(MM_PARSER_MAP) - set(TEXT_PART_TYPES))
+
+
+# keys of vLLM's chat message types the walker refuses on purpose (masking on)
+MESSAGE_KEYS_REFUSED = {
+    # OpenAI assistant-message keys vLLM drops before the template (not in ConversationMessage)
+    "audio": "dropped", "function_call": "dropped", "refusal": "dropped",
+    # harmony (gpt-oss) messages: the walker does not parse them
+    "author": "harmony", "channel": "harmony", "content_type": "harmony", "recipient": "harmony",
+}
+
+
+def test_every_key_of_vllms_chat_messages_is_classified():
+    """A message key vLLM adds is refused at run time ("message field not supported"); this
+    makes the upgrade fail here instead, until the walker handles it or refuses it on purpose."""
+    import typing
+
+    from vllm.renderers.chat_utils import ChatCompletionMessageParam, ConversationMessage
+
+    def members(t):
+        if typing.get_origin(t) in (typing.Union, types.UnionType):
+            for a in typing.get_args(t):
+                yield from members(a)
+        else:
+            yield t
+
+    declared = {k for m in members(ChatCompletionMessageParam)
+                for k in typing.get_type_hints(m)}
+    handled = {"content", "tool_calls", "tools", *fields.MESSAGE_TEXT_KEYS,
+               *fields.MESSAGE_CONTROL_KEYS}
+    assert not sorted(declared - handled - set(MESSAGE_KEYS_REFUSED))
+    # and nothing we handle is unknown to vLLM (its parsed form names reasoning_content)
+    assert not sorted(handled - declared - set(typing.get_type_hints(ConversationMessage)))
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +156,9 @@ REFUSED_BODIES = [
     (CHAT, {"messages": [{"role": "user", "content": "a", "secret_field": SECRET}]},
      "message field"),
     (CHAT, {"messages": [], "chat_template": "{{ messages }}"}, "chat template"),
+    # vLLM 0.33 reads a reasoning given as prompt embeddings
+    (CHAT, {"messages": [{"role": "assistant", "content": "a", "reasoning": {
+        "type": "prompt_embeds", "data": "AAAA"}}]}, "must be a string"),
     (RESPONSES, {"input": [{"type": "file_search_call", "id": "x"}]}, "file_search_call"),
     (RESPONSES, {"input": "a", "previous_response_id": "resp_1"}, "stored"),
     (RESPONSES, {"input": "a", "tools": [{"type": "web_search"}]}, "web_search"),
