@@ -359,13 +359,15 @@ SCALARS = ("frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", 
            "return_token_ids", "routed_experts_prompt_start", "return_token_offsets",
            "return_prompt_text", "return_mm_kwargs", "include_reasoning",
            "parallel_tool_calls", "thinking_token_budget", "stream_interval",
-           "enable_response_messages", "store")
+           "enable_response_messages", "store",
+           "return_weight_versions")  # vLLM 0.33: whether to return weight-version spans
 # strings that steer decoding or name things, never rendered as prompt text
 CONTROLS = ("model", "logit_bias", "response_format", "stop", "stream_options", "tool_choice",
             "reasoning_effort", "user", "truncation_side", "bad_words", "request_id",
             "session_id", "cache_salt", "vllm_xargs", "repetition_detection", "mm_payload",
             "include", "metadata", "reasoning", "service_tier", "text", "truncation",
-            "prompt_cache_key")
+            "prompt_cache_key", "safety_identifier", "prompt_cache_options",
+            "prompt_cache_retention")  # the last three: echoed by vLLM 0.33, never rendered
 
 REFUSED: dict[str, str] = {
     "prompt_embeds": "prompt embeddings cannot be read",
