@@ -10,12 +10,12 @@ NAME is its directory name, so vLLM sees the same ``--model`` run after run (its
 cache is keyed by it); SLOT is the first one no running server holds (an flock), so two
 servers of one checkpoint never share a copy.
 
-Lifetime: vLLM inherits the slot's lock and the write end of a pipe; a small watcher process
-(its own session, so a signal to the server's process group does not reach it) waits for
-that pipe to close, i.e. for the server and every process it forked to exit, and then
-removes the copy and the slot's lock file, unless another server has taken the slot. A
-watcher killed too (SIGKILL) leaves the copy to the OS's temp cleanup; the next server of
-the same checkpoint in that slot removes it before it stages its own.
+Lifetime: vLLM inherits the slot's lock; a small watcher process (its own session, so a
+signal to the server's process group does not reach it) waits for that lock, i.e. for the
+server and every process it forked to exit, and then removes the copy and the slot's lock
+file (if another server took the slot first, once that one has exited too). A watcher killed
+too (SIGKILL) leaves the copy to the OS's temp cleanup; the next server of the same
+checkpoint in that slot removes it before it stages its own.
 """
 
 from __future__ import annotations
@@ -37,31 +37,38 @@ from vllm_guard.errors import GuardError
 SLOTS = 64
 
 # Runs in a fresh interpreter (-I -S: stdlib only, nothing from the environment): detaches
-# (double fork, so it is never a child of vLLM), waits for EOF on the pipe, then removes the
-# copy if it can take the slot's lock (else another server has reused the slot).
+# (double fork, so it is never a child of vLLM), waits for the slot's lock, which the server
+# holds until it and every process it forked have exited, then removes the copy. Whoever holds
+# the lock of the slot's current lock file owns the slot: a new server that took the slot
+# first is waited for in turn, and a lock file removed meanwhile means another watcher did it.
 WATCHER = """
 import fcntl, os, shutil, sys
-fd, lock, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+lock, path = sys.argv[1], sys.argv[2]
 if os.fork():
     os._exit(0)
-while os.read(fd, 4096):
-    pass
 try:
     held = os.open(lock, os.O_RDWR)
-    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(held, fcntl.LOCK_EX)
     if os.stat(lock).st_ino != os.fstat(held).st_ino:
-        os._exit(0)  # another watcher removed it: the slot is someone else's now
+        os._exit(0)
 except OSError:
     os._exit(0)
-shutil.rmtree(path, ignore_errors=True)
+gone = path + ".gone-" + str(os.getpid())
+try:
+    os.rename(path, gone)  # out of the slot at once
+except OSError:
+    gone = None
 os.unlink(lock)  # a claimer that opened it before this sees it unlinked and retries
+os.close(held)
+if gone:
+    shutil.rmtree(gone, ignore_errors=True)
 """
 
 
 @dataclass
 class StagedDir:
     """A claimed slot: ``path`` is the directory to hand vLLM as ``--model``. The slot is
-    held (and the copy kept) while any process holds the inheritable ``fds``."""
+    held (and the copy kept) while any process holds the inheritable lock in ``fds``."""
 
     path: Path
     fds: tuple[int, ...] = field(repr=False)
@@ -103,22 +110,13 @@ def _try_slot(lock: Path) -> int | None:
         os.close(fd)  # a watcher removed the file we locked: lock the current one
 
 
-def _watch(lock: Path, slot_dir: Path) -> int:
-    """Start the watcher of ``slot_dir``; returns the pipe's write end (to be inherited)."""
-    r, w = os.pipe()
-    try:
-        watcher = subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHER, str(r),
-                                    str(lock), str(slot_dir)],
-                                   pass_fds=(r,), start_new_session=True,
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        watcher.wait()  # the detached grandchild watches; this child exits at once
-    except BaseException:
-        os.close(w)
-        raise
-    finally:
-        os.close(r)
-    return w
+def _watch(lock: Path, slot_dir: Path) -> None:
+    """Start the watcher that removes ``slot_dir`` once no one holds ``lock``."""
+    watcher = subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHER, str(lock),
+                                str(slot_dir)], start_new_session=True,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    watcher.wait()  # the detached grandchild watches; this child exits at once
 
 
 def claim(checkpoint: Path) -> StagedDir:
@@ -134,15 +132,14 @@ def claim(checkpoint: Path) -> StagedDir:
         try:
             shutil.rmtree(slot_dir, ignore_errors=True)  # left by a server killed with -9
             os.mkdir(slot_dir, 0o700)
-            write_end = _watch(base / f"{key}-{slot}.lock", slot_dir)
+            _watch(base / f"{key}-{slot}.lock", slot_dir)
         except OSError as e:
             os.close(lock)
             raise GuardError(f"cannot make the private copy {slot_dir}: {e.strerror or e}"
                              ) from None
         path = slot_dir / (checkpoint.name or "model")
         os.mkdir(path, 0o700)  # in a directory just made, by us only
-        for fd in (lock, write_end):
-            os.set_inheritable(fd, True)  # held by vLLM across exec
-        return StagedDir(path, (lock, write_end))
+        os.set_inheritable(lock, True)  # held by vLLM across exec
+        return StagedDir(path, (lock,))
     raise GuardError(f"{SLOTS} servers of {checkpoint} are running already (their copies are "
                      f"in {base}): stop one first")

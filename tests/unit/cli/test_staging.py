@@ -197,6 +197,7 @@ def test_slots_are_stable_exclusive_and_private(tmp_path, monkeypatch):
     wait_gone(second.path)
     first.close()
     wait_gone(first.path)
+    wait_gone(first.path.parent.with_suffix(".lock"))  # the slot is free once its lock goes
     again = staging.claim(ckpt)
     assert again.path == first.path
     again.close()
