@@ -15,8 +15,8 @@ from vllm_guard.cli.vllm_args import (
     LOAD_FORMAT_FLAG,
     MODEL_FLAG,
     check_unambiguous,
-    flag_name,
     flag_value,
+    with_flag,
 )
 from vllm_guard.errors import GuardError
 
@@ -87,14 +87,7 @@ def server_argv(vllm_args: Sequence[str]) -> list[str]:
 
 def with_model(args: Sequence[str], model: str) -> list[str]:
     """``args`` with its one ``--model`` (any spelling) set to ``model``."""
-    out = list(args)
-    for i, token in enumerate(out):
-        if flag_name(token) == MODEL_FLAG:
-            if "=" in token:
-                out[i] = f"{MODEL_FLAG}={model}"
-            else:
-                out[i + 1] = model
-    return out
+    return with_flag(args, MODEL_FLAG, model)
 
 
 def middleware_args(grants: str | None, masking: str | None) -> list[str]:
@@ -128,7 +121,9 @@ def exec_server(vllm_args: Sequence[str], grants: str | None = None,
     if not {"-h", "--help"} & set(argv):
         from vllm_guard.cli.preflight import check_before_exec
 
-        check_before_exec(argv[3:], grants)  # after python -m MODULE
+        # a locked checkpoint: --model now names the private copy of the checked side files
+        # (vllm_guard.cli.staging), held until vLLM and its processes exit
+        argv[3:] = check_before_exec(argv[3:], grants)  # after python -m MODULE
     env = guard_env(grants=grants)
     if masking:
         env[envs.MASKING] = str(Path(masking).resolve())

@@ -16,6 +16,9 @@ MODEL_FLAG = "--model"
 LOAD_FORMAT_FLAG = "--load-format"
 LOAD_CONFIG_FLAG = "--model-loader-extra-config"
 GUARDED_FLAGS = (MODEL_FLAG, LOAD_FORMAT_FLAG, LOAD_CONFIG_FLAG)
+# where else vLLM reads a model's files: for a locked checkpoint, serve points them at the
+# checked copy (vllm_guard.cli.staging)
+MODEL_FILE_FLAGS = ("--tokenizer", "--hf-config-path", "--generation-config")
 
 
 class AmbiguousArgs(GuardError):
@@ -54,15 +57,27 @@ def flag_value(args: Sequence[str], flag: str) -> str | None:
     return values[-1] if values else None
 
 
-def check_unambiguous(args: Sequence[str]) -> None:
-    """Refuse a guarded flag given twice or abbreviated (argparse accepts ``--load-form``)."""
+def check_unambiguous(args: Sequence[str], flags: Sequence[str] = GUARDED_FLAGS) -> None:
+    """Refuse one of ``flags`` given twice or abbreviated (argparse accepts ``--load-form``)."""
     for token in args:
         name = flag_name(token)
-        if name is None or len(name) <= 2 or name in GUARDED_FLAGS:  # "--": end of options
+        if name is None or len(name) <= 2 or name in flags:  # "--": end of options
             continue
-        if any(full.startswith(name) for full in GUARDED_FLAGS):
+        if any(full.startswith(name) for full in flags):
             raise AmbiguousArgs(f"{token.split('=', 1)[0]}: spell out the option in full "
-                                f"({' / '.join(f for f in GUARDED_FLAGS if f.startswith(name))})")
-    for flag in GUARDED_FLAGS:
+                                f"({' / '.join(f for f in flags if f.startswith(name))})")
+    for flag in flags:
         if len(flag_values(args, flag)) > 1:
             raise AmbiguousArgs(f"{flag} is given more than once: ambiguous, give it once")
+
+
+def with_flag(args: Sequence[str], flag: str, value: str) -> list[str]:
+    """``args`` with every value of ``flag`` (any spelling) set to ``value``."""
+    out = list(args)
+    for i, token in enumerate(out):
+        if flag_name(token) == flag:
+            if "=" in token:
+                out[i] = f"{flag}={value}"
+            elif i + 1 < len(out):
+                out[i + 1] = value
+    return out

@@ -22,6 +22,7 @@ from vllm_guard.errors import GuardError, ManifestError
 from vllm_guard.log import get_logger
 from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
 from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
+from vllm_guard.secneuron.files import check_copy
 from vllm_guard.secneuron.neuron_bits import neuron_bits
 from vllm_guard.secneuron.open import OpenReport, layer_counts
 from vllm_guard.secneuron.options import SecNeuronLoadConfig
@@ -114,13 +115,17 @@ class SecNeuronModelLoader(BaseModelLoader):
     def download_model(self, model_config: ModelConfig) -> None:
         self._model_dir(model_config)
 
-    @staticmethod
-    def _model_dir(model_config: ModelConfig) -> Path:
-        root = Path(model_config.model)
+    def _model_dir(self, model_config: ModelConfig) -> Path:
+        """The checkpoint: option ``checkpoint`` when ``vllm-guard serve`` pointed --model at
+        its private copy of the side files (vllm_guard.cli.staging), else --model."""
+        root = Path(self.config.checkpoint or model_config.model)
         if not root.is_dir():
             raise ManifestError(f"--load-format secneuron needs a local model directory, "
-                                f"got {model_config.model}")
+                                f"got {root}")
         return root
+
+    def _where(self, model_config: ModelConfig) -> str:
+        return self.config.checkpoint or model_config.model
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         start = time.perf_counter()
@@ -128,7 +133,7 @@ class SecNeuronModelLoader(BaseModelLoader):
             report, manifest = self._load(model, model_config)
         except GuardError as e:
             # One clear line for operators; vLLM prints the traceback after it.
-            logger.error("vllm-guard: refusing to load %s: %s", model_config.model, e)
+            logger.error("vllm-guard: refusing to load %s: %s", self._where(model_config), e)
             raise
         GRANT_STATE.task_bits = dict(manifest.tasks)
         rank, world = _tp()
@@ -144,6 +149,10 @@ class SecNeuronModelLoader(BaseModelLoader):
         # changed since, and vLLM's own entry points start this loader without serve
         opened = open_for_serving(root, self.config)
         manifest, keys, data_keys = opened.manifest, opened.keys, opened.data_keys
+        served = Path(model_config.model)
+        if served.resolve() != root.resolve():
+            # what vLLM read config and tokenizer from must be those signed files, unchanged
+            check_copy(served, manifest, self.config.workers)
         if not keys:
             logger.warning("vllm-guard: no task keys given: serving the PUBLIC-ONLY model, every "
                            "locked task (%s) is zeroed", ", ".join(sorted(manifest.tasks)))

@@ -6,6 +6,7 @@ check of weight shards is in :mod:`vllm_guard.secneuron.verify`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -149,3 +150,51 @@ def verify_files(root: str | os.PathLike[str], manifest: Manifest, names: Iterab
     for name, d in got.items():
         check_digest(name, manifest.files[name], d.sha256, d.size)
     return sum(d.size for d in got.values())
+
+
+COPY_CHUNK_BYTES = 1 << 20
+
+
+def copy_verified(root: str | os.PathLike[str], manifest: Manifest, names: Iterable[str],
+                  dest: str | os.PathLike[str]) -> int:
+    """Copy each named file from ``root`` into ``dest`` (new files, mode 0600), hashing the
+    bytes as they are copied, and check each against the manifest; returns the bytes copied.
+
+    Each file is read once: the copy holds exactly the bytes that were hashed, whatever
+    happens to the original afterwards. A mismatch raises IntegrityError with the partial
+    copy left in ``dest`` (the caller's private directory, never handed to anyone then).
+    """
+    total = 0
+    for name in names:
+        target = Path(dest) / name
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sha, size = hashlib.sha256(), 0
+        src = os.open(Path(root) / name, os.O_RDONLY)
+        try:
+            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                while chunk := os.read(src, COPY_CHUNK_BYTES):
+                    sha.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(out, view):]
+                    size += len(chunk)
+            finally:
+                os.close(out)
+        finally:
+            os.close(src)
+        check_digest(name, manifest.files[name], sha.hexdigest(), size)
+        total += size
+    return total
+
+
+def check_copy(copy: str | os.PathLike[str], manifest: Manifest,
+               workers: int | None = None) -> None:
+    """``copy`` (what ``vllm-guard serve`` handed vLLM as ``--model``) holds exactly the
+    checkpoint's signed side files, unchanged: no weight, nothing unsigned, nothing edited."""
+    present, wanted = set(checkpoint_files(copy)), set(side_files(manifest))
+    if present != wanted:
+        odd = sorted(present ^ wanted)[0]
+        raise IntegrityError(f"model directory {copy} is not a copy of the checkpoint's signed "
+                             f"side files (file {odd} {'missing' if odd in wanted else 'added'})")
+    verify_files(copy, manifest, sorted(wanted), workers)

@@ -31,13 +31,17 @@ class LoaderExtraConfig:
     workers: int | None = None
     verify_weights: bool = True  # hash every weight byte against the signed manifest
     min_version: int = 0  # refuse a signed checkpoint older than this (rollback)
+    # the checkpoint whose weights to load when --model is a copy of its side files (set by
+    # `vllm-guard serve`, which points vLLM at a private copy of the bytes it checked)
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"'workers' must be at least 1, not {self.workers}")
         paths = [self.keys] if isinstance(self.keys, str) else list(self.keys)
-        if "" in paths or self.key_dir == "" or self.publisher_key == "":
-            raise ValueError("'keys', 'key_dir' and 'publisher_key' must not be empty strings")
+        if "" in paths or "" in (self.key_dir, self.publisher_key, self.checkpoint):
+            raise ValueError("'keys', 'key_dir', 'publisher_key' and 'checkpoint' must not be "
+                             "empty strings")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class SecNeuronLoadConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     verify_weights: bool = True
     min_version: int = 0
+    checkpoint: str | None = None
 
     WHERE = "secneuron loader option (--model-loader-extra-config)"
 
@@ -68,4 +73,4 @@ class SecNeuronLoadConfig:
             keys = [p for p in env[envs.KEYS].split(os.pathsep) if p]
         return cls(tuple(keys), x.publisher_key or env.get(envs.PUBLISHER_KEY) or None,
                    x.allow_unsigned, x.workers, verify_weights=x.verify_weights,
-                   min_version=x.min_version)
+                   min_version=x.min_version, checkpoint=x.checkpoint)

@@ -20,6 +20,7 @@ from vllm_guard.secneuron.files import (
     check_file_set,
     check_sizes,
     check_version,
+    copy_verified,
     side_files,
     verify_files,
     weight_files,
@@ -29,11 +30,15 @@ from vllm_guard.secneuron.manifest import Manifest, read_manifest, wrap_binding
 from vllm_guard.secneuron.options import SecNeuronLoadConfig
 
 
-def open_checkpoint(root: Path, config: SecNeuronLoadConfig) -> Manifest:
+def open_checkpoint(root: Path, config: SecNeuronLoadConfig,
+                    stage_to: Path | None = None) -> Manifest:
     """Everything checked before any weight is read: signature, ``min_version``, the exact
     set of signed files, and the hash of every non-weight file (config, tokenizer, chat
-    template, generation config; vLLM's API server has read some of them already, so a
-    mismatch still refuses to start). Weight shards are checked while they stream."""
+    template, generation config). Weight shards are checked while they stream.
+
+    With ``stage_to``, the side files are copied there as they are hashed (each read once):
+    ``vllm-guard serve`` points vLLM at that copy, so vLLM reads only the bytes checked here.
+    """
     manifest = read_manifest(root)
     if manifest is None:
         raise ManifestError(f"{root} has no guard_manifest.json: not a locked checkpoint "
@@ -42,7 +47,10 @@ def open_checkpoint(root: Path, config: SecNeuronLoadConfig) -> Manifest:
     manifest.verify(publisher, config.allow_unsigned)
     check_version(manifest, config.min_version)
     check_file_set(root, manifest)
-    verify_files(root, manifest, side_files(manifest), config.workers)
+    if stage_to is None:
+        verify_files(root, manifest, side_files(manifest), config.workers)
+    else:
+        copy_verified(root, manifest, side_files(manifest), stage_to)
     if not config.verify_weights:
         check_sizes(root, manifest, weight_files(manifest))
     return manifest
@@ -99,8 +107,9 @@ class OpenedCheckpoint:
     data_keys: dict[str, bytes] = field(repr=False)  # group id -> data key
 
 
-def open_for_serving(root: Path, config: SecNeuronLoadConfig) -> OpenedCheckpoint:
+def open_for_serving(root: Path, config: SecNeuronLoadConfig,
+                     stage_to: Path | None = None) -> OpenedCheckpoint:
     """:func:`open_checkpoint`, then the task keys loaded and their data keys unwrapped."""
-    manifest = open_checkpoint(root, config)
+    manifest = open_checkpoint(root, config, stage_to)
     keys = load_task_keys(list(config.keys))
     return OpenedCheckpoint(manifest, keys, open_data_keys(manifest, keys))

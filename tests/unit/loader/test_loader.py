@@ -130,3 +130,34 @@ def test_loader_options_live_apart_from_the_checks_frozen_and_torch_free():
         cfg.keys = ()  # type: ignore[misc]
     loaded, _ = fresh_python("import vllm_guard.secneuron.options")
     assert loaded == [], loaded
+
+
+def test_loader_reads_weights_from_checkpoint_and_checks_the_copy_vllm_read(
+        locked, keydir, tmp_path):  # noqa: F811
+    """Behind ``vllm-guard serve``: --model is the private copy of the side files, option
+    ``checkpoint`` the checkpoint. The weights come from the checkpoint; the copy must be
+    exactly its signed side files, unchanged (vLLM read config and tokenizer from it)."""
+    import shutil
+
+    from vllm_guard.errors import ManifestError
+    from vllm_guard.secneuron.files import copy_verified, side_files
+    from vllm_guard.secneuron.manifest import read_manifest
+
+    manifest = read_manifest(locked)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    copy_verified(locked, manifest, side_files(manifest), copy)
+    direct = run_loader(locked, keydir)
+    via_copy = run_loader(copy, keydir, checkpoint=str(locked))
+    assert direct.keys() == via_copy.keys()
+    assert all(torch.equal(direct[k], via_copy[k]) for k in direct)
+    (copy / "tokenizer_config.json").write_text('{"chat_template": "{{ 1 }}"}')
+    with pytest.raises(ManifestError, match="tokenizer_config.json does not match"):
+        run_loader(copy, keydir, checkpoint=str(locked))
+    (copy / "tokenizer_config.json").unlink()
+    with pytest.raises(ManifestError, match=r"not a copy .*tokenizer_config.json missing"):
+        run_loader(copy, keydir, checkpoint=str(locked))
+    shutil.copy(locked / "tokenizer_config.json", copy)
+    shutil.copy(locked / "model.safetensors", copy)  # a weight beside the copy: refused
+    with pytest.raises(ManifestError, match=r"not a copy .*model.safetensors added"):
+        run_loader(copy, keydir, checkpoint=str(locked))
