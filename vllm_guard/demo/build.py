@@ -1,6 +1,7 @@
 """Build the demo once, then reuse it: a lock-aware model locked per task, its keys, API keys.
 
-multitask base -> reserved blocks -> lock-aware training -> check each API key's grant
+multitask base -> reserved blocks -> lock-aware training -> chat template -> check each API
+key's grant (through the chat template, which renders the completions prompt)
 -> task keys + publisher key -> lock (signed manifest) -> API keys + grants file
 
 Everything lands in ``<cache>/demo/v<DEMO_VERSION>-<recipe digest>/``: a changed builder or
@@ -32,7 +33,7 @@ from vllm_guard.secneuron.keys import KeyDir
 
 # bump when the build, the tasks or the base training (tasks.py) change: cached demos
 # are rebuilt (the recipe's digest covers only its parameters)
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 SUMMARY_FILE = "demo.json"  # written last: its presence marks a complete build
 Progress = Callable[[str], None]
 
@@ -146,7 +147,7 @@ def _quiet_single_thread() -> Iterator[None]:
 
 
 def _build(out: Path, recipe: DemoRecipe, progress: Progress) -> None:
-    from vllm_guard.demo.tasks import TaskSuite, train_base
+    from vllm_guard.demo.tasks import TaskSuite, add_chat_template, train_base
     from vllm_guard.secneuron.lock import lock_checkpoint
     from vllm_guard.secneuron.train import reserved_blocks, train_locks
 
@@ -165,6 +166,7 @@ def _build(out: Path, recipe: DemoRecipe, progress: Progress) -> None:
                                     recipe.block)
         data = {t: suite.train_set(t, recipe.train_examples, seed=1) for t in tasks}
         trained = train_locks(base, data, selection, recipe.locks, work / "trained", eta)
+        add_chat_template(trained)  # signed with the rest when the checkpoint is locked
         progress("[3/4] checking every task under each API key")
         scores = _check(trained, selection, suite, recipe)
         for name, acc in scores.items():
