@@ -85,7 +85,7 @@ def demo_root(cache_dir: Path | None = None, recipe: DemoRecipe = RECIPE) -> Pat
 
 def demo_artefacts(cache_dir: Path | None = None, progress: Progress = print,
                    recipe: DemoRecipe = RECIPE) -> DemoArtefacts:
-    """The demo for ``recipe``: reused when built, else built now (about 2 minutes)."""
+    """The demo for ``recipe``: reused when built, else built now (1-2 minutes)."""
     art = DemoArtefacts(demo_root(cache_dir, recipe), recipe)
     if art.ready:
         return art
@@ -95,7 +95,7 @@ def demo_artefacts(cache_dir: Path | None = None, progress: Progress = print,
         for stale in art.root.parent.glob(f".{art.root.name}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a build killed before it could clean up
         progress(f"vllm-guard demo: first run, building the demo model into {art.root}\n"
-                 "  (about 2 minutes on 2 CPU cores; later runs reuse it)")
+                 "  (1-2 minutes on 2 CPU cores; later runs reuse it)")
         with atomic_output_dir(art.root, replace=True) as tmp:
             _build(tmp, recipe, progress)
     return art
