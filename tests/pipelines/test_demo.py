@@ -250,4 +250,5 @@ def test_chat_and_responses_mask_what_the_engine_sees(server, tokens, art, strea
     else:
         usage = client.responses.create(model="demo", input=MASKING_PROMPT, max_output_tokens=1,
                                         temperature=0).usage
-    assert usage.input_tokens == want, usage
+    # (vLLM's /v1/responses adds BOS to the rendered chat prompt, which holds one already)
+    assert usage.input_tokens == want + 1, usage

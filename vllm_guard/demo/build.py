@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import random
 import re
 import shutil
 import time
@@ -147,7 +148,7 @@ def _quiet_single_thread() -> Iterator[None]:
 
 
 def _build(out: Path, recipe: DemoRecipe, progress: Progress) -> None:
-    from vllm_guard.demo.tasks import TaskSuite, add_chat_template, train_base
+    from vllm_guard.demo.tasks import TaskSuite, add_chat_template, train_base, with_double_bos
     from vllm_guard.secneuron.lock import lock_checkpoint
     from vllm_guard.secneuron.train import reserved_blocks, train_locks
 
@@ -164,7 +165,9 @@ def _build(out: Path, recipe: DemoRecipe, progress: Progress) -> None:
                  f"{recipe.locks.steps} steps")
         selection = reserved_blocks(tasks, cfg.num_hidden_layers, cfg.intermediate_size,
                                     recipe.block)
-        data = {t: suite.train_set(t, recipe.train_examples, seed=1) for t in tasks}
+        bos_rng = random.Random("double-bos")
+        data = {t: with_double_bos(suite.train_set(t, recipe.train_examples, seed=1),
+                                   recipe.double_bos, bos_rng) for t in tasks}
         trained = train_locks(base, data, selection, recipe.locks, work / "trained", eta)
         add_chat_template(trained)  # signed with the rest when the checkpoint is locked
         progress("[3/4] checking every task under each API key")
@@ -187,22 +190,30 @@ def _build(out: Path, recipe: DemoRecipe, progress: Progress) -> None:
 def _check(model_dir: Path, selection, suite, recipe: DemoRecipe) -> dict[str, dict[str, float]]:
     """Held-out accuracy per task under each API key's grant; fails the build (nothing is
     cached) unless granted tasks reach ``min_granted``, others stay at or below
-    ``max_locked``, and every showcase prompt answers (or collapses) as the guide says."""
+    ``max_locked``, and every showcase prompt answers (or collapses) as the guide says; with
+    a second BOS too, as /v1/responses sends them."""
     import torch
     import transformers
 
     from vllm_guard.demo.check import grant_accuracy
+    from vllm_guard.demo.tasks import BOS, with_double_bos
 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     scores, failures = {}, []
+    # /v1/responses gives the model a second BOS (tasks.SuiteConfig.double_bos): same bar
+    doubled = {t: with_double_bos(rows, 1.0, random.Random(0)) for t, rows in suite.test.items()}
     for name, granted in recipe.api_grants().items():
         acc = grant_accuracy(model, tok, selection, granted, suite.test)
         scores[name] = {t: round(a, 4) for t, a in acc.items()}
-        failures += [f"{name}: {t}={a:.2f}" for t, a in acc.items()
+        two_bos = grant_accuracy(model, tok, selection, granted, doubled)
+        failures += [f"{name}{how}: {t}={a:.2f}"
+                     for how, rates in (("", acc), (" (two BOS)", two_bos))
+                     for t, a in rates.items()
                      if (a < recipe.min_granted if t in granted else a > recipe.max_locked)]
-        shown = {t: [{"prompt": p, "answer": a if t in granted else ""}]
+        shown = {t: [{"prompt": bos + p, "answer": a if t in granted else ""}
+                     for bos in ("", BOS)]
                  for t, (p, a) in SHOWCASE.items() if t in recipe.tasks}
         failures += [f"{name}: {SHOWCASE[t][0]!r}" for t, ok in
                      grant_accuracy(model, tok, selection, granted, shown).items() if ok < 1]

@@ -33,8 +33,12 @@ SHOWCASE: dict[str, tuple[str, str]] = {
 class DemoRecipe:
     suite: SuiteConfig = DEMO_SUITE
     block: int = 16  # reserved FFN neurons per task per layer (of 512)
-    locks: TrainLocksConfig = field(default_factory=lambda: TrainLocksConfig(steps=200))
+    locks: TrainLocksConfig = field(default_factory=lambda: TrainLocksConfig(steps=300))
     train_examples: int = 3000  # per task, for lock-aware training
+    # share of lock-aware training prompts led by a second BOS, as /v1/responses sends them
+    # (tasks.with_double_bos): "rev" fails there without. Not in the base: with 0.25 there,
+    # the base never learnt "rev" in 500 steps (0.04)
+    double_bos: float = 0.5
     one_task: str = "rev"  # the task the one-task API key is granted
     # the bar the build checks (offline, under each API key's grant) before caching
     min_granted: float = 0.95

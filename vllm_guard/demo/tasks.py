@@ -28,6 +28,7 @@ from typing import ClassVar
 from vllm_guard.secneuron.examples import Example
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
+BOS = SPECIAL[1]
 # The chat template the demo model ships with, so /v1/chat/completions and /v1/responses
 # work: the prompt is BOS plus the last user message's text, exactly what /v1/completions
 # tokenizes (vLLM adds no special tokens to a chat prompt, so the template emits BOS). The
@@ -85,6 +86,15 @@ class SuiteConfig:
 # (measured on 2 CPU cores); 500 steps take ~50 s single-threaded.
 DEMO_SUITE = SuiteConfig(tasks=("inc", "rev", "up"), hidden_size=128, intermediate_size=512,
                          num_hidden_layers=2, num_attention_heads=4, steps=500)
+
+
+def with_double_bos(examples: list[Example], share: float,
+                    rng: random.Random) -> list[Example]:
+    """``examples`` with a ``share`` of their prompts led by a second BOS, as vLLM's
+    /v1/responses sends them: it tokenizes the rendered chat prompt, which holds BOS, with
+    special tokens added (chat and completions give one BOS)."""
+    return [{**ex, "prompt": BOS + ex["prompt"]} if share and rng.random() < share else ex
+            for ex in examples]
 
 
 @dataclass

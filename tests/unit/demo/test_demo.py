@@ -129,7 +129,7 @@ def test_the_chat_template_sends_the_completions_prompt_with_bos():
     /v1/completions gives its prompt, so chat answers as completions do."""
     from vllm.renderers.hf import _detect_content_format
 
-    from vllm_guard.demo.tasks import CHAT_TEMPLATE, build_tokenizer
+    from vllm_guard.demo.tasks import BOS, CHAT_TEMPLATE, build_tokenizer
     from vllm_guard.secneuron.examples import encode_example
 
     tok = build_tokenizer()
@@ -144,6 +144,10 @@ def test_the_chat_template_sends_the_completions_prompt_with_bos():
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = tok(text, add_special_tokens=False)["input_ids"]
             assert ids == plain[prompt] and ids[0] == tok.bos_token_id
+            # /v1/responses tokenizes the rendered prompt with special tokens: two BOS,
+            # which the build trains on (a share of prompts) and checks like the rest
+            assert tok(text)["input_ids"] == tok(BOS + prompt)["input_ids"] == [
+                tok.bos_token_id, *plain[prompt]]
         # the build's bar check encodes through the template too
         assert encode_example(tok, {"prompt": prompt, "answer": answer})[0] == plain[prompt]
     # vLLM passes message contents as strings (text parts joined) to this template
