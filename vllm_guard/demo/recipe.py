@@ -1,11 +1,12 @@
 """What the demo builds: tasks, model and training budget, API keys and the bar it must meet.
 
 The budget was chosen by measurement on a 2-core CPU machine: the multitask base (500
-steps) and lock-aware training (200 steps) take about 70 s single-threaded, and every
+steps) and lock-aware training (300 steps) take about 90 s single-threaded, and every
 task then scores 1.00 exact match with its key and 0.00 without it (the bar below is
-0.95 / 0.10). Lock-aware training's loss is at 0.001 by step 100, so 200 steps (600
-until #32) keep a margin; the base keeps 500: "rev" is not learnt at all with 300 steps
-(at 3e-3 or 5e-3) and only just with 400. Inputs stay 6 characters (tasks.py says why).
+0.95 / 0.10), with one BOS (completions, chat) or two (/v1/responses). Lock-aware
+training's loss is at 0.001 by step 100, so 300 steps (600 until #32) keep a margin; the
+base keeps 500: "rev" is not learnt at all with 300 steps (at 3e-3 or 5e-3) and only
+just with 400. Inputs stay 6 characters (tasks.py says why).
 The digest names the cache directory, so changing any of this rebuilds.
 """
 
