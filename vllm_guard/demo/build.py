@@ -202,7 +202,7 @@ def _check(model_dir: Path, selection, suite, recipe: DemoRecipe) -> dict[str, d
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     scores, failures = {}, []
-    # /v1/responses gives the model a second BOS (tasks.SuiteConfig.double_bos): same bar
+    # /v1/responses gives the model a second BOS (recipe.double_bos): the same bar
     doubled = {t: with_double_bos(rows, 1.0, random.Random(0)) for t, rows in suite.test.items()}
     for name, granted in recipe.api_grants().items():
         acc = grant_accuracy(model, tok, selection, granted, suite.test)

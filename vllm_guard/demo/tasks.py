@@ -31,7 +31,8 @@ SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
 BOS = SPECIAL[1]
 # The chat template the demo model ships with, so /v1/chat/completions and /v1/responses
 # work: the prompt is BOS plus the last user message's text, exactly what /v1/completions
-# tokenizes (vLLM adds no special tokens to a chat prompt, so the template emits BOS). The
+# tokenizes (vLLM adds no special tokens to a chat prompt, so the template emits BOS; its
+# /v1/responses does add them, hence two BOS there: see with_double_bos). The
 # model has no conversation format to learn: one task prompt in, its answer out; system
 # messages (a Responses call's ``instructions``) and earlier turns are not shown to it.
 CHAT_TEMPLATE = (
