@@ -1,6 +1,7 @@
 """``vllm-guard demo`` as a newcomer runs it: the cached demo build served by the real command
 (``python -m vllm_guard.cli demo --port N``), then its two API keys, its printed ``curl``
-commands and its masking checked against the live server."""
+commands, its masking, and the chat and Responses APIs through the ``openai`` client checked
+against the live server."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import harness.fixtures  # noqa: F401  (sets $VLLM_GUARD_CACHE to the checkout's
 from harness.server import VllmServer, post
 from tests.conftest import LOG_DIR
 from vllm_guard.demo.build import DemoArtefacts, demo_artefacts
-from vllm_guard.demo.guide import MASKED_PROMPT, MASKING_PROMPT, completion_body
-from vllm_guard.demo.recipe import ALL_KEY, ONE_KEY
+from vllm_guard.demo.guide import MASKED_PROMPT, MASKING_PROMPT, chat_body, completion_body
+from vllm_guard.demo.recipe import ALL_KEY, ONE_KEY, SHOWCASE
 from vllm_guard.demo.tasks import TaskSuite
 
 PER_TASK = 40  # held-out prompts per task per key
@@ -127,14 +128,127 @@ def test_printed_curl_commands_show_what_they_promise(server, tokens):
     log = server.log_text()
     assert all(t in log for t in tokens.values())
     steps = re.findall(r"^# (\d)\. (.*?)\n(?:#.*\n)*(curl .*)$", log, re.MULTILINE)
-    assert [s[0] for s in steps] == ["1", "2", "3", "4"], steps
+    assert [s[0] for s in steps] == ["1", "2", "3", "4", "5"], steps
     for _, says, command in steps:
         assert f"127.0.0.1:{server.port}/" in command
         out = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
                              timeout=60).stdout
-        expect = re.search(r'expect ("text":".*")', says)
+        expect = re.search(r'expect ("(?:text|content)":".*")', says)
         if expect:
             assert out.strip() == expect.group(1), (says, out)
         else:  # masking
             assert out.startswith(f'"text":"{MASKING_PROMPT}'), out
             assert f'"prompt_tokens":{len(MASKED_PROMPT) + 1}' in out, out
+
+
+# --- chat and Responses through the openai client (the demo's chat template) ---
+
+CHAT_PER_TASK = 8  # held-out prompts per task per key, chat against completions
+
+
+def openai_client(server, token: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0, timeout=120)
+
+
+def chat_text(client, prompt: str, stream: bool = False, **extra) -> str:
+    body = chat_body(prompt)
+    del body["model"], body["messages"]
+    kw = dict(model="demo", messages=[{"role": "user", "content": prompt}], **body, **extra)
+    if not stream:
+        return client.chat.completions.create(**kw).choices[0].message.content
+    chunks = client.chat.completions.create(stream=True, **kw)
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def responses_text(client, prompt: str, stream: bool = False) -> str:
+    kw = dict(model="demo", input=prompt, max_output_tokens=8, temperature=0)
+    if not stream:
+        return client.responses.create(**kw).output_text
+    events = client.responses.create(stream=True, **kw)
+    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+
+def test_chat_answers_as_completions_do(server, tokens, art):
+    """The chat template renders a user message as the completions prompt: same answers,
+    granted or locked, on held-out prompts of every task."""
+    test = TaskSuite.build(art.recipe.suite).test
+    rows = [(name, ex) for name in (ALL_KEY, ONE_KEY) for t in art.tasks
+            for ex in test[t][:CHAT_PER_TASK]]
+
+    def both(row) -> tuple[str, str]:
+        name, ex = row
+        status, body = complete(server, tokens[name], completion_body(ex["prompt"]))
+        assert status == 200, body
+        return body["choices"][0]["text"], chat_text(openai_client(server, tokens[name]),
+                                                     ex["prompt"])
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(both, rows))
+    assert [c for c, _ in answers] == [ch for _, ch in answers]
+    granted = art.recipe.api_grants()
+    right = [c == (ex["answer"] if ex["prompt"].split()[0].lower() in granted[name] else "")
+             for (name, ex), (c, _) in zip(rows, answers, strict=True)]
+    assert sum(right) >= 0.95 * len(rows), answers
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_openai_client_chat_and_responses_answer_under_grants(server, tokens, art, stream):
+    every, one = (openai_client(server, tokens[k]) for k in (ALL_KEY, ONE_KEY))
+    prompt, answer = SHOWCASE[art.recipe.one_task]
+    locked_prompt, locked_answer = next(SHOWCASE[t] for t in art.tasks
+                                        if t != art.recipe.one_task)
+    for ask in (chat_text, responses_text):
+        assert ask(every, locked_prompt, stream=stream) == locked_answer, ask
+        assert ask(one, prompt, stream=stream) == answer, ask
+        assert ask(one, locked_prompt, stream=stream) == "", ask  # not granted: collapses
+
+
+def test_openai_client_without_a_key_is_refused(server):
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        chat_text(openai_client(server, "vg-not-a-key"), "REV planet=")
+    with pytest.raises(openai.AuthenticationError):
+        responses_text(openai_client(server, "vg-not-a-key"), "REV planet=")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_chat_and_responses_mask_what_the_engine_sees(server, tokens, art, stream):
+    """Masking on: the engine gets the placeholder, never the address (one token per
+    character plus BOS; the address is 15 characters longer). Restoring replies is tested
+    on the pooled masking servers: this model never writes a placeholder back."""
+    import transformers
+
+    client = openai_client(server, tokens[ALL_KEY])
+    want = len(MASKED_PROMPT) + 1
+    messages = [{"role": "user", "content": MASKING_PROMPT}]
+    if stream:
+        chunks = list(client.chat.completions.create(
+            model="demo", messages=messages, max_tokens=1, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"return_token_ids": True}))
+        usage = chunks[-1].usage
+        first = chunks[0].model_dump()
+        ids = first.get("prompt_token_ids")
+    else:
+        reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=1,
+                                               temperature=0,
+                                               extra_body={"return_token_ids": True})
+        usage, ids = reply.usage, reply.model_dump().get("prompt_token_ids")
+    assert usage.prompt_tokens == want, usage
+    tok = transformers.AutoTokenizer.from_pretrained(art.locked)
+    assert ids and tok.decode(ids) == "<s>" + MASKED_PROMPT
+    # Responses: the engine's token count is the masked prompt's
+    if stream:
+        events = list(client.responses.create(model="demo", input=MASKING_PROMPT,
+                                              max_output_tokens=1, temperature=0,
+                                              stream=True))
+        done = [e for e in events if e.type == "response.completed"]
+        assert done, [e.type for e in events]
+        usage = done[0].response.usage
+    else:
+        usage = client.responses.create(model="demo", input=MASKING_PROMPT, max_output_tokens=1,
+                                        temperature=0).usage
+    # (vLLM's /v1/responses adds BOS to the rendered chat prompt, which holds one already)
+    assert usage.input_tokens == want + 1, usage

@@ -29,7 +29,7 @@ COMMANDS: dict[str, Command] = {
                      "start vLLM's OpenAI server with vllm-guard enabled; other arguments go to "
                      "vLLM unchanged"),
     "demo": Command("vllm_guard.cli.demo",
-                    "build the demo model (first run, ~2 min) and serve it on 127.0.0.1 with "
+                    "build the demo model (first run, 1-2 min) and serve it on 127.0.0.1 with "
                     "two API keys and masking; other arguments go to vLLM"),
     "grants-add-key": Command("vllm_guard.cli.grants",
                               "create an API key (stored hashed) in a grants file"),

@@ -1,6 +1,7 @@
 """Build the demo once, then reuse it: a lock-aware model locked per task, its keys, API keys.
 
-multitask base -> reserved blocks -> lock-aware training -> check each API key's grant
+multitask base -> reserved blocks -> lock-aware training -> chat template -> check each API
+key's grant (through the chat template, which renders the completions prompt)
 -> task keys + publisher key -> lock (signed manifest) -> API keys + grants file
 
 Everything lands in ``<cache>/demo/v<DEMO_VERSION>-<recipe digest>/``: a changed builder or
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import random
 import re
 import shutil
 import time
@@ -32,7 +34,7 @@ from vllm_guard.secneuron.keys import KeyDir
 
 # bump when the build, the tasks or the base training (tasks.py) change: cached demos
 # are rebuilt (the recipe's digest covers only its parameters)
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 SUMMARY_FILE = "demo.json"  # written last: its presence marks a complete build
 Progress = Callable[[str], None]
 
@@ -84,7 +86,7 @@ def demo_root(cache_dir: Path | None = None, recipe: DemoRecipe = RECIPE) -> Pat
 
 def demo_artefacts(cache_dir: Path | None = None, progress: Progress = print,
                    recipe: DemoRecipe = RECIPE) -> DemoArtefacts:
-    """The demo for ``recipe``: reused when built, else built now (about 2 minutes)."""
+    """The demo for ``recipe``: reused when built, else built now (1-2 minutes)."""
     art = DemoArtefacts(demo_root(cache_dir, recipe), recipe)
     if art.ready:
         return art
@@ -94,7 +96,7 @@ def demo_artefacts(cache_dir: Path | None = None, progress: Progress = print,
         for stale in art.root.parent.glob(f".{art.root.name}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a build killed before it could clean up
         progress(f"vllm-guard demo: first run, building the demo model into {art.root}\n"
-                 "  (about 2 minutes on 2 CPU cores; later runs reuse it)")
+                 "  (1-2 minutes on 2 CPU cores; later runs reuse it)")
         with atomic_output_dir(art.root, replace=True) as tmp:
             _build(tmp, recipe, progress)
     return art
@@ -146,7 +148,7 @@ def _quiet_single_thread() -> Iterator[None]:
 
 
 def _build(out: Path, recipe: DemoRecipe, progress: Progress) -> None:
-    from vllm_guard.demo.tasks import TaskSuite, train_base
+    from vllm_guard.demo.tasks import TaskSuite, add_chat_template, train_base, with_double_bos
     from vllm_guard.secneuron.lock import lock_checkpoint
     from vllm_guard.secneuron.train import reserved_blocks, train_locks
 
@@ -163,8 +165,11 @@ def _build(out: Path, recipe: DemoRecipe, progress: Progress) -> None:
                  f"{recipe.locks.steps} steps")
         selection = reserved_blocks(tasks, cfg.num_hidden_layers, cfg.intermediate_size,
                                     recipe.block)
-        data = {t: suite.train_set(t, recipe.train_examples, seed=1) for t in tasks}
+        bos_rng = random.Random("double-bos")
+        data = {t: with_double_bos(suite.train_set(t, recipe.train_examples, seed=1),
+                                   recipe.double_bos, bos_rng) for t in tasks}
         trained = train_locks(base, data, selection, recipe.locks, work / "trained", eta)
+        add_chat_template(trained)  # signed with the rest when the checkpoint is locked
         progress("[3/4] checking every task under each API key")
         scores = _check(trained, selection, suite, recipe)
         for name, acc in scores.items():
@@ -185,22 +190,30 @@ def _build(out: Path, recipe: DemoRecipe, progress: Progress) -> None:
 def _check(model_dir: Path, selection, suite, recipe: DemoRecipe) -> dict[str, dict[str, float]]:
     """Held-out accuracy per task under each API key's grant; fails the build (nothing is
     cached) unless granted tasks reach ``min_granted``, others stay at or below
-    ``max_locked``, and every showcase prompt answers (or collapses) as the guide says."""
+    ``max_locked``, and every showcase prompt answers (or collapses) as the guide says; with
+    a second BOS too, as /v1/responses sends them."""
     import torch
     import transformers
 
     from vllm_guard.demo.check import grant_accuracy
+    from vllm_guard.demo.tasks import BOS, with_double_bos
 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     scores, failures = {}, []
+    # /v1/responses gives the model a second BOS (recipe.double_bos): the same bar
+    doubled = {t: with_double_bos(rows, 1.0, random.Random(0)) for t, rows in suite.test.items()}
     for name, granted in recipe.api_grants().items():
         acc = grant_accuracy(model, tok, selection, granted, suite.test)
         scores[name] = {t: round(a, 4) for t, a in acc.items()}
-        failures += [f"{name}: {t}={a:.2f}" for t, a in acc.items()
+        two_bos = grant_accuracy(model, tok, selection, granted, doubled)
+        failures += [f"{name}{how}: {t}={a:.2f}"
+                     for how, rates in (("", acc), (" (two BOS)", two_bos))
+                     for t, a in rates.items()
                      if (a < recipe.min_granted if t in granted else a > recipe.max_locked)]
-        shown = {t: [{"prompt": p, "answer": a if t in granted else ""}]
+        shown = {t: [{"prompt": bos + p, "answer": a if t in granted else ""}
+                     for bos in ("", BOS)]
                  for t, (p, a) in SHOWCASE.items() if t in recipe.tasks}
         failures += [f"{name}: {SHOWCASE[t][0]!r}" for t, ok in
                      grant_accuracy(model, tok, selection, granted, shown).items() if ok < 1]

@@ -14,6 +14,8 @@ from vllm_guard.demo.serving import SERVED_MODEL_NAME
 MASKING_PROMPT = "Mail ana.kim-lund@mailbox.example.org, please"
 MASKED_PROMPT = "Mail <EMAIL_ADDRESS_1>, please"  # what the engine gets instead
 TASK_HELP = {"inc": "each digit plus one", "rev": "reversed", "up": "upper case"}
+# what each task was trained on (tasks.py): other inputs get no reliable answer
+TASK_INPUTS = {"inc": "6 digits", "rev": "6 lower-case letters", "up": "6 lower-case letters"}
 
 
 def completion_body(prompt: str, **extra: object) -> dict:
@@ -22,11 +24,23 @@ def completion_body(prompt: str, **extra: object) -> dict:
             **extra}
 
 
-def curl(port: int, key: DemoApiKey | None, body: dict, show: str = "text") -> str:
+def chat_body(prompt: str, **extra: object) -> dict:
+    """The same request through the chat API: the chat template renders the message as the
+    completions prompt, so the answer is the same."""
+    return {"model": SERVED_MODEL_NAME, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 8, "temperature": 0, **extra}
+
+
+PICK = {"text": "'\"text\": *\"[^\"]*\"'",
+        "usage": "'\"(text|prompt_tokens)\": *(\"[^\"]*\"|[0-9]+)'",
+        "content": "'\"content\": *\"[^\"]*\"'"}
+
+
+def curl(port: int, key: DemoApiKey | None, body: dict, show: str = "text",
+         route: str = "completions") -> str:
     auth = f" -H 'Authorization: Bearer {key.token}'" if key else ""
-    pick = "'\"text\": *\"[^\"]*\"'" if show == "text" \
-        else "'\"(text|prompt_tokens)\": *(\"[^\"]*\"|[0-9]+)'"
-    return (f"curl -s http://127.0.0.1:{port}/v1/completions{auth} "
+    pick = PICK[show]
+    return (f"curl -s http://127.0.0.1:{port}/v1/{route}{auth} "
             f"-H 'Content-Type: application/json' -d '{json.dumps(body, separators=(',', ':'))}'"
             f" | grep -Eo {pick}")
 
@@ -42,8 +56,9 @@ def guide(art: DemoArtefacts, port: int) -> str:
     lines = [
         f"vllm-guard demo: a tiny character-level model, {len(art.tasks)} tasks each locked "
         "with its own key:",
-        *(f"  {SHOWCASE[t][0]:<{pad}} -> {SHOWCASE[t][1]}  ({TASK_HELP.get(t, t)})"
-          for t in shown),
+        *(f"  {SHOWCASE[t][0]:<{pad}} -> {SHOWCASE[t][1]}  ({TASK_HELP.get(t, t)}; "
+          f"input: {TASK_INPUTS.get(t, 'as trained')})" for t in shown),
+        "It was trained on those input lengths only: other inputs get no reliable answer.",
         "The server holds every task key; a request gets only the tasks its API key grants.",
         f"Placeholder masking is on. Model, keys and API keys: {art.root}",
         "",
@@ -64,6 +79,10 @@ def guide(art: DemoArtefacts, port: int) -> str:
         "#    character, plus BOS), and the echoed prompt comes back with the address restored",
         curl(port, every, completion_body(MASKING_PROMPT, max_tokens=1, echo=True),
              show="usage"),
+        f'# 5. the chat API gives the same answer: expect "content":"{SHOWCASE[mine][1]}"',
+        "#    (the chat template sends the last user message as the prompt; /v1/responses and",
+        "#    the openai client's chat.completions and responses work the same way)",
+        curl(port, one, chat_body(SHOWCASE[mine][0]), show="content", route="chat/completions"),
         "",
         "Without an API key every request is refused (401).",
         "",

@@ -2,8 +2,10 @@
 
 Three capability tasks a newcomer can read at a glance: ``inc`` ``INC 412050=523161`` (each
 digit plus one), ``rev`` ``REV abcdef=fedcba`` and ``up`` ``UP abcdef=ABCDEF``; the last two
-share lower-case letters (the hard case for locking). Each task has a held-out test split
-that training never samples.
+share lower-case letters (the hard case for locking). Inputs are 6 characters, and other
+lengths get no reliable answer (the guide says so): trained on lengths 1-10 with the same
+budget, the model fell to 0.80-0.90 on 10-character inputs and the bar's margin to 0.01.
+Each task has a held-out test split that training never samples.
 
 The tokenizer is character level, so every answer character is one token and greedy
 exact match equals "every teacher-forced argmax is right" (one forward pass per batch).
@@ -26,6 +28,19 @@ from typing import ClassVar
 from vllm_guard.secneuron.examples import Example
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
+BOS = SPECIAL[1]
+# The chat template the demo model ships with, so /v1/chat/completions and /v1/responses
+# work: the prompt is BOS plus the last user message's text, exactly what /v1/completions
+# tokenizes (vLLM adds no special tokens to a chat prompt, so the template emits BOS; its
+# /v1/responses does add them, hence two BOS there: see with_double_bos). The
+# model has no conversation format to learn: one task prompt in, its answer out; system
+# messages (a Responses call's ``instructions``) and earlier turns are not shown to it.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(prompt='') -%}"
+    "{%- for message in messages if message['role'] == 'user' -%}"
+    "{%- set ns.prompt = message['content'] -%}"
+    "{%- endfor -%}"
+    "{{- bos_token + ns.prompt -}}")
 Generator = Callable[[random.Random], Example]
 
 
@@ -72,6 +87,15 @@ class SuiteConfig:
 # (measured on 2 CPU cores); 500 steps take ~50 s single-threaded.
 DEMO_SUITE = SuiteConfig(tasks=("inc", "rev", "up"), hidden_size=128, intermediate_size=512,
                          num_hidden_layers=2, num_attention_heads=4, steps=500)
+
+
+def with_double_bos(examples: list[Example], share: float,
+                    rng: random.Random) -> list[Example]:
+    """``examples`` with a ``share`` of their prompts led by a second BOS, as vLLM's
+    /v1/responses sends them: it tokenizes the rendered chat prompt, which holds BOS, with
+    special tokens added (chat and completions give one BOS)."""
+    return [{**ex, "prompt": BOS + ex["prompt"]} if share and rng.random() < share else ex
+            for ex in examples]
 
 
 @dataclass
@@ -137,6 +161,17 @@ def build_tokenizer():
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="<pad>", model_max_length=64)
+
+
+def add_chat_template(model_dir: Path) -> None:
+    """Give a trained model directory's tokenizer :data:`CHAT_TEMPLATE`. Added after
+    training: with a chat template, :class:`AnswerBatcher` encodes one example at a time
+    (the same ids here, but slower)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(model_dir)
 
 
 def build_model(config: SuiteConfig, tokenizer):
