@@ -172,7 +172,7 @@ class SecNeuronModelLoader(BaseModelLoader):
     def _log(report: OpenReport, attached: int) -> None:
         per_layer = json.dumps({str(k): v for k, v in sorted(report.per_layer.items())})
         logger.info("vllm-guard secneuron: checked %.1f MB of weights against the signed "
-                    "manifest (SHA-256)%s", report.bytes_verified / 1e6,
+                    "manifest (BLAKE3 per block)%s", report.bytes_verified / 1e6,
                     "" if report.bytes_verified else " (verify_weights off: sizes only)")
         logger.info("vllm-guard secneuron: open tasks %s; groups open %d, locked %d; "
                     "decrypted %.1f MB in %.3f s (%.2f GB/s); neuron tables on %d MLPs",

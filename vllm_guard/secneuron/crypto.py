@@ -1,7 +1,10 @@
 """All AEAD use of the SecNeuron scheme: chunk encryption and decryption in place, data-key
-wrapping. No other module of ``secneuron`` constructs ``AESGCM``.
+wrapping. No other module of ``secneuron`` constructs ``AESGCM``. Also the file digests the
+manifest signs: SHA-256 of whole files, BLAKE3 of weight-file blocks.
 
 AES-256-GCM from ``cryptography``; every nonce is 12 fresh random bytes from ``os.urandom``.
+BLAKE3 from ``blake3`` (Rust bindings of the reference implementation), unkeyed: the block
+digests are authenticated by the manifest's Ed25519 signature, not by a key.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import threading
 from dataclasses import dataclass
 
+import blake3
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -25,8 +29,9 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 # Large enough that hashlib drops the GIL and syscalls are amortised, small enough to stay
 # in L2/L3 between the read and the hash of the same block.
 HASH_BLOCK_BYTES = 8 << 20
-# Signed per-block digests of weight files: big enough that a block's hash is ~10 ms of
-# work, small enough that a 1 GB shard spreads over every core and streams in order.
+# Signed per-block digests of weight files: big enough that a block's hash amortises the
+# read syscalls (~4 ms of BLAKE3), small enough that a 1 GB shard spreads over every core
+# and streams in order.
 DIGEST_BLOCK_BYTES = 16 << 20
 
 
@@ -170,9 +175,16 @@ def read_block(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
+def block_digest(data: memoryview | bytes) -> str:
+    """BLAKE3 (hex, 32 bytes) of one block of a weight file, as format 5 manifests sign it.
+    One thread per block (blocks already spread over the loader pool); the GIL is released
+    while it hashes. BLAKE3 runs about 2.5x SHA-256's speed per core (SHA-NI included)."""
+    return blake3.blake3(data, max_threads=1).hexdigest()
+
+
 def hash_blocks(path: str | os.PathLike[str], block_bytes: int, first: int, count: int
                 ) -> list[str]:
-    """SHA-256 (hex) of blocks ``first`` .. ``first + count - 1`` of a file."""
+    """:func:`block_digest` of blocks ``first`` .. ``first + count - 1`` of a file."""
     buf = bytearray(block_bytes)
     view = memoryview(buf)
     out = []
@@ -180,7 +192,7 @@ def hash_blocks(path: str | os.PathLike[str], block_bytes: int, first: int, coun
     try:
         for i in range(first, first + count):
             n = read_block(fd, view, i * block_bytes)
-            out.append(hashlib.sha256(view[:n]).hexdigest())
+            out.append(block_digest(view[:n]))
     finally:
         os.close(fd)
     return out

@@ -123,7 +123,7 @@ def check_sizes(root: str | os.PathLike[str], manifest: Manifest, names: Iterabl
 def digest_files(root: str | os.PathLike[str], names: Iterable[str],
                  workers: int | None = None,
                  block_bytes: int = DIGEST_BLOCK_BYTES) -> dict[str, FileDigest]:
-    """Whole-file SHA-256, size and per-block SHA-256 of each file. The whole-file hashes
+    """Whole-file SHA-256, size and per-block BLAKE3 of each file. The whole-file hashes
     run one per thread; block hashes fill the other threads (runs of 4 blocks)."""
     names = list(names)
     sizes = {n: (Path(root) / n).stat().st_size for n in names}

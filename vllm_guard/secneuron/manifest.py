@@ -2,11 +2,12 @@
 
 ``body`` is signed (Ed25519) as a whole: checkpoint id and version, tasks and their bits, the
 policy tree (groups with their neurons), every encrypted slice with its chunk nonces and tags,
-the SHA-256 and size of every other file in the directory (weights, config, tokenizer, ...),
-and the key ring (data keys wrapped under task keys). Nothing the server reads and nothing
-that decides who opens what is outside the signature, so no part of an older manifest can be
-spliced into a newer one. ``version`` starts at 1 and grows with every re-signing (rotate,
-revoke): loaders refuse versions below their ``min_version`` (rollback).
+the SHA-256 and size of every other file in the directory (weights, config, tokenizer, ...)
+with the BLAKE3 of each block of the weight files (what the loader checks), and the key
+ring (data keys wrapped under task keys). Nothing the server reads and nothing that decides
+who opens what is outside the signature, so no part of an older manifest can be spliced into
+a newer one. ``version`` starts at 1 and grows with every re-signing (rotate, revoke):
+loaders refuse versions below their ``min_version`` (rollback).
 """
 
 from __future__ import annotations
@@ -29,20 +30,25 @@ from vllm_guard.secneuron.crypto import Chunk, b64, canonical, unb64
 MANIFEST_NAME = "guard_manifest.json"
 MANIFEST_TMP = "guard_manifest.tmp"  # write_manifest's staging file
 FORMAT = "vllm-guard-secneuron"
-FORMAT_VERSION = 4  # 1: unsigned key ring, no file hashes; 2: key wraps as nonce + ct;
-# 3: down_proj ciphertext neuron-major; 4: down_proj [H, k], per-block file digests
+FORMAT_VERSION = 5  # 1: unsigned key ring, no file hashes; 2: key wraps as nonce + ct;
+# 3: down_proj ciphertext neuron-major; 4: down_proj [H, k], per-block file digests (SHA-256);
+# 5: block digests are BLAKE3 (hashing no longer costs more than vLLM's own load)
+# Older formats whose layout matches ours but whose digests are read otherwise: refused with
+# the reason, not reinterpreted (a v4 block digest checked as BLAKE3 would only "mismatch").
+_RETIRED = {4: "manifest format 4 (SHA-256 block digests) is no longer accepted: lock the "
+               "checkpoint again"}
 
 
-def _is_sha256(text: str) -> bool:
+def _is_sha256(text: str) -> bool:  # or a BLAKE3: 32 bytes in hex too
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 @dataclass(frozen=True)
 class FileDigest:
-    """SHA-256 (hex) and size of one file of the checkpoint, as signed, and the SHA-256 of
+    """SHA-256 (hex) and size of one file of the checkpoint, as signed, and the BLAKE3 of
     each ``block_bytes`` block: blocks are checked in parallel, each before its bytes are
-    used (a whole-file SHA-256 runs on one core and only says yes at the end). Without
-    blocks (hand-made digests) the whole file is one block."""
+    used (a whole-file hash runs on one core and only says yes at the end). Without
+    blocks (hand-made digests) the whole file is one block, checked by its SHA-256."""
 
     sha256: str
     size: int
@@ -168,6 +174,8 @@ class Manifest:
             if "format_version" not in body:
                 raise ManifestError("manifest format 1 (key ring and files not signed) is no "
                                     "longer accepted: lock the checkpoint again")
+            if body["format_version"] in _RETIRED:
+                raise ManifestError(_RETIRED[body["format_version"]])
             if body["format_version"] != FORMAT_VERSION:
                 raise ManifestError(f"unsupported manifest format version "
                                     f"{body['format_version']!r} (this vllm-guard reads "

@@ -1,10 +1,12 @@
-"""A locked checkpoint against its signed manifest: file set, SHA-256 of every file, version.
+"""A locked checkpoint against its signed manifest: file set, digests of every file, version.
 
 The manifest signs the SHA-256 and size of every file in the checkpoint directory (weights,
-``config.json``, tokenizer files, generation config, chat template, ...). Weight shards are
-read into private memory and hashed block by block in the same pass, several files in
-parallel threads (hashlib and file reads release the GIL); a shard is compared with its
-signed hash before any tensor of it is used, so no unverified byte reaches a model.
+``config.json``, tokenizer files, generation config, chat template, ...) and the BLAKE3 of
+each 16 MiB block of every weight shard. Weight shards are read into private memory and
+hashed block by block in the same pass on loader-pool threads (free of vLLM's core pinning;
+BLAKE3 and file reads release the GIL), while the consumer copies the tensors of the blocks
+already checked; no tensor is handed out before every block it lies in matched its signed
+digest, so no unverified byte reaches a model.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from vllm_guard.secneuron.checkpoint import (
     private_buffer,
     safetensors_layout,
 )
-from vllm_guard.secneuron.crypto import digest_equal, read_block, read_hashed
+from vllm_guard.secneuron.crypto import block_digest, digest_equal, read_block, read_hashed
 from vllm_guard.secneuron.files import (
     FileCheck,
     IntegrityError,
@@ -64,8 +66,9 @@ class VerifiedFile:
                  pool: ThreadPoolExecutor):
         self.name, self.expected = name, expected
         self.path = Path(root) / name
-        # hand-made digests without blocks: the whole file is one block
+        # hand-made digests without blocks: the whole file is one block, its SHA-256 signed
         self._signed = expected.blocks or (expected.sha256,)
+        self._alg = "blake3" if expected.blocks else "sha256"
         self._block_bytes = expected.block_bytes if expected.blocks else max(expected.size, 1)
         self._fd = os.open(self.path, os.O_RDONLY)
         size = os.fstat(self._fd).st_size
@@ -82,11 +85,15 @@ class VerifiedFile:
         bb = self._block_bytes
         view = memoryview(self.buf)[i * bb:(i + 1) * bb]
         n = read_block(self._fd, view, i * bb)
-        sha = hashlib.sha256(view[:n]).hexdigest()  # releases the GIL: blocks hash in parallel
-        if n != len(view) or not digest_equal(sha, self._signed[i]):
+        # both release the GIL: blocks hash in parallel on the pool's threads
+        got = (block_digest(view[:n]) if self._alg == "blake3"
+               else hashlib.sha256(view[:n]).hexdigest())
+        if n != len(view) or not digest_equal(got, self._signed[i]):
+            # "signed SHA-256 / BLAKE3": the manifest signs both; the block's BLAKE3 failed
+            what = "SHA-256 / BLAKE3" if self._alg == "blake3" else "SHA-256"
             raise IntegrityError(
-                f"file {self.name} does not match its signed SHA-256 (block {i} of "
-                f"{len(self._signed)}: sha256 {sha[:16]}..., signed "
+                f"file {self.name} does not match its signed {what} (block {i} of "
+                f"{len(self._signed)}: {self._alg} {got[:16]}..., signed "
                 f"{self._signed[i][:16]}...): modified after signing")
 
     def wait(self, end: int) -> None:

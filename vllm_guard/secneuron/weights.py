@@ -112,7 +112,7 @@ def _stream_verified(root: Path, manifest: Manifest, data_keys: dict[str, bytes]
                      stats: OpenReport) -> Iterator[tuple[str, torch.Tensor]]:
     """Each shard is read into private memory block by block; pool threads hash the blocks
     in parallel, and each tensor is yielded once the blocks it lies in match their signed
-    SHA-256 (vLLM copies it while the next blocks are hashed). FFN tensors are decrypted in
+    BLAKE3 (vLLM copies it while the next blocks are hashed). FFN tensors are decrypted in
     that private buffer (no copy-on-write, no scratch copy) as soon as a layer's three
     tensors have arrived (a layer may span two shards)."""
     layer_of = {name: layer for layer, info in manifest.layers.items()

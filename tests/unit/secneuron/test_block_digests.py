@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import Future
+from dataclasses import replace
 
+import blake3
 import numpy as np
 import pytest
 import torch
@@ -30,7 +32,7 @@ def test_block_digests_match_an_independent_hash(shard):
     data = (root / "model.safetensors").read_bytes()
     d = digest_files(root, ["model.safetensors"], block_bytes=BLOCK)["model.safetensors"]
     assert d.sha256 == hashlib.sha256(data).hexdigest() and d.size == len(data)
-    assert list(d.blocks) == [hashlib.sha256(data[i:i + BLOCK]).hexdigest()
+    assert list(d.blocks) == [blake3.blake3(data[i:i + BLOCK]).hexdigest()  # format 5
                               for i in range(0, len(data), BLOCK)]
     assert len(d.blocks) > 4
 
@@ -52,6 +54,35 @@ def test_tensors_stream_before_the_end_but_never_past_a_bad_block(shard):
     ends = {e.name: e.end for e in entries}
     assert got, "nothing streamed before the bad block"  # pipelined, not whole-file
     assert all(ends[n] <= bad // BLOCK * BLOCK for n in got)  # never a byte of the bad block
+
+
+def test_a_tampered_block_is_refused_by_its_blake3_digest(shard):
+    """The loader checks blocks by BLAKE3: a flipped byte fails its block's BLAKE3 before any
+    byte of that block is handed out, and SHA-256 block digests (format 4's) of the very same
+    untouched bytes do not pass for BLAKE3 ones."""
+    root, tensors = shard
+    path = root / "model.safetensors"
+    good = digest_files(root, ["model.safetensors"], block_bytes=BLOCK)
+    data = path.read_bytes()
+    sha_blocks = tuple(hashlib.sha256(data[i:i + BLOCK]).hexdigest()
+                       for i in range(0, len(data), BLOCK))
+    as_v4 = {"model.safetensors": replace(good["model.safetensors"], blocks=sha_blocks)}
+    with pytest.raises(IntegrityError, match="block 0 of .*: blake3 "):
+        next(iter_verified_tensors(root, as_v4, workers=2))
+
+    raw = bytearray(data)
+    entries, _ = safetensors_layout(torch.from_numpy(np.frombuffer(raw, dtype=np.uint8)), path)
+    bad = entries[len(entries) // 2].start + 3
+    raw[bad] ^= 0x80
+    path.write_bytes(bytes(raw))
+    got = []
+    with pytest.raises(IntegrityError, match=f"block {bad // BLOCK} of .*: blake3 [0-9a-f]{{16}}"
+                                             r"\.\.\., signed "):
+        for _, name, t in iter_verified_tensors(root, good, workers=2):
+            got.append(name)
+            assert torch.equal(t, tensors[name])
+    ends = {e.name: e.end for e in entries}
+    assert all(ends[n] <= bad // BLOCK * BLOCK for n in got)  # no byte of the bad block
 
 
 class _InlinePool:

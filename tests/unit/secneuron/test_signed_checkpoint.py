@@ -32,7 +32,7 @@ from vllm_guard.log import ROOT as LOG_ROOT
 from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
 from vllm_guard.secneuron import rekey as lock_mod
 from vllm_guard.secneuron.checkpoint import gather_neurons, load_checkpoint
-from vllm_guard.secneuron.crypto import chunk_aad, decrypt_chunk_in_place
+from vllm_guard.secneuron.crypto import b64, canonical, chunk_aad, decrypt_chunk_in_place
 from vllm_guard.secneuron.files import IntegrityError, RollbackError
 from vllm_guard.secneuron.inspect import inspect_checkpoint
 from vllm_guard.secneuron.keys import (
@@ -270,6 +270,22 @@ def test_format_1_manifest_is_refused_clearly(locked, keydir, tmp_path):
     (old / MANIFEST_NAME).write_text(json.dumps({"body": body, "keyring": ring,
                                                  "signature": doc["signature"]}))
     assert_refused(old, keydir, "manifest format 1 .* lock the checkpoint again")
+
+
+def test_format_4_manifest_is_refused_clearly(locked, keydir, tmp_path):
+    """Format 4 signed SHA-256 block digests; it is refused (lock again), even when validly
+    signed by the publisher, rather than read as BLAKE3 and failing as 'modified'."""
+    old = copy(locked, tmp_path / "old")
+    doc = json.loads((old / MANIFEST_NAME).read_text())
+    doc["body"]["format_version"] = 4
+    key = load_signing_key(keydir / "publisher.pem")
+    doc["signature"]["value"] = b64(key.sign(canonical(doc["body"])))
+    (old / MANIFEST_NAME).write_text(json.dumps(doc))
+    assert_refused(old, keydir, r"^manifest format 4 \(SHA-256 block digests\) is no longer "
+                   "accepted: lock the checkpoint again$")
+    res = cli("inspect", "--model", old)
+    assert res.returncode != 0 and "manifest format 4" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 # --- splicing older manifests into newer ones ----------------------------------------------
