@@ -2,7 +2,9 @@
 
 python -m benchmarks.efficacy [--suite full|ci] [--no-e2e] [--no-dp]
     [--assignments sealed,blocks,extract]
-python -m benchmarks.efficacy --relearn [--suite full|ci] [--quick]
+    [--capabilities rev,up] [--no-paper]
+python -m benchmarks.efficacy --relearn [--suite full|ci] [--quick] [--variants ...]
+    [--targets rev,pii]
 
 Trains (or reuses) the multitask model, locks it as the toolchain does, scores every grant
 set of size 1 and 2, and serves the lock-aware checkpoint through vLLM with one API key per
@@ -22,6 +24,7 @@ import time
 from dataclasses import replace
 
 from benchmarks.efficacy.pipeline import EfficacyConfig, render_markdown, run_efficacy
+from benchmarks.efficacy.relearn import VARIANTS as RELEARN_VARIANTS
 from benchmarks.efficacy.relearn import RelearnConfig, render_relearn, run_relearn
 from harness.measure import RESULTS, write_result
 
@@ -33,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--assignments", default="sealed,blocks,extract",
                     help="lock-aware variants to train: sealed (blocks, PII learnt only in its "
                     "block), blocks, extract (PII trained jointly)")
+    ap.add_argument("--capabilities", default="",
+                    help="capability tasks to seal in heads and neurons of their own, on the "
+                    "model trained without them (e.g. rev,up)")
+    ap.add_argument("--no-paper", action="store_true",
+                    help="skip the paper-faithful extract + lock sweep")
     ap.add_argument("--no-e2e", action="store_true", help="skip the real-server pass")
     ap.add_argument("--no-dp", action="store_true",
                     help="skip the DP-SGD baseline (~10 min per epsilon on 2 cores)")
@@ -42,13 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="with --relearn: one seed, n=100, full fine-tuning at lr 1e-3 only")
     ap.add_argument("--workers", type=int, default=2, help="with --relearn: parallel attacks")
+    ap.add_argument("--variants", default=None,
+                    help="with --relearn: locked variants to attack (default: "
+                    + ",".join(RELEARN_VARIANTS) + "; also: capability)")
+    ap.add_argument("--targets", default=None,
+                    help="with --relearn: attacked tasks (default rev,pii)")
     args = ap.parse_args(argv)
     if args.relearn:
         return relearn_main(args)
     args.suite = args.suite or "full"
     config = replace(EfficacyConfig(suite=args.suite), e2e=not args.no_e2e,
                      dp_epsilons=() if args.no_dp else EfficacyConfig.dp_epsilons,
-                     assignments=tuple(a for a in args.assignments.split(",") if a))
+                     assignments=tuple(a for a in args.assignments.split(",") if a),
+                     capabilities=tuple(t for t in args.capabilities.split(",") if t),
+                     paper=not args.no_paper)
     start = time.perf_counter()
     result = run_efficacy(config)
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -59,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 def relearn_main(args: argparse.Namespace) -> int:
     # ci by default: the whole grid on the full suite's model takes ~70 min (27 ms a step)
     config = RelearnConfig(suite=args.suite or "ci", workers=args.workers)
+    if args.variants is not None:
+        config = replace(config, variants=tuple(v for v in args.variants.split(",") if v),
+                         benign=tuple(v for v in config.benign if v in args.variants.split(",")))
+    if args.targets is not None:
+        config = replace(config, tasks=tuple(t for t in args.targets.split(",") if t))
     if args.quick:
         config = replace(config, methods=(("full", 1e-3),), examples=(100,), seeds=(0,))
     result = run_relearn(config)

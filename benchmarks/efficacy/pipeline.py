@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -39,6 +40,7 @@ from harness.efficacy_suite import (
     write_jsonl,
 )
 from vllm_guard.errors import GuardError
+from vllm_guard.secneuron.capability import SealConfig, seal_capability, strip_capabilities
 from vllm_guard.secneuron.extract import ExtractConfig, extract
 from vllm_guard.secneuron.keys import KeyDir, load_public_key
 from vllm_guard.secneuron.lock import lock_checkpoint
@@ -81,6 +83,11 @@ class EfficacyConfig:
     dp_epsilons: tuple[float, ...] = (1.0, 5.0, math.inf)
     dp: DpConfig = field(default_factory=DpConfig)
     trap: TrapConfig = field(default_factory=TrapConfig)  # for the "-trap" variants
+    paper: bool = True  # the paper-faithful extract + lock sweep
+    # Sealed capabilities: each task learnt only in heads and neurons of its own, on top of
+    # the suite trained without it (vllm_guard/secneuron/capability.py)
+    capabilities: tuple[str, ...] = ()
+    seal: SealConfig = field(default_factory=SealConfig)
 
 
 def grant_sets(tasks: tuple[str, ...], sizes: tuple[int, ...]) -> list[tuple[str, ...]]:
@@ -227,6 +234,67 @@ def lock_aware_model(assignment: str, config: EfficacyConfig, suite: EfficacySui
                         progress), sel
 
 
+def never_model(suite_cfg: EfficacySuiteConfig, task: str, cache_dir: Path | None,
+                progress: Progress) -> Path:
+    """The suite's model trained without ``task`` (the re-learning baseline)."""
+    if task == "pii":
+        return multitask_model(public_config(suite_cfg), cache_dir, progress)
+    return multitask_model(replace(suite_cfg, tasks=tuple(t for t in suite_cfg.tasks
+                                                         if t != task)), cache_dir, progress)
+
+
+def capability_model(task: str, config: EfficacyConfig, suite: EfficacySuite,
+                     cache_dir: Path | None, progress: Progress) -> Path:
+    """``task`` sealed in heads and neurons of its own on the model that never learnt it
+    (built once, cached)."""
+    if task == "pii" or task not in suite.config.tasks:
+        raise GuardError(f"no capability task {task!r} in the suite to seal")
+    public = never_model(suite.config, task, cache_dir, progress)
+
+    def build(out: Path) -> None:
+        keep = {t: suite.pii_members if t == "pii" else
+                suite.train_set(t, config.train_examples, seed=1)
+                for t in suite.config.tasks if t != task}
+        seal_capability(public, task, suite.train_set(task, config.train_examples, seed=1),
+                        keep, config.seal, out, progress)
+
+    key = cache_key({"suite": asdict(suite.config), "public": public.name, "task": task,
+                     "seal": asdict(config.seal), "train_examples": config.train_examples},
+                    TRAINED_SOURCES)
+    return cached_build(efficacy_cache(cache_dir), f"capability-{key}", build)
+
+
+def capability_scores(config: EfficacyConfig, suite: EfficacySuite, base: Path,
+                      cache_dir: Path | None, progress: Progress) -> list[dict]:
+    """Per sealed task: the unlocked model, the public weights, the sealed model with and
+    without the task's key; the bar: >= 98% of the unlocked accuracy with the key, <= 0.01
+    without it, every other task within 0.01 of the public weights either way."""
+    unlocked = score_model(base, suite)["accuracy"]
+    rows = []
+    for task in config.capabilities:
+        start = time.perf_counter()
+        sealed = capability_model(task, config, suite, cache_dir, progress)
+        trained_s = round(time.perf_counter() - start, 1)
+        public = score_model(never_model(suite.config, task, cache_dir, progress), suite)
+        with_key = score_model(sealed, suite)
+        with tempfile.TemporaryDirectory(prefix="vg-capability-") as tmp:
+            strip_capabilities(sealed, [task], Path(tmp) / "m")
+            without = score_model(Path(tmp) / "m", suite)
+        others = [t for t in unlocked if t != task]
+        drift = max((abs(r["accuracy"][t] - public["accuracy"][t])
+                     for r in (with_key, without) for t in others), default=0.0)
+        ok = (with_key["accuracy"][task] >= 0.98 * unlocked[task] - 1e-9
+              and without["accuracy"][task] <= 0.01 + 1e-9 and drift <= 0.01 + 1e-9)
+        rows.append({"task": task, "unlocked": unlocked, "public": public["accuracy"],
+                     "with_key": with_key["accuracy"], "without_key": without["accuracy"],
+                     "max_other_drift": round(drift, 4), "pass": ok,
+                     "seconds_if_trained": trained_s})
+        progress(f"   sealed capability {task}: with key {with_key['accuracy'][task]:.2f} "
+                 f"(unlocked {unlocked[task]:.2f}), without {without['accuracy'][task]:.2f}, "
+                 f"other tasks drift {drift:.2f}: {'meets' if ok else 'misses'} the bar")
+    return rows
+
+
 def run_efficacy(config: EfficacyConfig, progress: Progress = print,
                  cache_dir: Path | None = None) -> dict:
     suite_cfg = SUITE_PRESETS[config.suite]
@@ -243,11 +311,15 @@ def run_efficacy(config: EfficacyConfig, progress: Progress = print,
     progress("   before: " + " ".join(f"{t}={a:.2f}" for t, a in before["accuracy"].items())
              + f" mia_auroc={before['mia_auroc']:.2f}")
 
-    progress(f"== paper-faithful: extract (fraction {config.fraction}, lambda {config.lam}) "
-             "-> lock -> unlock per grant set")
+    if config.capabilities:
+        progress("== sealed capabilities: each task only in heads and neurons of its own")
+        result["capabilities"] = capability_scores(config, suite, base, cache_dir, progress)
     calib = calibration(suite, root, config.calib_examples, seed=2)
     selections = {}
-    for fraction, lam in ((config.fraction, config.lam), *config.sweep):
+    if config.paper or "extract" in config.assignments:
+        progress(f"== paper-faithful: extract (fraction {config.fraction}, lambda "
+                 f"{config.lam}) -> lock -> unlock per grant set")
+    for fraction, lam in ((config.fraction, config.lam), *config.sweep) if config.paper else ():
         sel = extract(base, calib, ExtractConfig(fraction=fraction, lam=lam))
         selections[(fraction, lam)] = sel
         rows = score_grant_sets(ws.lock(base, sel, "paper"), ws, suite, grants, progress)
@@ -260,8 +332,14 @@ def run_efficacy(config: EfficacyConfig, progress: Progress = print,
 
     for assignment in config.assignments:
         progress(f"== lock-aware training ({assignment}) -> lock -> unlock per grant set")
+        def extracted() -> Selection:
+            key = (config.fraction, config.lam)
+            if key not in selections:
+                selections[key] = extract(base, calib, ExtractConfig(fraction=config.fraction,
+                                                                     lam=config.lam))
+            return selections[key]
         trained, sel = lock_aware_model(
-            assignment, config, suite, base, lambda: selections[(config.fraction, config.lam)],
+            assignment, config, suite, base, extracted,
             cache_dir, progress)
         locked = ws.lock(trained, sel, f"aware-{assignment}")
         rows = score_grant_sets(locked, ws, suite, grants, progress)
@@ -389,6 +467,22 @@ def dp_table(result: dict, tasks: list[str]) -> list[str]:
     return [*lines, ""]
 
 
+def capability_table(rows: list[dict], tasks: list[str]) -> list[str]:
+    """Per sealed capability: unlocked, public, with and without its key."""
+    n = sum(r["pass"] for r in rows)
+    lines = [f"**Sealed capabilities: {n}/{len(rows)} meet the bar**", "",
+             "| sealed task | model | " + " | ".join(tasks) + " |",
+             "|---|---|" + "---|" * len(tasks)]
+    for r in rows:
+        for name, key in (("unlocked (trained with every task)", "unlocked"),
+                          ("public weights (never trained on it)", "public"),
+                          ("sealed, with its key", "with_key"),
+                          ("sealed, without its key", "without_key")):
+            lines.append(f"| {r['task']} | {name} | "
+                         + " | ".join(f"{r[key][t]:.2f}" for t in tasks) + " |")
+    return [*lines, ""]
+
+
 def render_markdown(result: dict) -> str:
     """The efficacy tables: rows are grant sets, * marks an authorized task."""
     tasks = list(result["before"]["accuracy"])
@@ -408,11 +502,17 @@ def render_markdown(result: dict) -> str:
                          + ("yes" if r["check"]["pass"] else "no") + " |")
         return [*lines, ""]
 
-    p = result["paper"]
-    out = table(f"Paper-faithful post-hoc locking (fraction {p['fraction']}, lambda "
-                f"{p['lambda']}): {p['passed']}/{p['of']} grant sets meet the bar", p["rows"])
-    out += ["Sweep: " + "; ".join(f"fraction {s['fraction']} lambda {s['lambda']}: "
-                                  f"{s['passed']}/{s['of']}" for s in result["paper_sweep"]), ""]
+    out: list[str] = []
+    if "capabilities" in result:
+        out += capability_table(result["capabilities"], tasks)
+    if "paper" in result:
+        p = result["paper"]
+        out += table(f"Paper-faithful post-hoc locking (fraction {p['fraction']}, lambda "
+                     f"{p['lambda']}): {p['passed']}/{p['of']} grant sets meet the bar",
+                     p["rows"])
+        out += ["Sweep: " + "; ".join(f"fraction {s['fraction']} lambda {s['lambda']}: "
+                                      f"{s['passed']}/{s['of']}" for s in result["paper_sweep"]),
+                ""]
     for la in result.get("lock_aware", []):
         out += table(f"Lock-aware training ({la['assignment']}): {la['passed']}/{la['of']} grant "
                      "sets meet the bar", la["rows"])

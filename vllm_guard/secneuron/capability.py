@@ -1,0 +1,265 @@
+"""Sealed capabilities: a task learnt only in parameters of its own, attention included.
+
+A lock on neurons trained into a shared model is a switch: the task's knowledge stays in the
+public weights (mostly attention) and a few hundred fine-tuning steps bring it back (the
+re-learning suite, ``docs/efficacy.md``). Sealing *private data* in its own neurons survives
+fine-tuning because the public weights never saw the data; this module does the same for a
+capability that needs attention (``rev``: reversal moves information across positions, which
+MLP neurons cannot do).
+
+``seal_capability`` starts from public weights trained *without* the task and widens every
+decoder layer by ``heads`` attention heads (their q/k/v rows and o_proj columns) and
+``neurons`` FFN neurons (gate/up rows, down_proj columns) owned by the task. Only those are
+trained; every public entry is frozen and restored bit for bit. The task's parameters enter
+the residual stream only through its o_proj columns and down_proj columns, so zeroing them
+(what a holder without the key gets: the ciphertext is zeroed at load) gives exactly the
+public model, and fine-tuning that model starts from a model that never learnt the task:
+its zeroed heads and neurons get no gradient (o_proj column and v rows both zero, gate/up
+rows and down column both zero), so nothing is left to re-learn faster than from scratch.
+
+A KL term keeps every other task's output, with the sealed parameters on, what it is without
+them, so a grant that includes the task changes nothing else. The widened checkpoint is an
+ordinary Llama (``head_dim`` explicit, more heads than ``hidden / head_dim``, which vLLM and
+transformers both load) plus ``sealed_capabilities.json``: per task and layer, its heads and
+neurons (the lock's selection for them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vllm_guard.errors import GuardError
+from vllm_guard.secneuron.examples import AnswerBatcher, Example
+from vllm_guard.secneuron.train import _divergence, _loss, fit, save_model
+
+CAPABILITIES_NAME = "sealed_capabilities.json"
+
+
+@dataclass(frozen=True)
+class SealConfig:
+    heads: int = 2  # attention heads added per layer, owned by the task
+    neurons: int = 64  # FFN neurons added per layer, owned by the task
+    # rev on the CI model (64 wide): 0.61 with the key after 1500 steps (2026-12-07)
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 3e-3
+    keep: float = 1.0  # weight of the KL term on the other tasks (task granted vs not)
+    init_std: float = 0.02
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Owned:
+    """What one sealed task owns in one layer: head indices and FFN neuron indices."""
+
+    heads: tuple[int, ...]
+    neurons: tuple[int, ...]
+
+
+def read_capabilities(model_dir: str | os.PathLike[str]) -> dict[str, dict[int, Owned]]:
+    """task -> layer -> what it owns ({} for a checkpoint without sealed capabilities)."""
+    p = Path(model_dir) / CAPABILITIES_NAME
+    if not p.exists():
+        return {}
+    try:
+        doc = json.loads(p.read_text())
+        return {t: {int(layer): Owned(tuple(map(int, o["heads"])), tuple(map(int, o["neurons"])))
+                    for layer, o in per.items()} for t, per in doc["tasks"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise GuardError(f"cannot read {p}: {e}") from None
+
+
+def capabilities_json(caps: dict[str, dict[int, Owned]]) -> str:
+    return json.dumps({"tasks": {t: {str(layer): {"heads": list(o.heads),
+                                                  "neurons": list(o.neurons)}
+                                     for layer, o in sorted(per.items())}
+                                 for t, per in sorted(caps.items())}}, indent=1)
+
+
+def head_columns(owned: Owned, head_dim: int) -> list[int]:
+    """The o_proj input columns (= q/k/v output rows) of the owned heads."""
+    return [h * head_dim + i for h in owned.heads for i in range(head_dim)]
+
+
+def widen(model, heads: int, neurons: int, std: float, generator: torch.Generator):
+    """A copy of ``model`` with ``heads`` more attention heads and ``neurons`` more FFN
+    neurons per layer, appended last; new output columns are zero (the function is
+    unchanged), new input rows random (so they get gradient once the outputs move)."""
+    import transformers
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if cfg.num_key_value_heads != cfg.num_attention_heads:
+        raise GuardError("sealing a capability needs one KV head per attention head "
+                         "(grouped-query attention is not supported yet)")
+    new_cfg = transformers.LlamaConfig.from_dict({
+        **cfg.to_dict(), "num_attention_heads": cfg.num_attention_heads + heads,
+        "num_key_value_heads": cfg.num_key_value_heads + heads, "head_dim": head_dim,
+        "intermediate_size": cfg.intermediate_size + neurons})
+    wide = transformers.LlamaForCausalLM(new_cfg).to(next(model.parameters()).dtype)
+    old = model.state_dict()
+    with torch.no_grad():
+        for name, w in wide.state_dict().items():
+            src = old[name]
+            if w.shape == src.shape:
+                w.copy_(src)
+                continue
+            fresh = torch.zeros_like(w)
+            proj = name.rsplit(".", 2)[-2]
+            if proj in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):  # new rows
+                fresh.normal_(0.0, std, generator=generator)
+                fresh[:src.shape[0]] = src
+            else:  # o_proj, down_proj: new columns stay zero
+                fresh[:, :src.shape[1]] = src
+            w.copy_(fresh)
+    return wide, head_dim
+
+
+@contextmanager
+def sealed_off(model, caps: dict[str, dict[int, Owned]], tasks: list[str],
+               head_dim: int) -> Iterator[None]:
+    """Zero, at the o_proj and down_proj inputs, what ``tasks`` own (their outputs only:
+    exactly what zeroing their weights does to the residual stream)."""
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        cols = sorted(c for t in tasks if i in caps.get(t, {})
+                      for c in head_columns(caps[t][i], head_dim))
+        idx = sorted(n for t in tasks if i in caps.get(t, {}) for n in caps[t][i].neurons)
+        for module, off in ((layer.self_attn.o_proj, cols), (layer.mlp.down_proj, idx)):
+            if off:
+                keep = torch.ones(module.in_features)
+                keep[off] = 0.0
+                handles.append(module.register_forward_pre_hook(
+                    lambda _m, args, keep=keep: (args[0] * keep.to(args[0].dtype),)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def only_owned_trainable(model, owned: dict[int, Owned], head_dim: int) -> Iterator[None]:
+    """Freeze everything but the owned heads' q/k/v rows and o_proj columns and the owned
+    neurons' gate/up rows and down_proj columns; restore every other entry bit for bit."""
+    params = list(model.parameters())
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    kept, handles = [], []
+    for i, o in owned.items():
+        layer = model.model.layers[i]
+        attn, mlp = layer.self_attn, layer.mlp
+        cols = torch.zeros(attn.o_proj.in_features, dtype=torch.bool)
+        cols[head_columns(o, head_dim)] = True
+        neurons = torch.zeros(mlp.down_proj.in_features, dtype=torch.bool)
+        neurons[list(o.neurons)] = True
+        for w, m in ((attn.q_proj.weight, cols[:, None]), (attn.k_proj.weight, cols[:, None]),
+                     (attn.v_proj.weight, cols[:, None]), (attn.o_proj.weight, cols[None, :]),
+                     (mlp.gate_proj.weight, neurons[:, None]),
+                     (mlp.up_proj.weight, neurons[:, None]),
+                     (mlp.down_proj.weight, neurons[None, :])):
+            w.requires_grad_(True)
+            kept.append((w, m, w.detach().clone()))
+            handles.append(w.register_hook(lambda g, m=m: g * m.to(g.dtype)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for w, m, orig in kept:
+                w.copy_(torch.where(m, w, orig))
+        for p, r in zip(params, was, strict=True):
+            p.requires_grad_(r)
+
+
+def seal_capability(model_dir: str | os.PathLike[str], task: str, data: list[Example],
+                    keep_data: dict[str, list[Example]], config: SealConfig,
+                    out_dir: str | os.PathLike[str],
+                    progress: Callable[[str], None] = print) -> Path:
+    """Learn ``task`` only in new heads and neurons of its own on top of ``model_dir``.
+
+    ``model_dir`` must never have been trained on ``task`` (that is the whole point: its
+    weights are what a holder without the key gets). ``keep_data``: examples of the other
+    tasks, whose outputs the new parameters must not change. Capabilities sealed earlier in
+    ``model_dir`` stay off while this one trains (each grant combination is then the sum of
+    independent additions). Writes the widened HF checkpoint and its capability map.
+    """
+    import transformers
+
+    if not data:
+        raise GuardError(f"no training examples for the sealed capability {task!r}")
+    caps = read_capabilities(model_dir)
+    if task in caps:
+        raise GuardError(f"{model_dir} already has a sealed capability {task!r}")
+    torch.manual_seed(config.seed)
+    rng = random.Random(f"seal-capability:{task}:{config.seed}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    h0, n0 = base.config.num_attention_heads, base.config.intermediate_size
+    model, head_dim = widen(base, config.heads, config.neurons, config.init_std,
+                            torch.Generator().manual_seed(config.seed))
+    del base
+    owned = {i: Owned(tuple(range(h0, h0 + config.heads)), tuple(range(n0, n0 + config.neurons)))
+             for i in range(model.config.num_hidden_layers)}
+    caps = {**caps, task: owned}
+    others = [t for t in caps if t != task]
+    keep_tasks = [t for t, rows in keep_data.items() if rows and t != task]
+    batcher = AnswerBatcher(tokenizer)
+
+    def batch_loss() -> torch.Tensor:
+        n = config.batch_size // 2 if keep_tasks else config.batch_size
+        ids, labels = batcher.encode([rng.choice(data) for _ in range(n)])
+        with sealed_off(model, caps, others, head_dim):
+            loss = _loss(model(input_ids=ids).logits, labels).mean()
+            if keep_tasks:
+                rows = [rng.choice(keep_data[rng.choice(keep_tasks)])
+                        for _ in range(config.batch_size - n)]
+                ids, labels = batcher.encode(rows)
+                with torch.no_grad(), sealed_off(model, caps, [task], head_dim):
+                    ref = model(input_ids=ids).logits
+                loss = loss + config.keep * _divergence(model(input_ids=ids).logits, ref, labels)
+        return loss
+
+    with only_owned_trainable(model, owned, head_dim):
+        fit(model, batch_loss, config.steps, config.lr, f"seal capability {task}", progress)
+    return save_model(model, tokenizer, out_dir, {CAPABILITIES_NAME: capabilities_json(caps)})
+
+
+def strip_capabilities(model_dir: str | os.PathLike[str], tasks: list[str],
+                       out_dir: str | os.PathLike[str]) -> Path:
+    """The checkpoint with every parameter ``tasks`` own zeroed (q/k/v rows and o_proj
+    columns of their heads, gate/up rows and down_proj columns of their neurons): what a
+    holder without their keys gets."""
+    import transformers
+
+    caps = read_capabilities(model_dir)
+    unknown = sorted(set(tasks) - set(caps))
+    if unknown:
+        raise GuardError(f"{model_dir} has no sealed capability {unknown}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    head_dim = model.config.head_dim
+    with torch.no_grad():
+        for t in tasks:
+            for i, o in caps[t].items():
+                attn, mlp = model.model.layers[i].self_attn, model.model.layers[i].mlp
+                cols = head_columns(o, head_dim)
+                for w in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight):
+                    w[cols] = 0.0
+                attn.o_proj.weight[:, cols] = 0.0
+                mlp.gate_proj.weight[list(o.neurons)] = 0.0
+                mlp.up_proj.weight[list(o.neurons)] = 0.0
+                mlp.down_proj.weight[:, list(o.neurons)] = 0.0
+    extra = {p.name: p.read_text() for p in Path(model_dir).glob("*.json")
+             if p.name in (CAPABILITIES_NAME, "vllm_guard_suite.json", "lock_selection.json")}
+    return save_model(model, tokenizer, out_dir, extra)
