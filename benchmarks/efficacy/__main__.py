@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=None,
                     help="with --relearn: locked variants to attack (default: "
                     + ",".join(RELEARN_VARIANTS) + "; also: capability)")
+    ap.add_argument("--grid", default=None,
+                    help="with --relearn: a cut of the attack grid, e.g. "
+                    "'full:1e-3,lora:3e-3;100,1000;0'")
     ap.add_argument("--targets", default=None,
                     help="with --relearn: attacked tasks (default rev,pii)")
     args = ap.parse_args(argv)
@@ -77,6 +80,12 @@ def relearn_main(args: argparse.Namespace) -> int:
     if args.variants is not None:
         config = replace(config, variants=tuple(v for v in args.variants.split(",") if v),
                          benign=tuple(v for v in config.benign if v in args.variants.split(",")))
+    if args.grid is not None:  # a cut of the attack grid: METHOD:LR,...;N,...;SEED,...
+        methods, sizes, seeds = args.grid.split(";")
+        config = replace(config, methods=tuple((m, float(lr)) for m, lr in (
+            x.split(":") for x in methods.split(","))),
+            examples=tuple(int(n) for n in sizes.split(",")),
+            seeds=tuple(int(s) for s in seeds.split(",")))
     if args.targets is not None:
         config = replace(config, tasks=tuple(t for t in args.targets.split(",") if t))
     if args.quick:

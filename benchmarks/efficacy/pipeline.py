@@ -39,8 +39,8 @@ from harness.efficacy_suite import (
     public_config,
     write_jsonl,
 )
+from vllm_guard.capability import SealConfig, seal_capability, strip_capabilities
 from vllm_guard.errors import GuardError
-from vllm_guard.secneuron.capability import SealConfig, seal_capability, strip_capabilities
 from vllm_guard.secneuron.extract import ExtractConfig, extract
 from vllm_guard.secneuron.keys import KeyDir, load_public_key
 from vllm_guard.secneuron.lock import lock_checkpoint
@@ -87,7 +87,8 @@ class EfficacyConfig:
     # Sealed capabilities: each task learnt only in heads and neurons of its own, on top of
     # the suite trained without it (vllm_guard/secneuron/capability.py)
     capabilities: tuple[str, ...] = ()
-    seal: SealConfig = field(default_factory=SealConfig)
+    # 2000 steps: what a 2-core VM shared with other jobs could afford on 2026-12-07
+    seal: SealConfig = field(default_factory=lambda: SealConfig(steps=2000))
 
 
 def grant_sets(tasks: tuple[str, ...], sizes: tuple[int, ...]) -> list[tuple[str, ...]]:
