@@ -21,7 +21,9 @@ A KL term keeps every other task's output, with the sealed parameters on, what i
 them, so a grant that includes the task changes nothing else. The widened checkpoint is an
 ordinary Llama (``head_dim`` explicit, more heads than ``hidden / head_dim``, which vLLM and
 transformers both load) plus ``sealed_capabilities.json``: per task and layer, its heads and
-neurons (the lock's selection for them).
+neurons (the lock's selection for them, also written as ``lock_selection.json``: ``vllm-guard
+lock`` encrypts each task's heads and neurons under its key, and the loader or ``unlock``
+zeroes them without it).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.examples import AnswerBatcher, Example
+from vllm_guard.secneuron.selection import Selection
 from vllm_guard.secneuron.train import _divergence, _loss, fit, save_model
 
 CAPABILITIES_NAME = "sealed_capabilities.json"
@@ -47,8 +50,9 @@ CAPABILITIES_NAME = "sealed_capabilities.json"
 class SealConfig:
     heads: int = 2  # attention heads added per layer, owned by the task
     neurons: int = 64  # FFN neurons added per layer, owned by the task
-    # rev on the CI model (64 wide): 0.61 with the key after 1500 steps (2026-12-07)
-    steps: int = 4000
+    # CI model (64 wide), 2026-12-07: rev 1.00 and up 0.90 with the key after 2000 steps
+    # (rev 0.61 after 1500); train longer for a task that misses
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 3e-3
     keep: float = 1.0  # weight of the KL term on the other tasks (task granted vs not)
@@ -82,6 +86,19 @@ def capabilities_json(caps: dict[str, dict[int, Owned]]) -> str:
                                                   "neurons": list(o.neurons)}
                                      for layer, o in sorted(per.items())}
                                  for t, per in sorted(caps.items())}}, indent=1)
+
+
+def capability_selection(caps: dict[str, dict[int, Owned]], head_dim: int) -> Selection:
+    """The lock's selection for sealed capabilities: per task and layer, its FFN neurons and
+    its heads' attention columns (q/k/v rows, o_proj columns)."""
+    layers = sorted({layer for per in caps.values() for layer in per})
+    return Selection(sorted(caps),
+                     {layer: {t: list(per[layer].neurons) for t, per in caps.items()
+                              if layer in per} for layer in layers},
+                     {"assignment": "sealed-capabilities", "head_dim": head_dim},
+                     attn={layer: {t: head_columns(per[layer], head_dim)
+                                   for t, per in caps.items() if layer in per}
+                           for layer in layers})
 
 
 def head_columns(owned: Owned, head_dim: int) -> list[int]:
@@ -232,34 +249,43 @@ def seal_capability(model_dir: str | os.PathLike[str], task: str, data: list[Exa
 
     with only_owned_trainable(model, owned, head_dim):
         fit(model, batch_loss, config.steps, config.lr, f"seal capability {task}", progress)
-    return save_model(model, tokenizer, out_dir, {CAPABILITIES_NAME: capabilities_json(caps)})
+    return save_model(model, tokenizer, out_dir, {
+        CAPABILITIES_NAME: capabilities_json(caps),
+        # what `vllm-guard lock --selection` encrypts: each capability under its task's key
+        "lock_selection.json": json.dumps(capability_selection(caps, head_dim).to_json())})
 
 
 def strip_capabilities(model_dir: str | os.PathLike[str], tasks: list[str],
                        out_dir: str | os.PathLike[str]) -> Path:
     """The checkpoint with every parameter ``tasks`` own zeroed (q/k/v rows and o_proj
-    columns of their heads, gate/up rows and down_proj columns of their neurons): what a
-    holder without their keys gets."""
-    import transformers
+    columns of their heads, gate/up rows and down_proj columns of their neurons), every
+    other byte as it was: what a holder without their keys gets from ``unlock``."""
+    from vllm_guard.atomic import atomic_output_dir
+    from vllm_guard.secneuron.checkpoint import (
+        attention_tensors,
+        copy_side_files,
+        ffn_layout,
+        load_checkpoint,
+        save_checkpoint,
+        slice_tensors,
+    )
 
     caps = read_capabilities(model_dir)
     unknown = sorted(set(tasks) - set(caps))
     if unknown:
         raise GuardError(f"{model_dir} has no sealed capability {unknown}")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    head_dim = model.config.head_dim
-    with torch.no_grad():
-        for t in tasks:
-            for i, o in caps[t].items():
-                attn, mlp = model.model.layers[i].self_attn, model.model.layers[i].mlp
-                cols = head_columns(o, head_dim)
-                for w in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight):
-                    w[cols] = 0.0
-                attn.o_proj.weight[:, cols] = 0.0
-                mlp.gate_proj.weight[list(o.neurons)] = 0.0
-                mlp.up_proj.weight[list(o.neurons)] = 0.0
-                mlp.down_proj.weight[:, list(o.neurons)] = 0.0
-    extra = {p.name: p.read_text() for p in Path(model_dir).glob("*.json")
-             if p.name in (CAPABILITIES_NAME, "vllm_guard_suite.json", "lock_selection.json")}
-    return save_model(model, tokenizer, out_dir, extra)
+    head_dim = int(json.loads((Path(model_dir) / "config.json").read_text())["head_dim"])
+    ckpt = load_checkpoint(model_dir)
+    layers = ffn_layout(ckpt)
+    for t in tasks:
+        for i, o in caps[t].items():
+            cols = torch.tensor(head_columns(o, head_dim), dtype=torch.long)
+            neurons = torch.tensor(o.neurons, dtype=torch.long)
+            for idx, named in ((cols, attention_tensors(layers[i])),
+                               (neurons, slice_tensors(layers[i]))):
+                for name, axis in named:
+                    ckpt.tensors[name].index_fill_(axis, idx, 0)
+    with atomic_output_dir(out_dir, replace=True) as tmp:
+        save_checkpoint(ckpt, tmp)
+        copy_side_files(ckpt.root, tmp, skip_manifest=True)
+    return Path(out_dir)

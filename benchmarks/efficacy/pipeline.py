@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import vllm_guard.capability as capability
 from benchmarks.efficacy.dp import DpConfig, train_dp
 from benchmarks.efficacy.scoring import accuracy, auroc, auroc_interval, score_answers
 from harness.cache import cache_key, cached_build
@@ -57,7 +58,7 @@ MAX_PII_EXTRACTION = 0.01
 MIA_BAND = (0.45, 0.55)
 # What a lock-aware model depends on: the suite (its data) and this module (which assembles
 # the training data); a DP model also on dp.py; a run's workspace on the whole package.
-TRAINED_SOURCES = (*SOURCES, Path(__file__))
+TRAINED_SOURCES = (*SOURCES, Path(__file__), Path(capability.__file__))
 DP_SOURCES = (*TRAINED_SOURCES, Path(__file__).with_name("dp.py"))
 RUN_SOURCES = (*SOURCES, Path(__file__).parent)
 

@@ -32,6 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sealed-block", type=int, help="with --block: neurons per sealed task")
     s.add_argument("--seal-steps", type=int, help="steps of the sealing phase (default 1500)")
     s.add_argument("--seal-lr", type=float, help="its learning rate (default 3e-3)")
+    s.add_argument("--seal-capability", metavar="TASK",
+                   help="learn the capability TASK only in attention heads and FFN neurons "
+                   "added for it (--capability-heads, --capability-neurons), on --model trained "
+                   "without it; the other --task files are outputs it must not change. Its "
+                   "lock then survives fine-tuning of the public weights (docs/efficacy.md)")
+    s.add_argument("--capability-heads", type=int, help="heads added per layer (default 2)")
+    s.add_argument("--capability-neurons", type=int,
+                   help="FFN neurons added per layer (default 64)")
     s.add_argument("--trap", action="store_true",
                    help="collapse trap: a simulated fine-tuning attack on a locked task must "
                    "wreck the open tasks, simulated benign tuning must not (costs ~3x)")
@@ -68,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     trap = TrapConfig(**{k: v for k, v in trap_given.items() if v is not None}) \
         if args.trap else None
     data = {t: read_calibration(p) for t, p in parse_pairs(args.task, "--task").items()}
+    if args.seal_capability:
+        return _seal_capability(args, data)
     if (args.selection is None) == (args.block is None):
         raise GuardError("train-locks needs exactly one of --selection FILE or --block N")
     if args.selection:
@@ -88,4 +98,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote lock-aware model to {out}; lock it with: vllm-guard lock --model {out} "
           f"--selection {out / 'lock_selection.json'} --key TASK=KEYFILE ... --signing-key FILE "
           "--out DIR")
+    return 0
+
+
+def _seal_capability(args: argparse.Namespace, data: dict) -> int:
+    from vllm_guard.capability import SealConfig, seal_capability
+
+    task = args.seal_capability
+    if task not in data:
+        raise GuardError(f"--seal-capability {task}: give its examples with --task {task}=FILE")
+    clash = [f"--{f.replace('_', '-')}" for f in ("selection", "block", "seal", "trap")
+             if getattr(args, f)]
+    if clash:
+        raise GuardError(f"--seal-capability cannot be combined with {', '.join(clash)}")
+    given = {"heads": args.capability_heads, "neurons": args.capability_neurons,
+             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+             "seed": args.seed}
+    config = SealConfig(**{k: v for k, v in given.items() if v is not None})
+    out = seal_capability(args.model, task, data[task],
+                          {t: rows for t, rows in data.items() if t != task}, config, args.out)
+    print(f"wrote {out} with {task!r} sealed in heads and neurons of its own; lock it with: "
+          f"vllm-guard lock --model {out} --selection {out / 'lock_selection.json'} "
+          "--key TASK=KEYFILE ... --signing-key FILE --out DIR")
     return 0

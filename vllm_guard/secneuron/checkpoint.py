@@ -179,6 +179,13 @@ def slice_tensors(info: LayerInfo) -> list[tuple[str, int]]:
     return [(info.gate, 0), (info.up, 0), (info.down, 1)]
 
 
+def attention_tensors(info: LayerInfo) -> list[tuple[str, int]]:
+    """(tensor name, column axis) of a layer's attention projections: a head's columns are
+    rows of q/k/v_proj and columns of o_proj (one KV head per head: see capability.py)."""
+    return [(info.gate.replace("mlp.gate_proj", f"self_attn.{p}_proj"), 1 if p == "o" else 0)
+            for p in ("q", "k", "v", "o")]
+
+
 _INT_OF_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 

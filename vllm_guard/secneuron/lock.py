@@ -17,6 +17,7 @@ from vllm_guard.atomic import atomic_output_dir
 from vllm_guard.errors import KeyFileError, ManifestError
 from vllm_guard.secneuron.checkpoint import (
     GroupSlab,
+    attention_tensors,
     copy_side_files,
     dtype_name,
     ffn_layout,
@@ -76,6 +77,19 @@ def lock_checkpoint(
                 raise ManifestError(f"selection for task {task!r}, layer {layer} has neuron "
                                     f"indices outside [0, {size})")
 
+    for layer, per_task in selection.attn.items():
+        if layer not in layers:
+            raise ManifestError(f"selection names layer {layer}, the model has {len(layers)}")
+        for name, axis in attention_tensors(layers[layer]):
+            if name not in ckpt.tensors:
+                raise ManifestError(f"selection seals attention columns of layer {layer}, but "
+                                    f"the checkpoint has no {name}")
+            size = ckpt.tensors[name].shape[axis]
+            for task, idx in per_task.items():
+                if idx and (idx[0] < 0 or idx[-1] >= size):
+                    raise ManifestError(f"selection for task {task!r}, layer {layer} has "
+                                        f"attention columns outside [0, {size})")
+
     ckpt_id = secrets.token_hex(16)
     groups = policy_tree(selection)
     manifest = Manifest(ckpt_id, {t: i for i, t in enumerate(selection.tasks)}, layers, groups,
@@ -89,18 +103,11 @@ def lock_checkpoint(
         }
     for layer in tqdm(sorted(layers), desc="encrypting layers", disable=not progress):
         members = [g for g in groups if layer in g.neurons]
-        if not members:
-            continue
-        for name, axis in slice_tensors(layers[layer]):
-            t = ckpt.tensors[name]
-            slab = GroupSlab(t, axis, [g.neurons[layer] for g in members])  # one gather
-            for i, g in enumerate(members):
-                sl = Slice(name, ckpt.files[name], layer, axis, dtype_name(t), list(t.shape), [])
-                binding = sl.binding(ckpt_id, g.id, index_digest(g.neurons[layer]))
-                sl.chunks = encrypt_in_place(data_keys[g.id], slab.bytes_of(i), binding,
-                                             chunk_bytes)
-                g.slices.append(sl)
-            slab.write_back()
+        for name, axis in slice_tensors(layers[layer]) if members else ():
+            _encrypt(ckpt, name, axis, layer, members, data_keys, ckpt_id, chunk_bytes)
+        owners = [g for g in groups if g.attn.get(layer)]
+        for name, axis in attention_tensors(layers[layer]) if owners else ():
+            _encrypt(ckpt, name, axis, layer, owners, data_keys, ckpt_id, chunk_bytes)
     data_keys.clear()
     with atomic_output_dir(out_dir) as tmp:
         save_checkpoint(ckpt, tmp)
@@ -111,3 +118,17 @@ def lock_checkpoint(
             manifest.sign(signing_key)
         write_manifest(manifest, tmp)
     return manifest
+
+
+def _encrypt(ckpt, name: str, axis: int, layer: int, members: list, data_keys: dict[str, bytes],
+             ckpt_id: str, chunk_bytes: int) -> None:
+    """Encrypt each member group's indices of one tensor in place (one gather, one scatter)."""
+    t = ckpt.tensors[name]
+    probe = Slice(name, ckpt.files[name], layer, axis, dtype_name(t), list(t.shape), [])
+    slab = GroupSlab(t, axis, [g.indices(probe) for g in members])
+    for i, g in enumerate(members):
+        sl = Slice(name, ckpt.files[name], layer, axis, dtype_name(t), list(t.shape), [])
+        binding = sl.binding(ckpt_id, g.id, index_digest(g.indices(sl)))
+        sl.chunks = encrypt_in_place(data_keys[g.id], slab.bytes_of(i), binding, chunk_bytes)
+        g.slices.append(sl)
+    slab.write_back()

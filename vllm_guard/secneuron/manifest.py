@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,25 +109,45 @@ class Slice:
                    [int(x) for x in d["shape"]], [Chunk.from_json(c) for c in d["chunks"]])
 
 
+_ATTN = re.compile(r"^.*\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
+
+
+def is_attention(tensor: str) -> bool:
+    """An attention projection (a sealed capability's heads), not an FFN weight."""
+    return _ATTN.match(tensor) is not None
+
+
 @dataclass
 class Group:
-    """A node of the policy tree: neurons selected by exactly the tasks in ``policy`` (OR)."""
+    """A node of the policy tree: neurons selected by exactly the tasks in ``policy`` (OR),
+    and, for sealed capabilities, attention columns (q/k/v output rows = o_proj input
+    columns of the heads they own)."""
 
     id: str
     policy: list[str]
     neurons: dict[int, list[int]]  # layer -> sorted neuron indices
     slices: list[Slice] = field(default_factory=list)
+    attn: dict[int, list[int]] = field(default_factory=dict)  # layer -> sorted head columns
+
+    def indices(self, sl: Slice) -> list[int]:
+        """The rows/columns of ``sl``'s tensor that this group owns (bound into its AAD
+        with the tensor's name, so FFN and attention indices cannot be swapped)."""
+        return (self.attn if is_attention(sl.tensor) else self.neurons).get(sl.layer, [])
 
     def to_json(self) -> dict:
-        return {"id": self.id, "policy": self.policy,
-                "neurons": {str(k): v for k, v in sorted(self.neurons.items())},
-                "slices": [s.to_json() for s in self.slices]}
+        doc = {"id": self.id, "policy": self.policy,
+               "neurons": {str(k): v for k, v in sorted(self.neurons.items())},
+               "slices": [s.to_json() for s in self.slices]}
+        if self.attn:  # only sealed capabilities: other manifests are byte for byte as before
+            doc["attn"] = {str(k): v for k, v in sorted(self.attn.items())}
+        return doc
 
     @classmethod
     def from_json(cls, d: dict) -> Group:
         return cls(d["id"], list(d["policy"]),
                    {int(k): [int(i) for i in v] for k, v in d["neurons"].items()},
-                   [Slice.from_json(s) for s in d["slices"]])
+                   [Slice.from_json(s) for s in d["slices"]],
+                   {int(k): [int(i) for i in v] for k, v in d.get("attn", {}).items()})
 
 
 @dataclass

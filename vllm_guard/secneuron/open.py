@@ -48,9 +48,9 @@ def check_slice(t: torch.Tensor, sl: Slice, group: str) -> None:
 def _decrypt_tensor(t: torch.Tensor, axis: int, parts: list[tuple[Group, Slice, bytes]],
                     ckpt_id: str) -> int:
     """Gather every opened group's neurons of one tensor at once, decrypt each, scatter back."""
-    slab = GroupSlab(t, axis, [g.neurons[sl.layer] for g, sl, _ in parts])
+    slab = GroupSlab(t, axis, [g.indices(sl) for g, sl, _ in parts])
     for i, (group, sl, data_key) in enumerate(parts):
-        binding = sl.binding(ckpt_id, group.id, index_digest(group.neurons[sl.layer]))
+        binding = sl.binding(ckpt_id, group.id, index_digest(group.indices(sl)))
         decrypt_chunks_in_place(data_key, slab.bytes_of(i), sl.chunks, binding,
                                 f"tensor {sl.tensor}, group {group.id}")
     slab.write_back()
@@ -89,7 +89,7 @@ def decrypt_in_place(
             if group.id in data_keys:
                 opened.setdefault(sl.tensor, []).append((group, sl, data_keys[group.id]))
             elif zero_locked:
-                zero.setdefault(sl.tensor, []).extend(group.neurons[sl.layer])
+                zero.setdefault(sl.tensor, []).extend(group.indices(sl))
     workers = workers or min(len(opened), os.cpu_count() or 1) or 1
 
     def decrypt(item: tuple[str, list]) -> int:

@@ -208,12 +208,12 @@ def _reencrypt(tensors: dict[str, torch.Tensor], manifest: Manifest, groups: lis
         for g, sl in parts:
             check_slice(t, sl, g.id)
         axis = parts[0][1].axis
-        slab = GroupSlab(t, axis, [g.neurons[sl.layer] for g, sl in parts])
+        slab = GroupSlab(t, axis, [g.indices(sl) for g, sl in parts])
         for i, (g, sl) in enumerate(parts):
             flat = slab.bytes_of(i)
             what = f"tensor {sl.tensor}, group {g.id}"
             check_chunks_cover(flat, sl.chunks, what)
-            binding = sl.binding(manifest.checkpoint_id, g.id, index_digest(g.neurons[sl.layer]))
+            binding = sl.binding(manifest.checkpoint_id, g.id, index_digest(g.indices(sl)))
             if g.id in old_keys:
                 decrypt_chunks_in_place(old_keys[g.id], flat, sl.chunks, binding, what)
             chunk_bytes = max((c.length for c in sl.chunks), default=DEFAULT_CHUNK_BYTES)

@@ -19,19 +19,25 @@ class Selection:
     tasks: list[str]
     neurons: dict[int, dict[str, list[int]]]  # layer -> task -> neuron indices
     info: dict = field(default_factory=dict)
+    # layer -> task -> attention columns (sealed capabilities' heads; see capability.py)
+    attn: dict[int, dict[str, list[int]]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"tasks": self.tasks, "info": self.info,
-                "layers": {str(k): v for k, v in sorted(self.neurons.items())}}
+        doc = {"tasks": self.tasks, "info": self.info,
+               "layers": {str(k): v for k, v in sorted(self.neurons.items())}}
+        if self.attn:
+            doc["attn"] = {str(k): v for k, v in sorted(self.attn.items())}
+        return doc
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Selection:
         try:
             doc = json.loads(Path(path).read_text())
-            return cls(list(doc["tasks"]),
-                       {int(k): {t: sorted(int(i) for i in v) for t, v in per.items()}
-                        for k, per in doc["layers"].items()},
-                       doc.get("info", {}))
+            def per_layer(d: dict) -> dict[int, dict[str, list[int]]]:
+                return {int(k): {t: sorted(int(i) for i in v) for t, v in per.items()}
+                        for k, per in d.items()}
+            return cls(list(doc["tasks"]), per_layer(doc["layers"]), doc.get("info", {}),
+                       per_layer(doc.get("attn", {})))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ManifestError(f"cannot read neuron selection {path}: {e}") from None
 
@@ -41,13 +47,19 @@ class Selection:
 
 def policy_tree(selection: Selection) -> list[Group]:
     """Group neurons by the exact set of tasks that selected them; each set is an OR policy."""
-    by_policy: dict[tuple[str, ...], dict[int, list[int]]] = {}
-    for layer, per_task in sorted(selection.neurons.items()):
-        owners: dict[int, list[str]] = {}
-        for task in selection.tasks:
-            for n in per_task.get(task, []):
-                owners.setdefault(n, []).append(task)
-        for n, tasks in sorted(owners.items()):
-            by_policy.setdefault(tuple(sorted(tasks)), {}).setdefault(layer, []).append(n)
-    ordered = sorted(by_policy.items(), key=lambda kv: (len(kv[0]), kv[0]))
-    return [Group(f"g{i}", list(policy), neurons) for i, (policy, neurons) in enumerate(ordered)]
+    def grouped(per_layer: dict[int, dict[str, list[int]]]
+                ) -> dict[tuple[str, ...], dict[int, list[int]]]:
+        by_policy: dict[tuple[str, ...], dict[int, list[int]]] = {}
+        for layer, per_task in sorted(per_layer.items()):
+            owners: dict[int, list[str]] = {}
+            for task in selection.tasks:
+                for n in per_task.get(task, []):
+                    owners.setdefault(n, []).append(task)
+            for n, tasks in sorted(owners.items()):
+                by_policy.setdefault(tuple(sorted(tasks)), {}).setdefault(layer, []).append(n)
+        return by_policy
+
+    neurons, attn = grouped(selection.neurons), grouped(selection.attn)
+    ordered = sorted(set(neurons) | set(attn), key=lambda p: (len(p), p))
+    return [Group(f"g{i}", list(policy), neurons.get(policy, {}), attn=attn.get(policy, {}))
+            for i, policy in enumerate(ordered)]

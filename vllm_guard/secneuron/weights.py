@@ -25,10 +25,15 @@ import torch
 from safetensors import safe_open
 
 from vllm_guard.errors import EncryptedWeightsError, ManifestError
-from vllm_guard.secneuron.checkpoint import private_buffer, safetensors_files, slice_tensors
+from vllm_guard.secneuron.checkpoint import (
+    attention_tensors,
+    private_buffer,
+    safetensors_files,
+    slice_tensors,
+)
 from vllm_guard.secneuron.detector import scan_layer
 from vllm_guard.secneuron.files import weight_files
-from vllm_guard.secneuron.manifest import Manifest
+from vllm_guard.secneuron.manifest import Manifest, is_attention
 from vllm_guard.secneuron.open import OpenReport, decrypt_in_place
 from vllm_guard.secneuron.options import SecNeuronLoadConfig
 from vllm_guard.secneuron.threads import loader_pool
@@ -40,6 +45,14 @@ def stream_weights(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
                    stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs for ``model.load_weights``: plaintext public weights, FFN layers
     decrypted/zeroed and passed by the detector. A bad hash, tag or verdict raises."""
+    served = sorted(g.id for g in manifest.groups if g.attn and g.id in data_keys)
+    if served:
+        # Per-request grants mask FFN neurons only: opened heads would answer every request.
+        raise ManifestError(
+            f"groups {served} seal attention heads (a sealed capability) and a key given to "
+            "the server opens them: serving a sealed capability needs per-request head masks, "
+            "which are not built yet (issue #35). Serve without that task's key, or unlock "
+            "offline")
     if config.verify_weights:
         return _stream_verified(root, manifest, data_keys, config, stats)
     return _stream_mmap(root, manifest, data_keys, config, stats, stack)
@@ -101,6 +114,16 @@ class _LayerOpener:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def layer_tensors(manifest: Manifest) -> dict[int, list[str]]:
+    """Per layer, the tensors opened together before any reaches the model: gate/up/down,
+    and the attention projections where a sealed capability owns heads."""
+    sealed = {sl.layer: sl.tensor for g in manifest.groups for sl in g.slices
+              if is_attention(sl.tensor)}
+    return {layer: [n for n, _ in slice_tensors(info)]
+            + ([n for n, _ in attention_tensors(info)] if layer in sealed else [])
+            for layer, info in manifest.layers.items()}
+
+
 def _missing_ffn(manifest: Manifest, seen: set[str]) -> ManifestError:
     name = next(n for info in manifest.layers.values() for n, _ in slice_tensors(info)
                 if n not in seen)
@@ -115,8 +138,9 @@ def _stream_verified(root: Path, manifest: Manifest, data_keys: dict[str, bytes]
     BLAKE3 (vLLM copies it while the next blocks are hashed). FFN tensors are decrypted in
     that private buffer (no copy-on-write, no scratch copy) as soon as a layer's three
     tensors have arrived (a layer may span two shards)."""
-    layer_of = {name: layer for layer, info in manifest.layers.items()
-                for name, _ in slice_tensors(info)}
+    layer_of = {name: layer for layer, names in layer_tensors(manifest).items()
+                for name in names}
+    expected = {layer: len(names) for layer, names in layer_tensors(manifest).items()}
     pending: dict[int, dict[str, torch.Tensor]] = {}
     seen: set[str] = set()
     files = weight_files(manifest)
@@ -130,7 +154,7 @@ def _stream_verified(root: Path, manifest: Manifest, data_keys: dict[str, bytes]
                 yield name, t
             else:
                 pending.setdefault(layer, {})[name] = t
-                if len(pending[layer]) == 3:
+                if len(pending[layer]) == expected[layer]:
                     yield from opener.submit(layer, pending.pop(layer))
             yield from opener.ready()
         yield from opener.drain()
@@ -150,15 +174,16 @@ def _stream_mmap(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
     handles = {p.name: stack.enter_context(safe_open(p, framework="pt"))
                for p in safetensors_files(root)}
     where = {name: f for f in handles.values() for name in f.keys()}  # noqa: SIM118
-    ffn = {name for info in manifest.layers.values() for name, _ in slice_tensors(info)}
+    per_layer = layer_tensors(manifest)
+    ffn = {name for names in per_layer.values() for name in names}
     for name, f in where.items():
         if name not in ffn:
             yield name, f.get_tensor(name)
     opener = _LayerOpener(manifest, data_keys, config, stats)
     try:
-        for layer, info in sorted(manifest.layers.items()):
+        for layer in sorted(manifest.layers):
             tensors = {}
-            for name in (info.gate, info.up, info.down):
+            for name in per_layer[layer]:
                 if name not in where:
                     raise _missing_ffn(manifest, set(where))
                 src = where[name].get_tensor(name)
