@@ -118,3 +118,35 @@ def test_detection_stops_at_the_first_window_past_the_limit():
     assert Names.calls == 1
     Names.calls = 0
     assert len(analyse(Names(), [text[:WINDOW]], [True], [], limit=10_000)[0].spans) > 4000
+
+
+# --- a detector worker that dies (killed, crashed) (issue #32 item 14, the soak) -------------
+
+
+def test_a_dead_worker_is_replaced_without_failing_a_request(tmp_path):
+    """The soak killed one detector worker under load and the request it was serving got a
+    503: detection is retried once on a fresh worker when the worker exited without a reply
+    (idle when it died, or mid-request). Nothing is forwarded unmasked either way."""
+    path = tmp_path / "masking.json"
+    path.write_text(json.dumps({"ner": "off", "name_lists": False}))
+    pool = DetectorPool(None, str(path), 1, 300)  # one worker: the dead one is the only one
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        await pool.analyse(["warm up"], [True], [])
+        idle = pool._idle[0]
+        idle.kill()  # dies while idle: the next request must not pay for it
+        first = await asyncio.wait_for(pool.analyse([BOB], [True], []), 240)
+        busy = pool._idle[0]
+        alice = asyncio.create_task(pool.analyse([ALICE[:200_000]], [True], []))
+        await asyncio.sleep(0.5)  # her text is in the worker
+        busy.proc.kill()  # dies mid-request
+        second = await asyncio.wait_for(alice, 240)
+        assert pool._idle[0] is not busy  # it did die mid-request, and was replaced
+        return [s.entity for s in first[0].spans], sorted({s.entity for s in second[0].spans})
+
+    try:
+        first, second = asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert first == ["EMAIL_ADDRESS"]
+    assert second == ["EMAIL_ADDRESS", "US_SSN"]
