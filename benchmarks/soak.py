@@ -54,6 +54,7 @@ PLOT = ROOT / "docs" / "soak_latency.png"
 MAX_TOKENS = 4
 SESSION_REQUESTS = 25  # a client starts a new session after this many requests
 TIMEOUT_S = 120.0  # a client request with no answer by then counts as lost
+BACKOFF_S = 0.5  # a client waits this long after a 503 before its next request
 
 
 class Redis:
@@ -214,6 +215,8 @@ async def client(i: int, ctx: dict, tally: Tally, stop_at: float) -> None:
             tally.add(outcome)
             if text is not None:
                 tally.check(check_reply(prompt, text, principal, ctx["index"]))
+            elif outcome.status == 503:  # as a client would (a closed loop would spin)
+                await asyncio.sleep(BACKOFF_S)
             n += 1
 
 
@@ -497,7 +500,7 @@ def main() -> None:
                   "front": "round-robin TCP, a new connection per request",
                   "masking": "placeholders, ner off (gazetteer), Redis vault, 2 detector "
                              "workers per API process", "max_tokens": MAX_TOKENS,
-                  "requests_per_session": SESSION_REQUESTS},
+                  "requests_per_session": SESSION_REQUESTS, "backoff_after_503_s": BACKOFF_S},
         **summary,
         "redis_down": vars(down) if down else None,
         "worker_kill": events.get("worker_kill"),
