@@ -494,7 +494,7 @@ def main() -> None:
     if raw_in_redis:
         failed.append(f"raw values in Redis: {raw_in_redis}")
     result = {
-        "command": "python -m benchmarks.soak " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks.soak", *sys.argv[1:]]),
         "setup": {"duration_s": args.duration, "clients": args.clients,
                   "principals": args.principals, "api_processes": len(servers),
                   "front": "round-robin TCP, a new connection per request",
