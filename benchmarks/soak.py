@@ -384,6 +384,17 @@ def plot(tally: Tally, events: dict, duration: float, path: Path) -> None:
     plt.close(fig)
 
 
+def malformed_by_kind(tally: Tally) -> dict[str, dict[str, int]]:
+    """Each malformed kind -> {status: count} (every one must be a 4xx)."""
+    out: dict[str, dict[str, int]] = {}
+    for o in tally.outcomes:
+        if o.kind.startswith("malformed:"):
+            row = out.setdefault(o.kind.split(":", 1)[1], {})
+            key = f"{o.status} {o.cause}" if o.status is not None else f"no answer {o.cause}"
+            row[key] = row.get(key, 0) + 1
+    return out
+
+
 def server_log_findings(servers: list[SoakServer]) -> dict:
     """Tracebacks and 500s in the servers' logs (the clients see only status codes)."""
     text = "".join(s.log_text() for s in servers)
@@ -502,6 +513,7 @@ def main() -> None:
                              "workers per API process", "max_tokens": MAX_TOKENS,
                   "requests_per_session": SESSION_REQUESTS, "backoff_after_503_s": BACKOFF_S},
         **summary,
+        "malformed_by_kind": malformed_by_kind(tally),
         "redis_down": vars(down) if down else None,
         "worker_kill": events.get("worker_kill"),
         "connections_per_server": events.get("connections_per_server"),
