@@ -3,14 +3,18 @@
 Registered with ``SiluAndMul.register_oot`` only when per-request grants are on, so every
 Llama/Qwen2/Mistral MLP builds this class instead. It overrides ``forward`` itself, which
 bypasses vLLM's CustomOp dispatch (forward_native/forward_cpu/forward_cuda and whether
-custom ops are enabled under the compile config): the opaque op runs in every mode.
+custom ops are enabled under the compile config), and picks the form by mode:
+- traced by torch.compile (vLLM's default): tensor operations on the grant buffer, which
+  Inductor fuses with ``silu * mul`` and which read the buffer at run time every step;
+- eager (``--enforce-eager``): the planned torch path on CPU, the Triton kernel on GPUs,
+  called directly (no custom-op dispatch, which cost more than the masking at 1 token).
 """
 
 from __future__ import annotations
 
 import torch
 
-from vllm_guard.kernels.masked_silu import register_custom_op
+from vllm_guard.kernels.masked_silu import masked_silu_and_mul, masked_silu_and_mul_traced
 from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
 from vllm_guard.runtime.grant_state import STATE
 
@@ -29,28 +33,33 @@ def _buffer_tokens() -> int:
     return max(sched.max_num_batched_tokens, sched.max_num_seqs, DEFAULT_BUFFER_TOKENS)
 
 
+class MaskedForward:
+    """The forward of the masked activation; a mixin so it is testable without vLLM's
+    ``SiluAndMul`` (the class using it must provide ``forward_native``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bits = getattr(self, NEURON_BITS_ATTR, None)
+        if bits is None:  # not a secneuron checkpoint: nothing to mask
+            return self.forward_native(x)  # type: ignore[attr-defined]
+        grants = getattr(self, GRANT_BUFFER_ATTR)
+        if torch.compiler.is_compiling():
+            return masked_silu_and_mul_traced(x, bits, grants)
+        return masked_silu_and_mul(x, bits, grants)
+
+
 def register_masked_activation() -> None:
     global _registered
     if _registered:
         return
     from vllm.model_executor.layers.activation import SiluAndMul
 
-    register_custom_op()
-
-    class GuardSiluAndMul(SiluAndMul):
-        """SiluAndMul that multiplies by ``(neuron_bits & grant[token]) != 0``."""
+    class GuardSiluAndMul(MaskedForward, SiluAndMul):
+        """SiluAndMul masked by ``(neuron_bits & grant[token]) != 0``."""
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             # Made under vLLM's target device; the loader moves it if needed (runtime/).
             setattr(self, GRANT_BUFFER_ATTR, STATE.ensure_buffer(_buffer_tokens()))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            bits = getattr(self, NEURON_BITS_ATTR, None)
-            if bits is None:  # not a secneuron checkpoint: nothing to mask
-                return self.forward_native(x)
-            grants = getattr(self, GRANT_BUFFER_ATTR)
-            return torch.ops.vllm.guard_masked_silu_and_mul(x, bits, grants)
 
     SiluAndMul.register_oot(GuardSiluAndMul)
     _registered = True

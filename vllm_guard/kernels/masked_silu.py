@@ -4,10 +4,12 @@
 use neuron n; public neurons have every bit), ``grants`` is int64 ``[>= tokens]`` (the task
 bits of each token's request, plus :data:`PUBLIC_BIT`). One pass, no table of grant sets.
 
-Two implementations of one op:
-- :func:`masked_silu_and_mul_torch`: the CPU path (what vLLM runs on CPU);
-- :func:`masked_silu_and_mul_triton`: a Triton kernel for GPUs (tested on CPU with
-  ``TRITON_INTERPRET=1``).
+Three implementations of one op:
+- :func:`masked_silu_and_mul_torch`: the eager CPU path (``--enforce-eager`` on CPU);
+- :func:`masked_silu_and_mul_triton`: a Triton kernel for eager GPUs (tested on CPU with
+  ``TRITON_INTERPRET=1``);
+- :func:`masked_silu_and_mul_traced`: tensor operations for torch.compile (vLLM's default
+  mode), which Inductor fuses with ``silu * mul`` into one loop.
 """
 
 from __future__ import annotations
@@ -91,6 +93,19 @@ def _masking(plan: StepPlan, neuron_bits: torch.Tensor, out: torch.Tensor) -> Ma
     ones = out.new_ones(out.shape[-1])
     table = torch.stack([ones if k is None else k for k in keeps])
     return ((None, None, _GATHER, (table, plan.rows.to(out.device))),)
+
+
+def masked_silu_and_mul_traced(x: torch.Tensor, neuron_bits: torch.Tensor,
+                               grants: torch.Tensor) -> torch.Tensor:
+    """The form traced under torch.compile: the mask as tensor operations on the grant
+    buffer and the neuron table. Traced, the buffer is a graph input read by the compiled
+    kernel at run time, every step (vLLM runs its graph with every guard dropped, so a value
+    read in Python while tracing would be baked in for good), and Inductor fuses the mask
+    into vLLM's ``silu * mul`` loop. ``where``, not a multiply: a closed neuron reads exactly
+    0 even where the activation overflowed (fp16: inf * 0 is NaN) or the input was NaN."""
+    d = x.shape[-1] // 2
+    keep = (neuron_bits & grants[: x.shape[0], None]) != 0
+    return torch.where(keep, F.silu(x[..., :d]) * x[..., d:], 0)
 
 
 try:  # Triton is optional: absent or without a backend on CPU-only installs.

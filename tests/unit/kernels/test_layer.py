@@ -1,0 +1,128 @@
+"""The masked activation's forward under torch.compile, compiled as vLLM compiles it (whole
+graph, every guard dropped): the grant buffer must be a graph input read at run time, so an
+in-place update between two calls of an already compiled graph changes what it masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm_guard.kernels.layer import MaskedForward
+from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR, PUBLIC_BIT
+from vllm_guard.runtime.grant_state import GrantState
+
+D = 24  # neurons; 8 belong to task 1 only, 8 to task 2 only, 8 are public
+
+
+class Act(MaskedForward, nn.Module):
+    """The real forward (kernels.layer.MaskedForward) on a plain module."""
+
+    @staticmethod
+    def forward_native(x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.silu(x[..., :d]) * x[..., d:]
+
+
+class PythonReadAct(Act):
+    """The wrong way: the step's grant read in Python while tracing (what a plan or a cached
+    keep row looked up in Python amounts to). Traced once, the value is baked in."""
+
+    state: GrantState
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grant = self.state.plan.grants[0]
+        keep = (getattr(self, NEURON_BITS_ATTR) & grant) != 0
+        return torch.where(keep, self.forward_native(x), 0)
+
+
+def _table() -> torch.Tensor:
+    bits = torch.full((D,), -1, dtype=torch.int64)
+    bits[:8], bits[8:16] = 1, 2
+    return bits
+
+
+def _reference(x: torch.Tensor, bits: torch.Tensor, grants: torch.Tensor) -> torch.Tensor:
+    keep = (bits & grants[: x.shape[0], None]) != 0
+    return torch.where(keep, Act.forward_native(x), 0)
+
+
+def _compile_like_vllm(module: nn.Module, backend) -> nn.Module:  # noqa: ANN001
+    return torch.compile(module, fullgraph=True, dynamic=False, backend=backend,
+                         options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+
+
+def _follows_buffer(cls: type[Act], backend, dtype=torch.float32) -> bool:  # noqa: ANN001
+    """Compile once with task 1 granted, then grant task 2 (buffer updated in place, as the
+    runner hook does): does the compiled graph mask by the new grant?"""
+    import numpy as np
+
+    torch._dynamo.reset()
+    state = GrantState()
+    buf = state.ensure_buffer(64)
+    act = cls()
+    act.state = state
+    setattr(act, NEURON_BITS_ATTR, _table())
+    setattr(act, GRANT_BUFFER_ATTR, buf)
+    compiled = _compile_like_vllm(act, backend)
+    gen = torch.Generator().manual_seed(0)
+    follows = True
+    for grant, tokens in ((PUBLIC_BIT | 1, 3), (PUBLIC_BIT | 2, 3), (PUBLIC_BIT, 5),
+                          (PUBLIC_BIT | 3, 2)):
+        state.fill([grant], np.array([tokens]))
+        x = torch.randn(tokens, 2 * D, generator=gen).to(dtype)
+        torch._dynamo.mark_dynamic(x, 0)  # vLLM's dynamic token dimension
+        out = compiled(x)
+        ref = _reference(x, getattr(act, NEURON_BITS_ATTR), buf)
+        follows &= torch.equal(out == 0, ref == 0) and torch.allclose(out, ref)
+    return follows
+
+
+def test_compiled_forward_follows_in_place_grant_updates_and_python_read_would_not():
+    assert _follows_buffer(Act, "inductor")
+    # The check can fail: a Python-level read of the grant is baked into the graph.
+    assert not _follows_buffer(PythonReadAct, "inductor")
+
+
+def test_grant_buffer_and_neuron_table_are_graph_inputs_not_constants():
+    graphs: list[tuple[torch.fx.GraphModule, list]] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list):  # noqa: ANN202
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    assert _follows_buffer(Act, record)
+    (gm, _), = graphs  # one graph, compiled once for every token count
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    assert any(GRANT_BUFFER_ATTR in n for n in placeholders), placeholders
+    assert any(NEURON_BITS_ATTR in n for n in placeholders), placeholders
+    assert not [n for n in gm.graph.nodes if n.op == "get_attr"], "a tensor was baked in"
+    assert "masked_silu" not in gm.code  # no opaque op: Inductor sees (and fuses) the mask
+
+
+def test_compiled_fp16_closed_neuron_reads_zero_even_when_activation_is_inf():
+    torch._dynamo.reset()
+    act = Act()
+    setattr(act, NEURON_BITS_ATTR, _table())
+    buf = torch.full((8,), PUBLIC_BIT | 1, dtype=torch.int64)
+    setattr(act, GRANT_BUFFER_ATTR, buf)
+    x = torch.full((2, 2 * D), 300.0, dtype=torch.float16)  # 300 * 300 overflows fp16
+    out = _compile_like_vllm(act, "inductor")(x)
+    assert torch.isinf(out[:, :8]).all()  # task 1: open (and overflowed)
+    assert torch.count_nonzero(out[:, 8:16]) == 0  # task 2: closed, exactly 0, not NaN
+    assert torch.isinf(out[:, 16:]).all()  # public
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_eager_forward_masks_and_is_native_when_all_granted(dtype):
+    act = Act()
+    x = torch.randn(5, 2 * D).to(dtype)
+    assert torch.equal(act(x), Act.forward_native(x))  # no table: not a secneuron model
+    setattr(act, NEURON_BITS_ATTR, _table())
+    setattr(act, GRANT_BUFFER_ATTR, torch.full((8,), PUBLIC_BIT | 2, dtype=torch.int64))
+    out = act(x)
+    assert torch.count_nonzero(out[:, :8]) == 0
+    torch.testing.assert_close(out[:, 8:], Act.forward_native(x)[:, 8:])
+    setattr(act, GRANT_BUFFER_ATTR, torch.full((8,), -1, dtype=torch.int64))
+    assert torch.equal(act(x), Act.forward_native(x))
