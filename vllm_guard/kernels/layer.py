@@ -5,7 +5,9 @@ Llama/Qwen2/Mistral MLP builds this class instead. It overrides ``forward`` itse
 bypasses vLLM's CustomOp dispatch (forward_native/forward_cpu/forward_cuda and whether
 custom ops are enabled under the compile config), and picks the form by mode:
 - traced by torch.compile (vLLM's default): tensor operations on the grant buffer, which
-  Inductor fuses with ``silu * mul`` and which read the buffer at run time every step;
+  Inductor fuses with ``silu * mul`` and which read the buffer at run time every step, up
+  to a few tokens on CPU, the eager op behind an opaque custom op above (a runtime branch in
+  the graph; see ``masked_silu.masked_silu_and_mul_compiled``);
 - eager (``--enforce-eager``): the planned torch path on CPU, the Triton kernel on GPUs,
   called directly (no custom-op dispatch, which cost more than the masking at 1 token).
 """
@@ -14,7 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from vllm_guard.kernels.masked_silu import masked_silu_and_mul, masked_silu_and_mul_traced
+from vllm_guard.kernels.masked_silu import (
+    masked_silu_and_mul,
+    masked_silu_and_mul_compiled,
+    register_custom_op,
+)
 from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
 from vllm_guard.runtime.grant_state import STATE
 
@@ -43,7 +49,7 @@ class MaskedForward:
             return self.forward_native(x)  # type: ignore[attr-defined]
         grants = getattr(self, GRANT_BUFFER_ATTR)
         if torch.compiler.is_compiling():
-            return masked_silu_and_mul_traced(x, bits, grants)
+            return masked_silu_and_mul_compiled(x, bits, grants)
         return masked_silu_and_mul(x, bits, grants)
 
 
@@ -52,6 +58,8 @@ def register_masked_activation() -> None:
     if _registered:
         return
     from vllm.model_executor.layers.activation import SiluAndMul
+
+    register_custom_op()
 
     class GuardSiluAndMul(MaskedForward, SiluAndMul):
         """SiluAndMul masked by ``(neuron_bits & grant[token]) != 0``."""

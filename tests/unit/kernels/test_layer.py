@@ -10,10 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_guard.kernels.layer import MaskedForward
+from vllm_guard.kernels.masked_silu import FUSED_MAX_TOKENS, register_custom_op
 from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR, PUBLIC_BIT
 from vllm_guard.runtime.grant_state import GrantState
 
 D = 24  # neurons; 8 belong to task 1 only, 8 to task 2 only, 8 are public
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _opaque_op() -> None:
+    register_custom_op()  # the compiled form's branch above FUSED_MAX_TOKENS
 
 
 class Act(MaskedForward, nn.Module):
@@ -68,8 +74,9 @@ def _follows_buffer(cls: type[Act], backend, dtype=torch.float32) -> bool:  # no
     compiled = _compile_like_vllm(act, backend)
     gen = torch.Generator().manual_seed(0)
     follows = True
+    big = FUSED_MAX_TOKENS + 4  # the opaque branch; the others the fused one
     for grant, tokens in ((PUBLIC_BIT | 1, 3), (PUBLIC_BIT | 2, 3), (PUBLIC_BIT, 5),
-                          (PUBLIC_BIT | 3, 2)):
+                          (PUBLIC_BIT | 1, big), (PUBLIC_BIT | 2, big), (PUBLIC_BIT | 3, 2)):
         state.fill([grant], np.array([tokens]))
         x = torch.randn(tokens, 2 * D, generator=gen).to(dtype)
         torch._dynamo.mark_dynamic(x, 0)  # vLLM's dynamic token dimension
@@ -97,21 +104,28 @@ def test_grant_buffer_and_neuron_table_are_graph_inputs_not_constants():
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     assert any(GRANT_BUFFER_ATTR in n for n in placeholders), placeholders
     assert any(NEURON_BITS_ATTR in n for n in placeholders), placeholders
-    assert not [n for n in gm.graph.nodes if n.op == "get_attr"], "a tensor was baked in"
-    assert "masked_silu" not in gm.code  # no opaque op: Inductor sees (and fuses) the mask
+    baked = [n.target for n in gm.graph.nodes if n.op == "get_attr"
+             and not isinstance(getattr(gm, n.target), torch.fx.GraphModule)]
+    assert not baked, f"tensors baked in: {baked}"
+    fused, opaque = (getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr")
+    assert "where" in fused.code and "masked_silu" not in fused.code  # Inductor fuses it
+    assert "guard_masked_silu_and_mul" in opaque.code
 
 
 def test_compiled_fp16_closed_neuron_reads_zero_even_when_activation_is_inf():
     torch._dynamo.reset()
     act = Act()
     setattr(act, NEURON_BITS_ATTR, _table())
-    buf = torch.full((8,), PUBLIC_BIT | 1, dtype=torch.int64)
+    buf = torch.full((64,), PUBLIC_BIT | 1, dtype=torch.int64)
     setattr(act, GRANT_BUFFER_ATTR, buf)
-    x = torch.full((2, 2 * D), 300.0, dtype=torch.float16)  # 300 * 300 overflows fp16
-    out = _compile_like_vllm(act, "inductor")(x)
-    assert torch.isinf(out[:, :8]).all()  # task 1: open (and overflowed)
-    assert torch.count_nonzero(out[:, 8:16]) == 0  # task 2: closed, exactly 0, not NaN
-    assert torch.isinf(out[:, 16:]).all()  # public
+    compiled = _compile_like_vllm(act, "inductor")
+    for tokens in (2, FUSED_MAX_TOKENS + 2, 1):  # both branches
+        x = torch.full((tokens, 2 * D), 300.0, dtype=torch.float16)  # 300 * 300 overflows
+        torch._dynamo.mark_dynamic(x, 0)
+        out = compiled(x)
+        assert torch.isinf(out[:, :8]).all()  # task 1: open (and overflowed)
+        assert torch.count_nonzero(out[:, 8:16]) == 0  # task 2: closed, exactly 0, not NaN
+        assert torch.isinf(out[:, 16:]).all()  # public
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
