@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import statistics
@@ -197,16 +198,15 @@ def _cpu_us(fn, calls: int) -> float:  # noqa: ANN001 - any callable
     return (time.thread_time() - start) / calls * 1e6
 
 
-def _modules(bits: torch.Tensor, opaque: bool) -> tuple[torch.nn.Module, ...]:
+@functools.cache
+def _vllm_modules() -> tuple[torch.nn.Module, torch.nn.Module]:
     """vLLM's own ``SiluAndMul`` and ours (the out-of-tree class vLLM builds when grants are
-    on), constructed as vLLM constructs them; with ``opaque``, the form before #33 too: the
-    eager op behind the custom op ``torch.ops.vllm.guard_masked_silu_and_mul``."""
+    on), constructed as vLLM constructs them, once per process: after the registration
+    vLLM builds only ours."""
     from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.activation import SiluAndMul
 
     from vllm_guard.kernels.layer import register_masked_activation
-    from vllm_guard.kernels.masked_silu import register_custom_op
-    from vllm_guard.runtime import NEURON_BITS_ATTR
 
     # --enforce-eager's config: in compile mode vLLM would wrap forward_native in its own
     # torch.compile (CustomOp.maybe_compile); this benchmark compiles the modules itself
@@ -217,17 +217,33 @@ def _modules(bits: torch.Tensor, opaque: bool) -> tuple[torch.nn.Module, ...]:
         guard = SiluAndMul()
     if type(guard) is SiluAndMul or type(native) is not SiluAndMul:
         raise RuntimeError("SiluAndMul was registered out of tree before this benchmark")
+    return native, guard
+
+
+def _modules(bits: torch.Tensor, opaque: bool) -> tuple[torch.nn.Module, ...]:
+    """:func:`_vllm_modules`, ours masking by ``bits``; with ``opaque``, the two forms our
+    compiled graph branches between, alone: the eager op behind the custom op
+    ``torch.ops.vllm.guard_masked_silu_and_mul`` (every size before #33) and the fused
+    tensor form."""
+    from vllm_guard.kernels.masked_silu import masked_silu_and_mul_traced, register_custom_op
+    from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
+
+    native, guard = _vllm_modules()
     setattr(guard, NEURON_BITS_ATTR, bits)
     if not opaque:
         return native, guard
     register_custom_op()
-    buf = guard.guard_grants
+    buf = getattr(guard, GRANT_BUFFER_ATTR)
 
     class Opaque(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.ops.vllm.guard_masked_silu_and_mul(x, bits, buf)
 
-    return native, guard, Opaque()
+    class Fused(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return masked_silu_and_mul_traced(x, bits, buf)
+
+    return native, guard, Opaque(), Fused()
 
 
 def _compile_like_vllm(module: torch.nn.Module) -> torch.nn.Module:
@@ -253,9 +269,10 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 0, rounds: i
     Both are vLLM modules called as vLLM calls them (``SiluAndMul`` and our out-of-tree
     class). Eager mode (``--enforce-eager``): vLLM's ``F.silu(g) * u`` against our eager
     forward. Compiled mode (vLLM's default), each module compiled the way vLLM compiles the
-    model (:func:`_compile_like_vllm`): Inductor's fused ``silu * mul`` against our traced
-    form (the mask fused into the same loop) and against the opaque custom op (the form
-    before #33, ``opaque``). Grants are planned once per step by the runner hook
+    model (:func:`_compile_like_vllm`): Inductor's fused ``silu * mul`` against what our
+    class traces (``masked_compiled``: a branch on the token count), and against each of its
+    two branches alone (``opaque_compiled``, the only form before #33, and
+    ``fused_compiled``). Grants are planned once per step by the runner hook
     (``GrantState.fill``), as in the server. Thread CPU time, not wall time: this machine
     is shared. Each ratio is the median of ``rounds`` interleaved rounds of ``repeats``
     calls (0: about 20 ms of calls), with the min and max. One thread by default: with two,
@@ -287,7 +304,7 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 0, rounds: i
         fns_of: dict = {"eager": mods[0], "masked": mods[1]}
         if compiled:
             torch._dynamo.reset()  # guards are dropped: no graph of the other dtype may stay
-            names = ("compiled", "masked_compiled", "opaque_compiled")
+            names = ("compiled", "masked_compiled", "opaque_compiled", "fused_compiled")
             for name, mod in zip(names, mods, strict=True):
                 fns_of[name] = _compile_like_vllm(mod)
                 warm = torch.randn(16, 2 * size, generator=gen).to(dtype)
@@ -300,7 +317,7 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 0, rounds: i
             trivial(warm)
             floor[str(dtype).removeprefix("torch.")] = statistics.median(
                 _cpu_us(lambda w=warm[:1], t=trivial: t(w), 2000) for _ in range(5))
-        for tokens in (1, 16, 256):
+        for tokens in (1, 8, 16, 256):  # 8: FUSED_MAX_TOKENS, the branch's edge
             x = torch.randn(tokens, 2 * size, generator=gen).to(dtype)
             for mix, per_request in grant_mixes.items():
                 if tokens < len(per_request):
@@ -310,7 +327,7 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 0, rounds: i
                 STATE.fill(per_request, counts)
                 fns = {k: (lambda f=f, x=x: f(x)) for k, f in fns_of.items()}
                 ref = fns["masked"]()
-                for k in ("masked_compiled", "opaque_compiled"):
+                for k in ("masked_compiled", "opaque_compiled", "fused_compiled"):
                     if k in fns:  # the compiled forms compute what the eager one does
                         torch.testing.assert_close(fns[k](), ref, msg=k)
                 calls = repeats or max(5, int(20_000 / max(_cpu_us(fns["eager"], 5), 1.0)))
@@ -323,7 +340,8 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 0, rounds: i
                 pairs = [("masked", "eager", "eager")]
                 if compiled:
                     pairs += [("masked_compiled", "compiled", "compiled"),
-                              ("opaque_compiled", "compiled", "compiled_opaque")]
+                              ("opaque_compiled", "compiled", "compiled_opaque"),
+                              ("fused_compiled", "compiled", "compiled_fused")]
                 for mine, base, label in pairs:
                     r = [m / b for m, b in zip(times[mine], times[base], strict=True)]
                     row[f"ratio_vs_{label}"] = statistics.median(r)
@@ -338,7 +356,8 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 0, rounds: i
                              f"x{row['ratio_vs_compiled']:.2f} "
                              f"[{row['ratio_vs_compiled_range'][0]:.2f}-"
                              f"{row['ratio_vs_compiled_range'][1]:.2f}]"
-                             f" (opaque x{row['ratio_vs_compiled_opaque']:.2f})")
+                             f" (opaque x{row['ratio_vs_compiled_opaque']:.2f},"
+                             f" fused x{row['ratio_vs_compiled_fused']:.2f})")
                 print(line, flush=True)
     # The runner hook's per-step cost (grant buffer + plan), paid once per step, not per layer.
     step: dict[str, float] = {}
