@@ -201,8 +201,8 @@ def _cpu_us(fn, calls: int) -> float:  # noqa: ANN001 - any callable
 @functools.cache
 def _vllm_modules() -> tuple[torch.nn.Module, torch.nn.Module]:
     """vLLM's own ``SiluAndMul`` and ours (the out-of-tree class vLLM builds when grants are
-    on), constructed as vLLM constructs them, once per process: after the registration
-    vLLM builds only ours."""
+    on, here under a compile-mode config), constructed as vLLM constructs them, once per
+    process: after the registration vLLM builds only ours."""
     from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.activation import SiluAndMul
 
@@ -213,7 +213,8 @@ def _vllm_modules() -> tuple[torch.nn.Module, torch.nn.Module]:
     eager = VllmConfig(compilation_config=CompilationConfig(mode=CompilationMode.NONE))
     with set_current_vllm_config(eager):
         native = SiluAndMul()  # before the registration: vLLM's class
-        register_masked_activation()
+    register_masked_activation()
+    with set_current_vllm_config(VllmConfig()):  # compile mode: ours gets keep tables
         guard = SiluAndMul()
     if type(guard) is SiluAndMul or type(native) is not SiluAndMul:
         raise RuntimeError("SiluAndMul was registered out of tree before this benchmark")
@@ -221,15 +222,14 @@ def _vllm_modules() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def _modules(bits: torch.Tensor, opaque: bool) -> tuple[torch.nn.Module, ...]:
-    """:func:`_vllm_modules`, ours masking by ``bits``; with ``opaque``, the two forms our
-    compiled graph branches between, alone: the eager op behind the custom op
-    ``torch.ops.vllm.guard_masked_silu_and_mul`` (every size before #33) and the fused
-    tensor form."""
+    """:func:`_vllm_modules`, ours masking by ``bits``; with ``opaque``, the other compiled
+    forms too: the eager op behind the custom op ``torch.ops.vllm.guard_masked_silu_and_mul``
+    (every size before #33) and the bit test on the grant buffer."""
     from vllm_guard.kernels.masked_silu import masked_silu_and_mul_traced, register_custom_op
     from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
 
     native, guard = _vllm_modules()
-    setattr(guard, NEURON_BITS_ATTR, bits)
+    setattr(guard, NEURON_BITS_ATTR, bits)  # as the loader attaches it: makes its keep table
     if not opaque:
         return native, guard
     register_custom_op()
@@ -270,10 +270,11 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 0, rounds: i
     class). Eager mode (``--enforce-eager``): vLLM's ``F.silu(g) * u`` against our eager
     forward. Compiled mode (vLLM's default), each module compiled the way vLLM compiles the
     model (:func:`_compile_like_vllm`): Inductor's fused ``silu * mul`` against what our
-    class traces (``masked_compiled``: a branch on the token count), and against each of its
-    two branches alone (``opaque_compiled``, the only form before #33, and
-    ``fused_compiled``). Grants are planned once per step by the runner hook
-    (``GrantState.fill``), as in the server. Thread CPU time, not wall time: this machine
+    class traces (``masked_compiled``: the keep-table multiply), and against the other two
+    forms (``opaque_compiled``: the eager op behind a custom op, the only form before #33;
+    ``fused_compiled``: the bit test on the grant buffer, the fallback without tables).
+    Grants are planned once per step by the runner hook (``GrantState.fill``), as in the
+    server. Thread CPU time, not wall time: this machine
     is shared. Each ratio is the median of ``rounds`` interleaved rounds of ``repeats``
     calls (0: about 20 ms of calls), with the min and max. One thread by default: with two,
     OpenMP spin-waits made small shapes vary several-fold between runs.
@@ -286,7 +287,7 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 0, rounds: i
     import numpy as np
 
     from harness.fixtures import PRESETS
-    from vllm_guard.runtime import PUBLIC_BIT
+    from vllm_guard.runtime import NEURON_BITS_ATTR, PUBLIC_BIT
     from vllm_guard.runtime.grant_state import STATE
 
     torch.set_num_threads(threads)
@@ -301,6 +302,9 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 0, rounds: i
     out: dict = {}
     floor: dict[str, float] = {}
     for dtype in (torch.float32, torch.bfloat16):
+        # vLLM builds the layer under the model's dtype, which is the keep table's
+        mods[1].guard_table_dtype = dtype
+        setattr(mods[1], NEURON_BITS_ATTR, bits)
         fns_of: dict = {"eager": mods[0], "masked": mods[1]}
         if compiled:
             torch._dynamo.reset()  # guards are dropped: no graph of the other dtype may stay
