@@ -4,10 +4,10 @@ Registered with ``SiluAndMul.register_oot`` only when per-request grants are on,
 Llama/Qwen2/Mistral MLP builds this class instead. It overrides ``forward`` itself, which
 bypasses vLLM's CustomOp dispatch (forward_native/forward_cpu/forward_cuda and whether
 custom ops are enabled under the compile config), and picks the form by mode:
-- traced by torch.compile (vLLM's default): tensor operations on the grant buffer, which
-  Inductor fuses with ``silu * mul`` and which read the buffer at run time every step, up
-  to a few tokens on CPU, the eager op behind an opaque custom op above (a runtime branch in
-  the graph; see ``masked_silu.masked_silu_and_mul_compiled``);
+- traced by torch.compile (vLLM's default): a multiply by the layer's keep table gathered
+  by each token's row, which Inductor fuses with ``silu * mul``; the table (made when the
+  loader attaches the neuron table) and the rows are filled in place by the runner hook and
+  read at run time every step (``GrantState.add_table``, ``masked_silu_and_mul_rows``);
 - eager (``--enforce-eager``): the planned torch path on CPU, the Triton kernel on GPUs,
   called directly (no custom-op dispatch, which cost more than the masking at 1 token).
 """

@@ -4,16 +4,15 @@
 use neuron n; public neurons have every bit), ``grants`` is int64 ``[>= tokens]`` (the task
 bits of each token's request, plus :data:`PUBLIC_BIT`). One pass, no table of grant sets.
 
-Three implementations of one op:
+Implementations of one op:
 - :func:`masked_silu_and_mul_torch`: the eager CPU path (``--enforce-eager`` on CPU);
 - :func:`masked_silu_and_mul_triton`: a Triton kernel for eager GPUs (tested on CPU with
   ``TRITON_INTERPRET=1``);
-- :func:`masked_silu_and_mul_traced`: tensor operations for torch.compile (vLLM's default
-  mode), which Inductor fuses with ``silu * mul`` into one loop.
-
-:func:`masked_silu_and_mul_compiled` is what a compiled graph runs: on CPU the fused form up
-to :data:`FUSED_MAX_TOKENS` tokens and the eager op behind an opaque custom op above (a
-runtime branch on the token count inside the one graph), on GPUs the fused form.
+- :func:`masked_silu_and_mul_rows`: what a layer traces under torch.compile (vLLM's default
+  mode): a multiply by the layer's keep table gathered per token, fused by Inductor;
+- :func:`masked_silu_and_mul_compiled` (the bit test, :func:`masked_silu_and_mul_traced`, up
+  to :data:`FUSED_MAX_TOKENS` tokens, the opaque op above): the fallback for a layer traced
+  without a keep table.
 """
 
 from __future__ import annotations
@@ -129,10 +128,11 @@ def masked_silu_and_mul_rows(x: torch.Tensor, keep_table: torch.Tensor,
     return y * keep
 
 
-# On this project's 2-core AMD EPYC (AVX2, I=4864, one thread, thread CPU time) the fused
-# form's per-element mask test (int64 and, compare, blend) costs more than the eager op's one
-# multiply by a cached keep row from about 8 tokens on, while the opaque op's fixed cost
-# (a call from compiled code back into Python) dominates below: fused 1.12-1.23x compiled
+# The fallback's branch point. On this project's 2-core AMD EPYC (AVX2, I=4864, one thread,
+# thread CPU time) the bit-test form's per-element mask test (int64 and, compare, blend)
+# costs more than the eager op's one multiply by a cached keep row from about 8 tokens on,
+# while the opaque op's fixed cost (a call from compiled code back into Python) dominates
+# below: fused 1.12-1.23x compiled
 # native at 1 token (opaque 1.86-2.04x); at 16 tokens fused 1.73-2.15x, opaque 1.45-1.60x.
 FUSED_MAX_TOKENS = 8
 

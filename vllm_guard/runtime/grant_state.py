@@ -7,6 +7,9 @@ it directly. For the CPU path the hook also plans the step once (:class:`StepPla
 distinct grants and each token's row), so the N layers do no per-step analysis of their own;
 each layer keeps, per grant, which of its neurons it may use (:meth:`GrantState.keep_row`).
 Tokens of requests without a verified grant, and padding, get :data:`PUBLIC_BIT` only.
+For compiled graphs the hook also fills a second fixed buffer, each token's row into the
+layers' keep tables (row 0: public only), and rewrites those tables when the step's grant
+sets change (:meth:`GrantState.add_table`).
 """
 
 from __future__ import annotations
