@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from harness.measure import percentile, write_result
 
@@ -189,76 +189,191 @@ def recognizer_costs(n: int = 100) -> dict:
     return {"prompts": len(texts), "p50_ms": out}
 
 
-def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 100, rounds: int = 5,
-                   threads: int = 1) -> dict:
+def _cpu_us(fn, calls: int) -> float:  # noqa: ANN001 - any callable
+    """Thread CPU time per call (one torch thread: the calling thread does all the work,
+    so time taken by other processes on this shared machine is not counted)."""
+    start = time.thread_time()
+    for _ in range(calls):
+        fn()
+    return (time.thread_time() - start) / calls * 1e6
+
+
+@functools.cache
+def _vllm_modules() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """vLLM's own ``SiluAndMul`` and ours (the out-of-tree class vLLM builds when grants are
+    on, here under a compile-mode config), constructed as vLLM constructs them, once per
+    process: after the registration vLLM builds only ours."""
+    from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.activation import SiluAndMul
+
+    from vllm_guard.kernels.layer import register_masked_activation
+
+    # --enforce-eager's config: in compile mode vLLM would wrap forward_native in its own
+    # torch.compile (CustomOp.maybe_compile); this benchmark compiles the modules itself
+    eager = VllmConfig(compilation_config=CompilationConfig(mode=CompilationMode.NONE))
+    with set_current_vllm_config(eager):
+        native = SiluAndMul()  # before the registration: vLLM's class
+    register_masked_activation()
+    with set_current_vllm_config(VllmConfig()):  # compile mode: ours gets keep tables
+        guard = SiluAndMul()
+    if type(guard) is SiluAndMul or type(native) is not SiluAndMul:
+        raise RuntimeError("SiluAndMul was registered out of tree before this benchmark")
+    return native, guard
+
+
+def _modules(bits: torch.Tensor, opaque: bool) -> tuple[torch.nn.Module, ...]:
+    """:func:`_vllm_modules`, ours masking by ``bits``; with ``opaque``, the other compiled
+    forms too: the eager op behind the custom op ``torch.ops.vllm.guard_masked_silu_and_mul``
+    (every size before #33) and the bit test on the grant buffer."""
+    from vllm_guard.kernels.masked_silu import masked_silu_and_mul_traced, register_custom_op
+    from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
+
+    native, guard = _vllm_modules()
+    setattr(guard, NEURON_BITS_ATTR, bits)  # as the loader attaches it: makes its keep table
+    if not opaque:
+        return native, guard
+    register_custom_op()
+    buf = getattr(guard, GRANT_BUFFER_ATTR)
+
+    class Opaque(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.vllm.guard_masked_silu_and_mul(x, bits, buf)
+
+    class Fused(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return masked_silu_and_mul_traced(x, bits, buf)
+
+    return native, guard, Opaque(), Fused()
+
+
+def _compile_like_vllm(module: torch.nn.Module) -> torch.nn.Module:
+    """As vLLM compiles a model on CPU (platforms/cpu.py, compilation/wrapper.py): Inductor
+    with vLLM's options, the whole graph, every guard dropped (so the token dimension must be
+    marked dynamic at the first call, and nothing changed in Python is seen again)."""
+    options = {"dce": True, "size_asserts": False, "nan_asserts": False,
+               "epilogue_fusion": True, "cpp.dynamic_threads": True,
+               "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+    return torch.compile(module, fullgraph=True, dynamic=False, backend="inductor",
+                         options=options)
+
+
+class _Tiny(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 0, rounds: int = 7,
+                   threads: int = 1, compiled: bool = True) -> dict:
     """Masked op vs what vLLM runs for SiluAndMul on this CPU, in process, same inputs.
 
-    Baselines: vLLM's native path in eager mode (``F.silu(g) * u``) and compiled (Inductor
-    fuses it into one loop, as vLLM's compile mode does on x86). Grants are planned once
-    per step by the runner hook (``GrantState.fill``), as in the server. Each ratio is the
-    median of ``rounds`` interleaved rounds, with the min and max. One thread by default:
-    with two, OpenMP spin-waits made small shapes vary several-fold between runs.
+    Both are vLLM modules called as vLLM calls them (``SiluAndMul`` and our out-of-tree
+    class). Eager mode (``--enforce-eager``): vLLM's ``F.silu(g) * u`` against our eager
+    forward. Compiled mode (vLLM's default), each module compiled the way vLLM compiles the
+    model (:func:`_compile_like_vllm`): Inductor's fused ``silu * mul`` against what our
+    class traces (``masked_compiled``: the keep-table multiply), and against the other two
+    forms (``opaque_compiled``: the eager op behind a custom op, the only form before #33;
+    ``fused_compiled``: the bit test on the grant buffer, the fallback without tables).
+    Grants are planned once per step by the runner hook (``GrantState.fill``), as in the
+    server. Thread CPU time, not wall time: this machine
+    is shared. Each ratio is the median of ``rounds`` interleaved rounds of ``repeats``
+    calls (0: about 20 ms of calls), with the min and max. One thread by default: with two,
+    OpenMP spin-waits made small shapes vary several-fold between runs.
+
+    A compiled call here pays the compiled wrapper's fixed cost (guards are dropped, but
+    the module call and AOTAutograd's runtime wrapper remain), as both compiled baselines
+    do; in a server the whole model is one graph, so at 1 token the compiled ratios here
+    understate the masked op's relative cost (``compiled_call_floor_us`` is that cost).
     """
     import numpy as np
 
     from harness.fixtures import PRESETS
-    from vllm_guard.kernels.masked_silu import masked_silu_and_mul_torch
-    from vllm_guard.runtime import PUBLIC_BIT
+    from vllm_guard.runtime import NEURON_BITS_ATTR, PUBLIC_BIT
     from vllm_guard.runtime.grant_state import STATE
 
     torch.set_num_threads(threads)
     size = PRESETS[preset].intermediate_size
-    bits = torch.randint(1, 8, (size,), dtype=torch.int64)  # 3 tasks
-    bits[torch.rand(size) < 0.87] = -1  # public neurons (13% locked, as in the benchmarks)
-    buf = STATE.ensure_buffer(8192)
-    native = torch.compile(lambda x: F.silu(x[:, :size]) * x[:, size:], dynamic=True)
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(1, 8, (size,), generator=gen, dtype=torch.int64)  # 3 tasks
+    bits[torch.rand(size, generator=gen) < 0.87] = -1  # public (13% locked, as elsewhere)
+    STATE.ensure_buffer(8192)
+    mods = _modules(bits, opaque=compiled)
     grant_mixes = {"one_grant_all_tasks": [PUBLIC_BIT | 7], "one_grant_one_task": [PUBLIC_BIT | 1],
                    "mixed_3_grants": [PUBLIC_BIT | 1, PUBLIC_BIT | 2, PUBLIC_BIT | 7]}
     out: dict = {}
+    floor: dict[str, float] = {}
     for dtype in (torch.float32, torch.bfloat16):
-        for tokens in (1, 16, 256):
-            x = torch.randn(tokens, 2 * size).to(dtype)
+        # vLLM builds the layer under the model's dtype, which is the keep table's
+        mods[1].guard_table_dtype = dtype
+        setattr(mods[1], NEURON_BITS_ATTR, bits)
+        fns_of: dict = {"eager": mods[0], "masked": mods[1]}
+        if compiled:
+            torch._dynamo.reset()  # guards are dropped: no graph of the other dtype may stay
+            names = ("compiled", "masked_compiled", "opaque_compiled", "fused_compiled")
+            for name, mod in zip(names, mods, strict=True):
+                fns_of[name] = _compile_like_vllm(mod)
+                warm = torch.randn(16, 2 * size, generator=gen).to(dtype)
+                torch._dynamo.mark_dynamic(warm, 0)  # vLLM's dynamic token dimension
+                STATE.fill([PUBLIC_BIT], np.array([16]))
+                fns_of[name](warm)
+            trivial = _compile_like_vllm(_Tiny())  # what any compiled call costs here
+            warm = torch.randn(16, 2, generator=gen).to(dtype)
+            torch._dynamo.mark_dynamic(warm, 0)
+            trivial(warm)
+            floor[str(dtype).removeprefix("torch.")] = statistics.median(
+                _cpu_us(lambda w=warm[:1], t=trivial: t(w), 2000) for _ in range(5))
+        for tokens in (1, 8, 16, 256):  # 8: FUSED_MAX_TOKENS, the branch's edge
+            x = torch.randn(tokens, 2 * size, generator=gen).to(dtype)
             for mix, per_request in grant_mixes.items():
                 if tokens < len(per_request):
                     continue
                 counts = np.full(len(per_request), tokens // len(per_request))
                 counts[-1] += tokens - counts.sum()
                 STATE.fill(per_request, counts)
-
-                def bench(fn) -> float:
-                    fn()
-                    s = time.perf_counter()
-                    for _ in range(repeats):
-                        fn()
-                    return (time.perf_counter() - s) / repeats * 1e6
-
-                fns = {"eager": lambda x=x: F.silu(x[:, :size]) * x[:, size:],
-                       "compiled": lambda x=x: native(x),
-                       "masked": lambda x=x: masked_silu_and_mul_torch(x, bits, buf)}
+                fns = {k: (lambda f=f, x=x: f(x)) for k, f in fns_of.items()}
+                ref = fns["masked"]()
+                for k in ("masked_compiled", "opaque_compiled", "fused_compiled"):
+                    if k in fns:  # the compiled forms compute what the eager one does
+                        torch.testing.assert_close(fns[k](), ref, msg=k)
+                calls = repeats or max(5, int(20_000 / max(_cpu_us(fns["eager"], 5), 1.0)))
                 times: dict[str, list[float]] = {k: [] for k in fns}
-                for _ in range(rounds):  # interleaved: drift hits all three alike
+                for _ in range(rounds):  # interleaved: drift hits all of them alike
                     for k, fn in fns.items():
-                        times[k].append(bench(fn))
-                row = {f"{k}_us": statistics.median(v) for k, v in times.items()}
-                for base in ("eager", "compiled"):
-                    r = [m / b for m, b in zip(times["masked"], times[base], strict=True)]
-                    row[f"ratio_vs_{base}"] = statistics.median(r)
-                    row[f"ratio_vs_{base}_range"] = [min(r), max(r)]
+                        fn()
+                        times[k].append(_cpu_us(fn, calls))
+                row: dict = {f"{k}_us": statistics.median(v) for k, v in times.items()}
+                pairs = [("masked", "eager", "eager")]
+                if compiled:
+                    pairs += [("masked_compiled", "compiled", "compiled"),
+                              ("opaque_compiled", "compiled", "compiled_opaque"),
+                              ("fused_compiled", "compiled", "compiled_fused")]
+                for mine, base, label in pairs:
+                    r = [m / b for m, b in zip(times[mine], times[base], strict=True)]
+                    row[f"ratio_vs_{label}"] = statistics.median(r)
+                    row[f"ratio_vs_{label}_range"] = [min(r), max(r)]
                 out[f"{str(dtype).removeprefix('torch.')}_t{tokens}_{mix}"] = row
-                print(f"  {dtype} t={tokens:<4} {mix:<20} masked {row['masked_us']:8.1f} us  "
-                      f"x{row['ratio_vs_eager']:.2f} eager  x{row['ratio_vs_compiled']:.2f} "
-                      "compiled", flush=True)
+                line = (f"  {str(dtype)[6:]:<8} t={tokens:<4} {mix:<20} eager: masked "
+                        f"{row['masked_us']:8.1f} us x{row['ratio_vs_eager']:.2f} "
+                        f"[{row['ratio_vs_eager_range'][0]:.2f}-"
+                        f"{row['ratio_vs_eager_range'][1]:.2f}]")
+                if compiled:
+                    line += (f" | compiled: masked {row['masked_compiled_us']:8.1f} us "
+                             f"x{row['ratio_vs_compiled']:.2f} "
+                             f"[{row['ratio_vs_compiled_range'][0]:.2f}-"
+                             f"{row['ratio_vs_compiled_range'][1]:.2f}]"
+                             f" (opaque x{row['ratio_vs_compiled_opaque']:.2f},"
+                             f" fused x{row['ratio_vs_compiled_fused']:.2f})")
+                print(line, flush=True)
     # The runner hook's per-step cost (grant buffer + plan), paid once per step, not per layer.
     step: dict[str, float] = {}
     for requests in (1, 16):
         per_request = [PUBLIC_BIT | (1 << (i % 3)) for i in range(requests)]
         counts = np.ones(requests, dtype=np.int64)
-        s = time.perf_counter()
-        for _ in range(repeats):
-            STATE.fill(per_request, counts)
-        step[f"decode_{requests}_requests_us"] = (time.perf_counter() - s) / repeats * 1e6
-    print(f"  runner hook per step: {step}", flush=True)
-    return {"intermediate_size": size, "threads": threads, "shapes": out, "step_hook": step}
+        step[f"decode_{requests}_requests_us"] = _cpu_us(
+            lambda p=per_request, c=counts: STATE.fill(p, c), 200)
+    print(f"  runner hook per step: {step}; compiled call floor (us): {floor}", flush=True)
+    return {"intermediate_size": size, "threads": threads, "timer": "thread CPU time",
+            "rounds": rounds, "shapes": out, "step_hook": step,
+            "compiled_call_floor_us": floor}
 
 
 def decrypt_timings(preset: str = "qwen2-0.5b-shape", rounds: int = 5) -> dict:

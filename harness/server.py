@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,6 +159,9 @@ class ServerSpec:
     guard: bool = True
     grants: str | None = None
     masking: str | None = None
+    # run once the process is started, before waiting for it to be ready (a module-level
+    # function, so equal specs stay equal)
+    after_start: Callable[[VllmServer], None] | None = None
 
     def server(self, log_dir: Path) -> VllmServer:
         return VllmServer(self.model, list(self.args), log_dir / f"{self.name}.log",
@@ -187,6 +191,8 @@ class ServerPool:
         srv = spec.server(self.log_dir).start()
         self._running[spec] = srv
         try:
+            if spec.after_start is not None:
+                spec.after_start(srv)
             return srv.wait_ready(timeout)
         except BaseException:
             self._running.pop(spec, None)

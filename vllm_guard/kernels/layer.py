@@ -3,20 +3,43 @@
 Registered with ``SiluAndMul.register_oot`` only when per-request grants are on, so every
 Llama/Qwen2/Mistral MLP builds this class instead. It overrides ``forward`` itself, which
 bypasses vLLM's CustomOp dispatch (forward_native/forward_cpu/forward_cuda and whether
-custom ops are enabled under the compile config): the opaque op runs in every mode.
+custom ops are enabled under the compile config), and picks the form by mode:
+- traced by torch.compile (vLLM's default): a multiply by the layer's keep table gathered
+  by each token's row, which Inductor fuses with ``silu * mul``; the table (made when the
+  loader attaches the neuron table) and the rows are filled in place by the runner hook and
+  read at run time every step (``GrantState.add_table``, ``masked_silu_and_mul_rows``);
+- eager (``--enforce-eager``): the planned torch path on CPU, the Triton kernel on GPUs,
+  called directly (no custom-op dispatch, which cost more than the masking at 1 token).
 """
 
 from __future__ import annotations
 
 import torch
 
-from vllm_guard.kernels.masked_silu import register_custom_op
+from vllm_guard.kernels.masked_silu import (
+    masked_silu_and_mul,
+    masked_silu_and_mul_compiled,
+    masked_silu_and_mul_rows,
+    register_custom_op,
+)
 from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
 from vllm_guard.runtime.grant_state import STATE
 
 DEFAULT_BUFFER_TOKENS = 8192
+KEEP_TABLE_ATTR = "guard_keep_table"  # the compiled form's per-layer keep table
 
 _registered = False
+
+
+def _table_rows() -> int:
+    """Rows of a keep table in compile mode (a step has at most one grant set per request,
+    plus the public row), 0 in eager mode, which does not use them."""
+    from vllm.config import CompilationMode, get_current_vllm_config_or_none
+
+    cfg = get_current_vllm_config_or_none()
+    if cfg is None or cfg.compilation_config.mode == CompilationMode.NONE:
+        return 0
+    return cfg.scheduler_config.max_num_seqs + 1
 
 
 def _buffer_tokens() -> int:
@@ -29,6 +52,33 @@ def _buffer_tokens() -> int:
     return max(sched.max_num_batched_tokens, sched.max_num_seqs, DEFAULT_BUFFER_TOKENS)
 
 
+class MaskedForward:
+    """The forward of the masked activation; a mixin so it is testable without vLLM's
+    ``SiluAndMul`` (the class using it must provide ``forward_native``)."""
+
+    guard_table_rows = 0  # > 0: compile mode; the keep table's rows
+    guard_table_dtype = torch.float32  # the activation dtype (vLLM's default while building)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if (name == NEURON_BITS_ATTR and isinstance(value, torch.Tensor)
+                and self.guard_table_rows):  # the loader attached a table: make its keep table
+            super().__setattr__(KEEP_TABLE_ATTR, STATE.add_table(
+                self, value, self.guard_table_rows, self.guard_table_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bits = getattr(self, NEURON_BITS_ATTR, None)
+        if bits is None:  # not a secneuron checkpoint: nothing to mask
+            return self.forward_native(x)  # type: ignore[attr-defined]
+        grants = getattr(self, GRANT_BUFFER_ATTR)
+        if torch.compiler.is_compiling():
+            table = getattr(self, KEEP_TABLE_ATTR, None)
+            if table is not None and STATE.rows is not None:
+                return masked_silu_and_mul_rows(x, table, STATE.rows)
+            return masked_silu_and_mul_compiled(x, bits, grants)
+        return masked_silu_and_mul(x, bits, grants)
+
+
 def register_masked_activation() -> None:
     global _registered
     if _registered:
@@ -37,20 +87,15 @@ def register_masked_activation() -> None:
 
     register_custom_op()
 
-    class GuardSiluAndMul(SiluAndMul):
-        """SiluAndMul that multiplies by ``(neuron_bits & grant[token]) != 0``."""
+    class GuardSiluAndMul(MaskedForward, SiluAndMul):
+        """SiluAndMul masked by ``(neuron_bits & grant[token]) != 0``."""
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             # Made under vLLM's target device; the loader moves it if needed (runtime/).
             setattr(self, GRANT_BUFFER_ATTR, STATE.ensure_buffer(_buffer_tokens()))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            bits = getattr(self, NEURON_BITS_ATTR, None)
-            if bits is None:  # not a secneuron checkpoint: nothing to mask
-                return self.forward_native(x)
-            grants = getattr(self, GRANT_BUFFER_ATTR)
-            return torch.ops.vllm.guard_masked_silu_and_mul(x, bits, grants)
+            self.guard_table_rows = _table_rows()
+            self.guard_table_dtype = torch.get_default_dtype()  # vLLM's model dtype here
 
     SiluAndMul.register_oot(GuardSiluAndMul)
     _registered = True

@@ -7,6 +7,9 @@ it directly. For the CPU path the hook also plans the step once (:class:`StepPla
 distinct grants and each token's row), so the N layers do no per-step analysis of their own;
 each layer keeps, per grant, which of its neurons it may use (:meth:`GrantState.keep_row`).
 Tokens of requests without a verified grant, and padding, get :data:`PUBLIC_BIT` only.
+For compiled graphs the hook also fills a second fixed buffer, each token's row into the
+layers' keep tables (row 0: public only), and rewrites those tables when the step's grant
+sets change (:meth:`GrantState.add_table`).
 """
 
 from __future__ import annotations
@@ -58,11 +61,19 @@ class GrantState:
         # kept while consecutive steps have the same grants and runs (decode), so a layer's
         # call is one dict lookup rather than a plan check and a cache lookup per grant.
         self.memo: StepMemo = {}
+        # The compiled form's inputs (kernels.masked_silu.masked_silu_and_mul_rows): each
+        # token's row into every layer's keep table (0: public only), and the tables.
+        self.rows: torch.Tensor | None = None
+        self._tables: list[tuple[weakref.ref, torch.Tensor, torch.Tensor]] = []
+        self._table_grants: tuple[int, ...] | None = None
+        self._table_versions: tuple[int, ...] = ()
+        self._rows_filled = 0
 
     def ensure_buffer(self, size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The grant buffer (made once: its identity is what compiled graphs capture)."""
         if self.buffer is None:
             self.buffer = torch.full((size,), PUBLIC_BIT, dtype=torch.int64, device=device)
+            self.rows = torch.zeros((size,), dtype=torch.int64, device=device)
         return self.buffer
 
     def place_buffer(self, device: torch.device) -> torch.Tensor:
@@ -73,6 +84,7 @@ class GrantState:
             raise RuntimeError("no grant buffer: the masked activation was never built")
         if self.buffer.device != device:
             self.buffer = self.buffer.to(device)
+            self.rows = self.rows.to(device) if self.rows is not None else None
         return self.buffer
 
     def bits_for(self, grant: str | None) -> int:
@@ -99,6 +111,42 @@ class GrantState:
         if old is None or plan.runs != old.runs or plan.grants != old.grants:
             self.memo.clear()
         self.plan = plan
+        if self._tables and self.rows is not None:
+            self._fill_rows(plan, n)
+
+    def add_table(self, owner: object, neuron_bits: torch.Tensor, rows: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+        """A keep table for the compiled form: ``dtype`` [rows, I], row 0 the public neurons,
+        rows 1.. the current step's grants (rewritten by :meth:`fill` when they change, or
+        when ``neuron_bits`` is rewritten in place). Made once per table, before any graph
+        is traced: its identity is what the graph holds."""
+        keep = self.keep_row(neuron_bits, PUBLIC_BIT, dtype)
+        table = torch.empty((rows, neuron_bits.shape[0]), dtype=dtype,
+                            device=neuron_bits.device)
+        table[:] = 1 if keep is None else keep  # default deny until a step says otherwise
+        self._tables = [t for t in self._tables if t[0]() not in (None, owner)]
+        self._tables.append((weakref.ref(owner), neuron_bits, table))
+        self._table_grants = None
+        return table
+
+    def _fill_rows(self, plan: StepPlan, n: int) -> None:
+        rows = self.rows
+        assert rows is not None
+        rows[:n].copy_(plan.rows + 1, non_blocking=True)
+        if self._rows_filled > n:
+            rows[n:self._rows_filled].zero_()  # padding: public neurons only
+        self._rows_filled = n
+        versions = tuple(bits._version for _, bits, _ in self._tables)
+        if plan.grants == self._table_grants and versions == self._table_versions:
+            return  # decode: same grants as the last step, tables as they are
+        for _, bits, table in self._tables:
+            if len(plan.grants) + 1 > table.shape[0]:
+                raise RuntimeError(f"{len(plan.grants)} grant sets in a step, keep tables "
+                                   f"hold {table.shape[0] - 1}")
+            for i, grant in enumerate((PUBLIC_BIT, *plan.grants)):
+                keep = self.keep_row(bits, grant, table.dtype)
+                table[i] = 1 if keep is None else keep
+        self._table_grants, self._table_versions = plan.grants, versions
 
     def step_plan(self, tokens: int, grants: torch.Tensor) -> tuple[StepPlan, StepMemo | None]:
         """The plan for a layer call over ``tokens`` tokens reading ``grants``, and

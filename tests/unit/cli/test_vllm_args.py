@@ -74,3 +74,17 @@ def test_a_repeated_load_format_exits_2_in_one_line(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text("{}")
     line = refused("serve", tmp_path, "--load-format", "secneuron", "--load_format", "auto")
     assert "--load-format is given more than once" in line, line
+
+
+@pytest.mark.parametrize("form", [
+    ["--api-server-count", "2"], ["--api-server-count=2"], ["--api_server_count", "4"],
+    ["-asc", "2"], ["-asc=2"], ["--api-server-c", "2"],
+])
+def test_more_than_one_api_process_is_refused_not_ignored(tmp_path, form):
+    """vLLM's api_server module (what serve runs) starts one API process whatever
+    ``--api-server-count`` says: the soak (issue #32 item 14) found 2 silently served by 1."""
+    from vllm_guard.cli.serve import server_argv
+
+    with pytest.raises(GuardError, match="api-server-count|spell out"):
+        server_argv([str(tmp_path), *form])
+    assert "--api-server-count" in server_argv([str(tmp_path), "--api-server-count", "1"])

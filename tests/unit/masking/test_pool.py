@@ -15,7 +15,7 @@ import pytest
 
 from vllm_guard.masking.config import MaskingConfig
 from vllm_guard.masking.detection.detector import build_detector
-from vllm_guard.masking.pool import DetectorPool
+from vllm_guard.masking.pool import DetectionFailed, DetectorPool
 
 ALICE = "alice.private@example.com 078-05-1120 " * 20_000  # ~1 MB: the worker is busy a while
 BOB = "bob@example.org"
@@ -118,3 +118,75 @@ def test_detection_stops_at_the_first_window_past_the_limit():
     assert Names.calls == 1
     Names.calls = 0
     assert len(analyse(Names(), [text[:WINDOW]], [True], [], limit=10_000)[0].spans) > 4000
+
+
+# --- a detector worker that dies (killed, crashed) (issue #32 item 14, the soak) -------------
+
+# The worker protocol (length-prefixed JSON frames) without Presidio, which takes 10-20 s to
+# import per worker on a busy machine. The first worker to see "busy" takes its marker file
+# and holds the request for a minute; the next one answers at once. "crash" kills any worker.
+FAKE_WORKER = """
+import json, os, struct, sys, time
+FRAME = struct.Struct("!Q")
+def send(doc):
+    data = json.dumps(doc).encode()
+    sys.stdout.buffer.write(FRAME.pack(len(data)) + data)
+    sys.stdout.buffer.flush()
+send({"ready": True})
+while len(head := sys.stdin.buffer.read(FRAME.size)) == FRAME.size:
+    req = json.loads(sys.stdin.buffer.read(FRAME.unpack(head)[0]))
+    if req["texts"][0] == "crash":
+        os._exit(1)
+    if req["texts"][0] == "busy" and os.path.exists(sys.argv[1]):
+        os.remove(sys.argv[1])
+        time.sleep(60)
+    send({"results": [{"text": t, "spans": [[0, len(t), "EMAIL_ADDRESS"]]}
+                      for t in req["texts"]]})
+"""
+
+
+def test_a_dead_worker_is_replaced_without_failing_a_request(tmp_path, monkeypatch):
+    """The soak killed one detector worker under load and the request it was serving got a
+    503: detection is tried once more on a fresh worker when the worker exited without a
+    reply (idle when it died, or mid-request). Nothing is forwarded unmasked either way."""
+    import subprocess
+    import sys
+
+    from vllm_guard.masking import pool as pool_module
+
+    script, marker = tmp_path / "fake_worker.py", tmp_path / "busy-once"
+    script.write_text(FAKE_WORKER)
+    marker.touch()
+
+    def fake_init(self, config_path: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(script), str(marker)],
+                                     stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+        self.ready = False
+
+    monkeypatch.setattr(pool_module._Worker, "__init__", fake_init)
+    pool = DetectorPool(None, "unused.json", 1, 30)  # one worker: the dead one is the only one
+
+    async def scenario() -> tuple[list, list]:
+        await pool.analyse(["warm up"], [True], [])
+        pool._idle[0].kill()  # dies while idle: the next request must not pay for it
+        first = await pool.analyse([BOB], [True], [])
+        busy = pool._idle[0]
+        task = asyncio.create_task(pool.analyse(["busy"], [True], []))
+        while marker.exists():  # until the worker holds the request
+            await asyncio.sleep(0.05)
+        busy.proc.kill()  # dies mid-request
+        second = await asyncio.wait_for(task, 20)  # the retry is answered at once
+        assert pool._idle[0] is not busy
+        # a body that kills every worker is tried twice, then refused (fail closed)
+        with pytest.raises(DetectionFailed):
+            await pool.analyse(["crash"], [True], [])
+        assert (await pool.analyse([BOB], [True], []))[0].text == BOB  # and the pool serves on
+        return first, second
+
+    try:
+        first, second = asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert [(a.text, [s.entity for s in a.spans]) for a in first] == [(BOB, ["EMAIL_ADDRESS"])]
+    assert [a.text for a in second] == ["busy"]

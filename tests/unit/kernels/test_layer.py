@@ -1,0 +1,203 @@
+"""The masked activation's forward under torch.compile, compiled as vLLM compiles it (whole
+graph, every guard dropped): the grant buffer must be a graph input read at run time, so an
+in-place update between two calls of an already compiled graph changes what it masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vllm_guard.kernels.layer as layer
+from vllm_guard.kernels.layer import KEEP_TABLE_ATTR, MaskedForward
+from vllm_guard.kernels.masked_silu import FUSED_MAX_TOKENS, register_custom_op
+from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR, PUBLIC_BIT
+from vllm_guard.runtime.grant_state import GrantState
+
+D = 24  # neurons; 8 belong to task 1 only, 8 to task 2 only, 8 are public
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _opaque_op() -> None:
+    register_custom_op()  # the compiled form's branch above FUSED_MAX_TOKENS
+
+
+class Act(MaskedForward, nn.Module):
+    """The real forward (kernels.layer.MaskedForward) on a plain module."""
+
+    @staticmethod
+    def forward_native(x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.silu(x[..., :d]) * x[..., d:]
+
+
+class PythonReadAct(Act):
+    """The wrong way: the step's grant read in Python while tracing (what a plan or a cached
+    keep row looked up in Python amounts to). Traced once, the value is baked in."""
+
+    state: GrantState
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grant = self.state.plan.grants[0]
+        keep = (getattr(self, NEURON_BITS_ATTR) & grant) != 0
+        return torch.where(keep, self.forward_native(x), 0)
+
+
+def _table() -> torch.Tensor:
+    bits = torch.full((D,), -1, dtype=torch.int64)
+    bits[:8], bits[8:16] = 1, 2
+    return bits
+
+
+def _reference(x: torch.Tensor, bits: torch.Tensor, grants: torch.Tensor) -> torch.Tensor:
+    keep = (bits & grants[: x.shape[0], None]) != 0
+    return torch.where(keep, Act.forward_native(x), 0)
+
+
+def _compile_like_vllm(module: nn.Module, backend) -> nn.Module:  # noqa: ANN001
+    return torch.compile(module, fullgraph=True, dynamic=False, backend=backend,
+                         options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+
+
+def _follows_buffer(cls: type[Act], backend, monkeypatch, tables: int = 0,  # noqa: ANN001
+                    dtype=torch.float32) -> bool:
+    """Compile once with task 1 granted, then grant task 2 (buffer updated in place, as the
+    runner hook does): does the compiled graph mask by the new grant? ``tables``: rows of
+    the keep tables (the form vLLM's compile mode gets); 0: the bit-test form."""
+    import numpy as np
+
+    torch._dynamo.reset()
+    state = GrantState()
+    monkeypatch.setattr(layer, "STATE", state)
+    buf = state.ensure_buffer(64)
+    act = cls()
+    act.state = state
+    act.guard_table_rows, act.guard_table_dtype = tables, dtype
+    setattr(act, NEURON_BITS_ATTR, _table())
+    assert hasattr(act, KEEP_TABLE_ATTR) == bool(tables)
+    setattr(act, GRANT_BUFFER_ATTR, buf)
+    compiled = _compile_like_vllm(act, backend)
+    gen = torch.Generator().manual_seed(0)
+    follows = True
+    big = FUSED_MAX_TOKENS + 4  # the opaque branch; the others the fused one
+    steps = [([PUBLIC_BIT | 1], [3]), ([PUBLIC_BIT | 2], [3]), ([PUBLIC_BIT], [5]),
+             ([PUBLIC_BIT | 1], [big]), ([PUBLIC_BIT | 2], [big]), ([PUBLIC_BIT | 3], [2]),
+             ([PUBLIC_BIT | 1, PUBLIC_BIT, PUBLIC_BIT | 2], [2, 1, 3]),  # mixed steps
+             ([PUBLIC_BIT | 2, PUBLIC_BIT | 1], [1, big])]
+    for grants, counts in steps:
+        state.fill(grants, np.array(counts))
+        tokens = sum(counts)
+        x = torch.randn(tokens, 2 * D, generator=gen).to(dtype)
+        torch._dynamo.mark_dynamic(x, 0)  # vLLM's dynamic token dimension
+        out = compiled(x)
+        ref = _reference(x, getattr(act, NEURON_BITS_ATTR), buf)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        follows &= torch.equal(out == 0, ref == 0) and torch.allclose(
+            out.float(), ref.float(), rtol=tol, atol=tol)
+    return follows
+
+
+@pytest.mark.parametrize("tables", [17, 0])  # keep tables (compile mode), the bit test
+def test_compiled_forward_follows_in_place_grant_updates_and_python_read_would_not(
+        tables, monkeypatch):
+    assert _follows_buffer(Act, "inductor", monkeypatch, tables)
+    assert _follows_buffer(Act, "inductor", monkeypatch, tables, torch.bfloat16)
+    # The check can fail: a Python-level read of the grant is baked into the graph.
+    assert not _follows_buffer(PythonReadAct, "inductor", monkeypatch, tables)
+
+
+def test_keep_tables_follow_a_table_rewritten_in_place(monkeypatch):
+    """The loader may rewrite a neuron table in place (same identity): the keep table the
+    compiled graph holds must follow at the next step even with the same grants."""
+    import numpy as np
+
+    state = GrantState()
+    monkeypatch.setattr(layer, "STATE", state)
+    state.ensure_buffer(16)
+    act = Act()
+    act.guard_table_rows = 4
+    setattr(act, NEURON_BITS_ATTR, _table())
+    keep = getattr(act, KEEP_TABLE_ATTR)
+    state.fill([PUBLIC_BIT | 1], np.array([2]))
+    assert keep[1, :8].eq(1).all() and keep[1, 8:16].eq(0).all()
+    getattr(act, NEURON_BITS_ATTR)[:8] = 2  # task 1's neurons now task 2's
+    state.fill([PUBLIC_BIT | 1], np.array([2]))
+    assert keep[1, :16].eq(0).all() and keep[0, :16].eq(0).all() and keep[:, 16:].eq(1).all()
+    assert state.rows[:3].tolist() == [1, 1, 0]  # padding: the public row
+    with pytest.raises(RuntimeError, match="grant sets in a step"):
+        state.fill([PUBLIC_BIT | i for i in range(1, 5)], np.array([1] * 4))
+
+
+def test_keep_table_and_rows_are_graph_inputs_not_constants(monkeypatch):
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list):  # noqa: ANN202
+        graphs.append(gm)
+        return gm.forward
+
+    assert _follows_buffer(Act, record, monkeypatch, tables=9)
+    gm, = graphs  # one graph, compiled once for every token count
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    assert any(KEEP_TABLE_ATTR in n for n in placeholders), placeholders
+    assert any("rows" in n for n in placeholders), placeholders
+    assert not [n for n in gm.graph.nodes if n.op == "get_attr"], "a tensor was baked in"
+
+
+def test_grant_buffer_and_neuron_table_are_graph_inputs_not_constants(monkeypatch):
+    """The fallback form (no keep table): the bit test on the grant buffer."""
+    graphs: list[tuple[torch.fx.GraphModule, list]] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list):  # noqa: ANN202
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    assert _follows_buffer(Act, record, monkeypatch)
+    (gm, _), = graphs  # one graph, compiled once for every token count
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    assert any(GRANT_BUFFER_ATTR in n for n in placeholders), placeholders
+    assert any(NEURON_BITS_ATTR in n for n in placeholders), placeholders
+    baked = [n.target for n in gm.graph.nodes if n.op == "get_attr"
+             and not isinstance(getattr(gm, n.target), torch.fx.GraphModule)]
+    assert not baked, f"tensors baked in: {baked}"
+    fused, opaque = (getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr")
+    assert "where" in fused.code and "masked_silu" not in fused.code  # Inductor fuses it
+    assert "guard_masked_silu_and_mul" in opaque.code
+
+
+@pytest.mark.parametrize("tables", [5, 0])
+def test_compiled_fp16_closed_neuron_reads_zero_even_when_activation_is_inf(tables,
+                                                                            monkeypatch):
+    import numpy as np
+
+    torch._dynamo.reset()
+    state = GrantState()
+    monkeypatch.setattr(layer, "STATE", state)
+    buf = state.ensure_buffer(64)
+    act = Act()
+    act.guard_table_rows, act.guard_table_dtype = tables, torch.float16
+    setattr(act, NEURON_BITS_ATTR, _table())
+    setattr(act, GRANT_BUFFER_ATTR, buf)
+    compiled = _compile_like_vllm(act, "inductor")
+    for tokens in (2, FUSED_MAX_TOKENS + 2, 1):  # both branches of the bit-test form
+        state.fill([PUBLIC_BIT | 1], np.array([tokens]))
+        x = torch.full((tokens, 2 * D), 300.0, dtype=torch.float16)  # 300 * 300 overflows
+        torch._dynamo.mark_dynamic(x, 0)
+        out = compiled(x)
+        assert torch.isinf(out[:, :8]).all()  # task 1: open (and overflowed)
+        assert torch.count_nonzero(out[:, 8:16]) == 0  # task 2: closed, exactly 0, not NaN
+        assert torch.isinf(out[:, 16:]).all()  # public
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_eager_forward_masks_and_is_native_when_all_granted(dtype):
+    act = Act()
+    x = torch.randn(5, 2 * D).to(dtype)
+    assert torch.equal(act(x), Act.forward_native(x))  # no table: not a secneuron model
+    setattr(act, NEURON_BITS_ATTR, _table())
+    setattr(act, GRANT_BUFFER_ATTR, torch.full((8,), PUBLIC_BIT | 2, dtype=torch.int64))
+    out = act(x)
+    assert torch.count_nonzero(out[:, :8]) == 0
+    torch.testing.assert_close(out[:, 8:], Act.forward_native(x)[:, 8:])
+    setattr(act, GRANT_BUFFER_ATTR, torch.full((8,), -1, dtype=torch.int64))
+    assert torch.equal(act(x), Act.forward_native(x))
