@@ -87,14 +87,15 @@ class TensorEntry:
 
 
 def safetensors_layout(buf: torch.Tensor, path: Path | str,
-                       wait: Callable[[int], None] = lambda end: None
-                       ) -> tuple[list[TensorEntry], dict[str, str]]:
-    """Entries (by offset) and header metadata of a safetensors file held in ``buf``.
+                       wait: Callable[[int], None] = lambda end: None,
+                       size: int | None = None) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Entries (by offset) and header metadata of a safetensors file held in ``buf`` (or,
+    with ``size``, of a file of that size whose header ``buf`` holds).
     ``wait(end)`` is called before bytes ``[0, end)`` are read (streamed verification)."""
-    total = buf.numel()
+    total = buf.numel() if size is None else size
     wait(min(8, total))
     n = int.from_bytes(bytes(buf[:8].numpy()), "little") if total >= 8 else -1
-    if n < 0 or 8 + n > total:
+    if n < 0 or 8 + n > total or 8 + n > buf.numel():
         raise ManifestError(f"{path}: not a safetensors file (bad header length)")
     wait(8 + n)
     try:
