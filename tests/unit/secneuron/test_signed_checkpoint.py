@@ -143,7 +143,7 @@ def run_loader(model_dir: Path, keydir: Path, tasks=TASKS, **extra) -> dict[str,
     finally:
         logging.getLogger(LOG_ROOT).removeHandler(log)
         GRANT_STATE.task_bits = saved
-    return plaintext_order(model.got, read_manifest(model_dir))
+    return plaintext_order(model.got, read_manifest(extra.get("checkpoint", model_dir)))
 
 
 def plaintext_order(tensors: dict[str, torch.Tensor], manifest: Manifest
