@@ -104,8 +104,8 @@ def decrypt_in_place(
         with loader_pool(workers) as pool:
             done = list(pool.map(decrypt, opened.items()))
     for name, blocks in zero.items():
-        for start, count in blocks:
-            tensors[name].narrow(axes[name], start, count).zero_()
+        for first, count in blocks:
+            tensors[name].narrow(axes[name], first, count).zero_()
 
     return OpenReport(
         tasks=sorted(tasks),
