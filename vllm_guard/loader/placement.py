@@ -40,6 +40,7 @@ class _Capture(TorchDispatchMode):
                            if p.numel()}  # empty tensors share no memory: nothing to place
         self.plan = Placement()
         self.taken: list[tuple[int, int, str]] = []
+        self.placed: dict[int, str] = {}  # storage of a destination -> a name placed there
 
     def _probe(self, t: object) -> str | None:
         if isinstance(t, torch.Tensor) and t.device.type == "cpu":
@@ -62,7 +63,15 @@ class _Capture(TorchDispatchMode):
                 name = self._probe(t)
                 if name is not None:
                     self._refuse(f"{name}: the loader computes with it ({func})")
+                placed = self._placed(t)
+                if placed is not None:  # e.g. scaled after the copy: the file's bytes
+                    self._refuse(f"{placed}: the loader changes it after copying ({func})")
         return func(*args, **kwargs)
+
+    def _placed(self, t: object) -> str | None:
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and self.placed:
+            return self.placed.get(t.untyped_storage().data_ptr())
+        return None
 
     def _place(self, name: str, dst: torch.Tensor, src: torch.Tensor) -> None:
         probe = self.probes[name]
@@ -81,6 +90,7 @@ class _Capture(TorchDispatchMode):
             if a < hi and lo < b:
                 return self._refuse(f"{name} and {other} go to the same memory")
         self.taken.append((lo, hi, name))
+        self.placed[dst.untyped_storage().data_ptr()] = name
         self.plan.dest[name] = dst.detach()
 
 
@@ -99,4 +109,7 @@ def capture_placement(model: nn.Module,
     held = sorted(n for ptr, n in mode.by_storage.items() if ptr in kept)
     if held:  # e.g. ``param.data = loaded_weight``: no copy_ to see
         mode._refuse(f"{held[0]}: the model keeps the tensor itself")
+    gone = sorted(n for ptr, n in mode.placed.items() if ptr not in kept)
+    if gone:  # the parameter copied into was replaced afterwards: its memory is unused
+        mode._refuse(f"{gone[0]}: the model no longer holds the memory it was copied into")
     return mode.plan

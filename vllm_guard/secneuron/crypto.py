@@ -249,7 +249,7 @@ def read_block(fd: int, view: memoryview, offset: int) -> int:
 
 
 def block_digest(data: memoryview | bytes) -> str:
-    """BLAKE3 (hex, 32 bytes) of one block of a weight file, as format 5 and later manifests sign it.
+    """BLAKE3 (hex, 32 bytes) of one block of a weight file, as manifests since format 5 sign it.
     One thread per block (blocks already spread over the loader pool); the GIL is released
     while it hashes. BLAKE3 runs about 2.5x SHA-256's speed per core (SHA-NI included)."""
     return blake3.blake3(data, max_threads=1).hexdigest()

@@ -122,8 +122,23 @@ def test_placement_refuses_anything_but_one_plain_copy(locked):  # noqa: F811
                     self.params[key] = torch.nn.Parameter(w, requires_grad=False)
             return set()
 
+    class ScaledAfter(CopyingModel):
+        def load_weights(self, weights):
+            done = super().load_weights(weights)
+            next(iter(self.params.values())).data.mul_(2)
+            return done
+
+    class Replaced(CopyingModel):
+        def load_weights(self, weights):
+            done = super().load_weights(weights)
+            key = next(iter(self.params))
+            self.params[key] = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+            return done
+
     for cls, why in ((Converting, "computes with it"), (Twice, "copied twice"),
-                     (Keeping, "keeps the tensor itself"), (RecordingModel, "computes")):
+                     (Keeping, "keeps the tensor itself"), (RecordingModel, "computes"),
+                     (ScaledAfter, "changes it after copying"),
+                     (Replaced, "no longer holds the memory")):
         model = cls(shapes) if cls is not RecordingModel else cls()
         plan = capture_placement(model, tensors)
         assert plan.refused and why in plan.refused, (cls, plan.refused)
