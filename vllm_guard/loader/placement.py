@@ -69,9 +69,13 @@ class _Capture(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def _placed(self, t: object) -> str | None:
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and self.placed:
-            return self.placed.get(t.untyped_storage().data_ptr())
-        return None
+        """The placed tensor whose bytes ``t`` covers, if any (vocab padding rows beside a
+        placed embedding are filled after the copy: the same storage, other bytes)."""
+        if not (isinstance(t, torch.Tensor) and t.device.type == "cpu" and self.taken
+                and t.untyped_storage().data_ptr() in self.placed):
+            return None
+        lo, hi = _span(t)
+        return next((name for a, b, name in self.taken if a < hi and lo < b), None)
 
     def _place(self, name: str, dst: torch.Tensor, src: torch.Tensor) -> None:
         probe = self.probes[name]
@@ -92,6 +96,18 @@ class _Capture(TorchDispatchMode):
         self.taken.append((lo, hi, name))
         self.placed[dst.untyped_storage().data_ptr()] = name
         self.plan.dest[name] = dst.detach()
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses ``t`` reads or writes."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    es = t.element_size()
+    lo = t.data_ptr() + es * sum(min(0, (n - 1) * st) for n, st in zip(t.shape, t.stride(),
+                                                                        strict=True))
+    hi = t.data_ptr() + es * (1 + sum(max(0, (n - 1) * st) for n, st in
+                                      zip(t.shape, t.stride(), strict=True)))
+    return lo, hi
 
 
 def capture_placement(model: nn.Module,

@@ -135,7 +135,31 @@ def test_placement_refuses_anything_but_one_plain_copy(locked):  # noqa: F811
             self.params[key] = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
             return done
 
-    for cls, why in ((Converting, "computes with it"), (Twice, "copied twice"),
+    class Padded(CopyingModel):  # vLLM's vocab embeddings zero their padding rows after
+        def load_weights(self, weights):
+            done = super().load_weights(weights)
+            p = self.params["model_embed_tokens_weight"]
+            extra = torch.nn.Parameter(torch.ones(p.shape[0] + 3, *p.shape[1:]).to(p.dtype),
+                                       requires_grad=False)
+            self.params["model_embed_tokens_weight"] = extra
+            return done
+
+    class Fills(CopyingModel):
+        def __init__(self, shapes):
+            super().__init__(shapes)
+            p = self.params["model_embed_tokens_weight"]
+            self.params["model_embed_tokens_weight"] = torch.nn.Parameter(
+                torch.ones(p.shape[0] + 3, *p.shape[1:]).to(p.dtype), requires_grad=False)
+
+        def load_weights(self, weights):
+            done = super().load_weights(weights)
+            self.params["model_embed_tokens_weight"].data[-3:].fill_(0)
+            return done
+
+    plan = capture_placement(Fills(shapes), tensors)
+    assert plan.refused is None, plan.refused  # other bytes of the same parameter
+    for cls, why in ((Padded, "no longer holds"), (Converting, "computes with it"),
+                     (Twice, "copied twice"),
                      (Keeping, "keeps the tensor itself"), (RecordingModel, "computes"),
                      (ScaledAfter, "changes it after copying"),
                      (Replaced, "no longer holds the memory")):
