@@ -1,8 +1,12 @@
 """Locking: policy tree + in-place encryption of a plaintext checkpoint.
 
-Data path: selection -> policy tree -> per-group data key -> chunked AES-256-GCM of each
-group's gate/up rows and down columns -> files written -> SHA-256 of every file + wrapped
-data keys -> manifest (signed, version 1).
+Data path: selection -> policy tree -> per layer, a permutation of the FFN neurons that makes
+each group one block of consecutive positions (:func:`plan_blocks`; the model computes the
+same function) -> per-group data key -> chunked AES-256-GCM of each group's gate/up rows and
+down columns, and of a sealed capability's q/k/v rows and o_proj columns (its heads, already
+one block per group: ``secneuron/capability.py``), where they lie -> files written -> SHA-256
+and block BLAKE3 of every file + wrapped data keys + the permutation -> manifest (signed,
+format 6).
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from tqdm import tqdm
 from vllm_guard.atomic import atomic_output_dir
 from vllm_guard.errors import KeyFileError, ManifestError
 from vllm_guard.secneuron.checkpoint import (
-    GroupSlab,
     attention_tensors,
+    block_bytes,
     copy_side_files,
     dtype_name,
     ffn_layout,
     load_checkpoint,
+    permute_neurons,
     save_checkpoint,
     slice_tensors,
 )
@@ -37,6 +42,7 @@ from vllm_guard.secneuron.manifest import (
     Manifest,
     Slice,
     index_digest,
+    plan_blocks,
     read_manifest,
     wrap_binding,
     write_manifest,
@@ -94,6 +100,7 @@ def lock_checkpoint(
     groups = policy_tree(selection)
     manifest = Manifest(ckpt_id, {t: i for i, t in enumerate(selection.tasks)}, layers, groups,
                         key_ids={t: keys[t].key_id for t in selection.tasks})
+    manifest.check_attention()  # sealed heads adjacent: refused before any encryption
     data_keys = {g.id: new_data_key() for g in groups}
     for group in groups:
         manifest.wraps[group.id] = {
@@ -103,12 +110,23 @@ def lock_checkpoint(
         }
     for layer in tqdm(sorted(layers), desc="encrypting layers", disable=not progress):
         members = [g for g in groups if layer in g.neurons]
-        for name, axis in slice_tensors(layers[layer]) if members else ():
-            _encrypt(ckpt, name, axis, layer, members, data_keys, ckpt_id, chunk_bytes)
+        if members:
+            # each group's neurons become one block: decrypted where they lie, no gather
+            starts = plan_blocks(layers[layer].intermediate_size,
+                                 [g.neurons[layer] for g in members])
+            for g, start in zip(members, starts, strict=True):
+                g.selected[layer] = g.neurons[layer]
+                g.neurons[layer] = list(range(start, start + len(g.selected[layer])))
+            perm = manifest.permutation(layer)
+            for name, axis in slice_tensors(layers[layer]):
+                permute_neurons(ckpt.tensors[name], axis, perm)
+                _encrypt(ckpt, name, axis, layer, members, data_keys, ckpt_id, chunk_bytes)
+        # sealed heads: not permuted (checked one block per group above), encrypted in place
         owners = [g for g in groups if g.attn.get(layer)]
         for name, axis in attention_tensors(layers[layer]) if owners else ():
             _encrypt(ckpt, name, axis, layer, owners, data_keys, ckpt_id, chunk_bytes)
     data_keys.clear()
+    manifest.check_layout()
     with atomic_output_dir(out_dir) as tmp:
         save_checkpoint(ckpt, tmp)
         copy_side_files(ckpt.root, tmp, skip_manifest=True)
@@ -122,13 +140,11 @@ def lock_checkpoint(
 
 def _encrypt(ckpt, name: str, axis: int, layer: int, members: list, data_keys: dict[str, bytes],
              ckpt_id: str, chunk_bytes: int) -> None:
-    """Encrypt each member group's indices of one tensor in place (one gather, one scatter)."""
+    """Encrypt each member group's block of one tensor where it lies."""
     t = ckpt.tensors[name]
-    probe = Slice(name, ckpt.files[name], layer, axis, dtype_name(t), list(t.shape), [])
-    slab = GroupSlab(t, axis, [g.indices(probe) for g in members])
-    for i, g in enumerate(members):
+    for g in members:
         sl = Slice(name, ckpt.files[name], layer, axis, dtype_name(t), list(t.shape), [])
         binding = sl.binding(ckpt_id, g.id, index_digest(g.indices(sl)))
-        sl.chunks = encrypt_in_place(data_keys[g.id], slab.bytes_of(i), binding, chunk_bytes)
+        sl.chunks = encrypt_in_place(data_keys[g.id], block_bytes(t, axis, *g.span(sl)),
+                                     binding, chunk_bytes)
         g.slices.append(sl)
-    slab.write_back()

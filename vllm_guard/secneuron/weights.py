@@ -32,6 +32,7 @@ from vllm_guard.secneuron.checkpoint import (
     slice_tensors,
 )
 from vllm_guard.secneuron.detector import scan_layer
+from vllm_guard.secneuron.direct import Shard, open_shard, read_in_place
 from vllm_guard.secneuron.files import weight_files
 from vllm_guard.secneuron.manifest import Manifest, is_attention
 from vllm_guard.secneuron.open import OpenReport, decrypt_in_place
@@ -45,14 +46,7 @@ def stream_weights(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
                    stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs for ``model.load_weights``: plaintext public weights, FFN layers
     decrypted/zeroed and passed by the detector. A bad hash, tag or verdict raises."""
-    served = sorted(g.id for g in manifest.groups if g.attn and g.id in data_keys)
-    if served:
-        # Per-request grants mask FFN neurons only: opened heads would answer every request.
-        raise ManifestError(
-            f"groups {served} seal attention heads (a sealed capability) and a key given to "
-            "the server opens them: serving a sealed capability needs per-request head masks, "
-            "which are not built yet (issue #35). Serve without that task's key, or unlock "
-            "offline")
+    refuse_open_heads(manifest, data_keys)
     if config.verify_weights:
         return _stream_verified(root, manifest, data_keys, config, stats)
     return _stream_mmap(root, manifest, data_keys, config, stats, stack)
@@ -122,6 +116,56 @@ def layer_tensors(manifest: Manifest) -> dict[int, list[str]]:
     return {layer: [n for n, _ in slice_tensors(info)]
             + ([n for n, _ in attention_tensors(info)] if layer in sealed else [])
             for layer, info in manifest.layers.items()}
+
+
+def refuse_open_heads(manifest: Manifest, data_keys: dict[str, bytes]) -> None:
+    """Per-request grants mask FFN neurons only: opened heads would answer every request."""
+    served = sorted(g.id for g in manifest.groups if g.attn and g.id in data_keys)
+    if served:
+        raise ManifestError(
+            f"groups {served} seal attention heads (a sealed capability) and a key given to "
+            "the server opens them: serving a sealed capability needs per-request head masks, "
+            "which are not built yet (issue #35). Serve without that task's key, or unlock "
+            "offline")
+
+
+def open_shards(root: Path, manifest: Manifest) -> list[Shard]:
+    """Every signed weight file, open, its header read once (see :mod:`.direct`)."""
+    shards: list[Shard] = []
+    try:
+        for name in weight_files(manifest):
+            shards.append(open_shard(root, name, manifest.files[name]))
+    except BaseException:
+        for s in shards:
+            s.close()
+        raise
+    return shards
+
+
+def load_in_place(shards: list[Shard], manifest: Manifest, data_keys: dict[str, bytes],
+                  config: SecNeuronLoadConfig, stats: OpenReport,
+                  dest: dict[str, torch.Tensor]) -> None:
+    """One copy: every tensor read from its file straight into ``dest`` (the model's own
+    memory), each block hashed there (``verify_weights``); then each FFN layer (with a
+    sealed capability's attention projections) decrypted and zeroed where it lies and
+    passed by the detector, on pool threads. Raises before returning if any block, tag or
+    verdict fails: the caller must not serve then."""
+    refuse_open_heads(manifest, data_keys)
+    per_layer = layer_tensors(manifest)
+    missing = sorted({n for names in per_layer.values() for n in names} - set(dest))
+    if missing:
+        raise ManifestError(f"checkpoint has no tensor {missing[0]} named in the manifest")
+    stats.bytes_verified += read_in_place(shards, manifest.files, dest, config.workers,
+                                          config.verify_weights)
+    workers = config.workers or min(os.cpu_count() or 1, 8)
+    with loader_pool(workers) as pool:
+        layers = [pool.submit(_open_layer, layer, {n: dest[n] for n in per_layer[layer]},
+                              manifest, data_keys, config)
+                  for layer in sorted(manifest.layers)]
+        for f in layers:
+            _, rep = f.result()
+            stats.bytes_decrypted += rep.bytes_decrypted
+            stats.seconds += rep.seconds
 
 
 def _missing_ffn(manifest: Manifest, seen: set[str]) -> ManifestError:
