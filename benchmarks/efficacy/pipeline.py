@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import vllm_guard.capability as capability
 from benchmarks.efficacy.dp import DpConfig, train_dp
 from benchmarks.efficacy.scoring import accuracy, auroc, auroc_interval, score_answers
 from harness.cache import cache_key, cached_build
@@ -40,8 +39,8 @@ from harness.efficacy_suite import (
     public_config,
     write_jsonl,
 )
-from vllm_guard.capability import SealConfig, seal_capability, strip_capabilities
 from vllm_guard.errors import GuardError
+from vllm_guard.secneuron.capability import SealConfig, seal_capability, strip_capabilities
 from vllm_guard.secneuron.extract import ExtractConfig, extract
 from vllm_guard.secneuron.keys import KeyDir, load_public_key
 from vllm_guard.secneuron.lock import lock_checkpoint
@@ -58,7 +57,7 @@ MAX_PII_EXTRACTION = 0.01
 MIA_BAND = (0.45, 0.55)
 # What a lock-aware model depends on: the suite (its data) and this module (which assembles
 # the training data); a DP model also on dp.py; a run's workspace on the whole package.
-TRAINED_SOURCES = (*SOURCES, Path(__file__), Path(capability.__file__))
+TRAINED_SOURCES = (*SOURCES, Path(__file__))  # SOURCES holds secneuron/ (capability.py)
 DP_SOURCES = (*TRAINED_SOURCES, Path(__file__).with_name("dp.py"))
 RUN_SOURCES = (*SOURCES, Path(__file__).parent)
 

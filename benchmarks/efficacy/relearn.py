@@ -38,7 +38,7 @@ from benchmarks.efficacy.pipeline import (
     run_root,
 )
 from harness.efficacy_suite import SUITE_PRESETS, EfficacySuite, multitask_model
-from vllm_guard.capability import strip_capabilities
+from vllm_guard.secneuron.capability import strip_capabilities
 from vllm_guard.secneuron.examples import Example
 from vllm_guard.secneuron.extract import ExtractConfig, extract
 from vllm_guard.secneuron.selection import Selection

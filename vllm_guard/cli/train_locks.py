@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _seal_capability(args: argparse.Namespace, data: dict) -> int:
-    from vllm_guard.capability import SealConfig, seal_capability
+    from vllm_guard.secneuron.capability import SealConfig, seal_capability
 
     task = args.seal_capability
     if task not in data:

@@ -11,7 +11,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from vllm_guard.capability import (
+from vllm_guard.errors import ManifestError
+from vllm_guard.secneuron.capability import (
     CAPABILITIES_NAME,
     Owned,
     capabilities_json,
@@ -22,7 +23,6 @@ from vllm_guard.capability import (
     strip_capabilities,
     widen,
 )
-from vllm_guard.errors import ManifestError
 from vllm_guard.secneuron.keys import load_public_key, load_signing_key, load_task_key
 from vllm_guard.secneuron.lock import lock_checkpoint
 from vllm_guard.secneuron.manifest import read_locked_manifest
@@ -31,7 +31,12 @@ from vllm_guard.secneuron.options import SecNeuronLoadConfig
 from vllm_guard.secneuron.preflight import open_data_keys
 from vllm_guard.secneuron.rekey import revoke_task, rotate_task_key
 from vllm_guard.secneuron.unlock import unlock_checkpoint
-from vllm_guard.secneuron.weights import layer_tensors, stream_weights
+from vllm_guard.secneuron.weights import (
+    layer_tensors,
+    load_in_place,
+    open_shards,
+    stream_weights,
+)
 
 TASK = "reverse"
 HEADS, NEURONS = 2, 8
@@ -184,3 +189,77 @@ def test_loader_holds_attention_until_opened_and_refuses_to_serve_open_heads(
         weights = dict(stream_weights(locked, manifest, {}, SecNeuronLoadConfig(), stats,
                                       stack))
     assert torch.all(weights["model.layers.0.self_attn.q_proj.weight"][32:] == 0)
+
+
+def _open_in_place(locked: Path, data_keys: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    """The one-copy path: every tensor read into memory of its own, opened there."""
+    manifest = read_locked_manifest(locked)
+    shards = open_shards(locked, manifest)
+    try:
+        dest = {e.name: torch.full(e.shape, 7.0).to(e.dtype) for s in shards for e in s.entries}
+        load_in_place(shards, manifest, data_keys, SecNeuronLoadConfig(),
+                      OpenReport([], [], [], 0, 0.0, {}), dest)
+    finally:
+        for s in shards:
+            s.close()
+    return dest
+
+
+def test_one_copy_path_zeroes_the_heads_and_refuses_to_open_them(locked_capability, keydir):
+    _plain, locked, _caps, _ = locked_capability
+    manifest = read_locked_manifest(locked)
+    with ExitStack() as stack:
+        streamed = dict(stream_weights(locked, manifest, {}, SecNeuronLoadConfig(),
+                                       OpenReport([], [], [], 0, 0.0, {}), stack))
+    placed = _open_in_place(locked, {})
+    assert streamed.keys() == placed.keys()
+    assert all(torch.equal(placed[k], streamed[k]) for k in streamed)
+    assert torch.all(placed["model.layers.1.self_attn.o_proj.weight"][:, 32:] == 0)
+    assert placed["model.layers.1.self_attn.o_proj.weight"][:, :32].abs().sum() > 0
+    data_keys = open_data_keys(manifest, {TASK: load_task_key(keydir / f"{TASK}.key")})
+    with pytest.raises(ManifestError, match="per-request head masks"):
+        _open_in_place(locked, data_keys)
+
+
+def test_scattered_neurons_are_permuted_into_a_block_beside_the_heads(keydir, tmp_path):
+    """Format 6 with a sealed capability: its FFN neurons become one block (signed
+    permutation), its heads stay where they are; unlock gives the plaintext back with the
+    key and exactly the capability-less model without it."""
+    model, caps, head_dim = _sealed(_public())
+    owned = {i: Owned((2, 3), (5, 17, *range(64, 64 + NEURONS - 2))) for i in range(2)}
+    caps = {TASK: owned}
+    plain = tmp_path / "plain"
+    model.save_pretrained(plain, safe_serialization=True)
+    (plain / CAPABILITIES_NAME).write_text(capabilities_json(caps))
+    locked = tmp_path / "locked"
+    key = load_task_key(keydir / f"{TASK}.key")
+    lock_checkpoint(plain, capability_selection(caps, head_dim), {TASK: key}, locked,
+                    load_signing_key(keydir / "publisher.pem"), chunk_bytes=512, progress=False)
+    manifest = read_locked_manifest(locked)
+    (g,) = manifest.groups
+    assert g.selected[0] == [5, 17, *range(64, 70)] and g.neurons[0] == list(range(5, 13))
+    assert g.attn[0] == list(range(32, 64))
+    pub = load_public_key(keydir / "publisher.pub")
+    unlock_checkpoint(locked, {TASK: key}, tmp_path / "open", pub)
+    opened, ref = _weights(tmp_path / "open"), _weights(plain)
+    assert all(torch.equal(opened[k], ref[k]) for k in ref)
+    unlock_checkpoint(locked, {}, tmp_path / "none", pub)
+    strip_capabilities(plain, [TASK], tmp_path / "stripped")
+    got, want = _weights(tmp_path / "none"), _weights(tmp_path / "stripped")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    placed = _open_in_place(locked, {})
+    down = placed["model.layers.0.mlp.down_proj.weight"]
+    assert torch.all(down[:, 5:13] == 0) and torch.all(down[:, :5] != 0)
+
+
+def test_lock_refuses_heads_that_are_not_one_block(keydir, tmp_path):
+    model, caps, head_dim = _sealed(_public())
+    plain = tmp_path / "plain"
+    model.save_pretrained(plain, safe_serialization=True)
+    selection = capability_selection(caps, head_dim)
+    selection.attn[0][TASK] = [*range(0, 16), *range(32, 48)]  # heads 0 and 2: not adjacent
+    with pytest.raises(ManifestError, match="not one block"):
+        lock_checkpoint(plain, selection, {TASK: load_task_key(keydir / f"{TASK}.key")},
+                        tmp_path / "locked", load_signing_key(keydir / "publisher.pem"),
+                        progress=False)
+    assert not (tmp_path / "locked").exists()
