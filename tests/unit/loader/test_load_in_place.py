@@ -12,6 +12,9 @@ import torch
 from safetensors.torch import load_file
 from vllm.config.load import LoadConfig
 
+import vllm_guard.loader.secneuron_loader as adapter
+from tests.unit.secneuron.test_capability import TASK as SEALED_TASK
+from tests.unit.secneuron.test_capability import locked_capability  # noqa: F401
 from tests.unit.secneuron.test_signed_checkpoint import (  # noqa: F401
     RecordingModel,
     copy,
@@ -20,7 +23,7 @@ from tests.unit.secneuron.test_signed_checkpoint import (  # noqa: F401
     tensor_offset,
 )
 from tests.unit.secneuron.test_toolchain import TASKS
-from vllm_guard.errors import DecryptionError
+from vllm_guard.errors import DecryptionError, ManifestError
 from vllm_guard.loader.placement import capture_placement
 from vllm_guard.loader.secneuron_loader import SecNeuronModelLoader
 from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
@@ -194,3 +197,37 @@ def test_tampered_block_refused_before_use_in_place(locked, keydir, tmp_path):  
     write_manifest(manifest, bad2)
     with pytest.raises(DecryptionError, match=f"tensor {sl.tensor}, group {g.id}, chunk 0"):
         load(bad2, keydir, CopyingModel(shapes_of(locked)))
+
+
+def test_sealed_capability_loads_in_place_without_its_key(locked_capability, keydir,  # noqa: F811
+                                                          monkeypatch):
+    """Sealed capability (#35), one-copy path: without the task's key the heads and neurons it
+    placed are zero; with it the load is refused (no per-request head masks yet)."""
+    _plain, sealed, _caps, _ = locked_capability
+
+    def no_stream(*_a, **_k):
+        raise AssertionError("fell back to the stream: the one-copy path was not taken")
+
+    monkeypatch.setattr(adapter, "stream_weights", no_stream)
+
+    def load_sealed(keys: list[str]) -> CopyingModel:
+        model = CopyingModel(shapes_of(sealed))
+        loader = SecNeuronModelLoader(LoadConfig(load_format="secneuron",
+                                                 model_loader_extra_config={
+                                                     "keys": keys, "publisher_key":
+                                                     str(keydir / "publisher.pub")}))
+        saved = dict(GRANT_STATE.task_bits)
+        try:
+            loader.load_weights(model, SimpleNamespace(model=str(sealed)))
+        finally:
+            GRANT_STATE.task_bits = saved
+        return model
+
+    model = load_sealed([])
+    o = model.tensor("model.layers.0.self_attn.o_proj.weight", 32)
+    assert torch.all(o[:, 32:] == 0) and o[:, :32].abs().sum() > 0
+    assert torch.all(model.tensor("model.layers.0.self_attn.v_proj.weight", 64)[32:] == 0)
+    down = model.tensor("model.layers.1.mlp.down_proj.weight", 32)
+    assert torch.all(down[:, 64:] == 0) and down[:, :64].abs().sum() > 0
+    with pytest.raises(ManifestError, match="per-request head masks"):
+        load_sealed([str(keydir / f"{SEALED_TASK}.key")])

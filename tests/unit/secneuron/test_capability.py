@@ -191,13 +191,14 @@ def test_loader_holds_attention_until_opened_and_refuses_to_serve_open_heads(
     assert torch.all(weights["model.layers.0.self_attn.q_proj.weight"][32:] == 0)
 
 
-def _open_in_place(locked: Path, data_keys: dict[str, bytes]) -> dict[str, torch.Tensor]:
+def _open_in_place(locked: Path, data_keys: dict[str, bytes],
+                   config: SecNeuronLoadConfig | None = None) -> dict[str, torch.Tensor]:
     """The one-copy path: every tensor read into memory of its own, opened there."""
     manifest = read_locked_manifest(locked)
     shards = open_shards(locked, manifest)
     try:
         dest = {e.name: torch.full(e.shape, 7.0).to(e.dtype) for s in shards for e in s.entries}
-        load_in_place(shards, manifest, data_keys, SecNeuronLoadConfig(),
+        load_in_place(shards, manifest, data_keys, config or SecNeuronLoadConfig(),
                       OpenReport([], [], [], 0, 0.0, {}), dest)
     finally:
         for s in shards:
@@ -205,20 +206,23 @@ def _open_in_place(locked: Path, data_keys: dict[str, bytes]) -> dict[str, torch
     return dest
 
 
-def test_one_copy_path_zeroes_the_heads_and_refuses_to_open_them(locked_capability, keydir):
+@pytest.mark.parametrize("verify", [True, False])
+def test_one_copy_path_zeroes_the_heads_and_refuses_to_open_them(locked_capability, keydir,
+                                                                 verify):
     _plain, locked, _caps, _ = locked_capability
     manifest = read_locked_manifest(locked)
-    with ExitStack() as stack:
-        streamed = dict(stream_weights(locked, manifest, {}, SecNeuronLoadConfig(),
+    config = SecNeuronLoadConfig(verify_weights=verify)
+    with ExitStack() as stack:  # the stream (verified, or mapped without hashing)
+        streamed = dict(stream_weights(locked, manifest, {}, config,
                                        OpenReport([], [], [], 0, 0.0, {}), stack))
-    placed = _open_in_place(locked, {})
+    placed = _open_in_place(locked, {}, config)
     assert streamed.keys() == placed.keys()
     assert all(torch.equal(placed[k], streamed[k]) for k in streamed)
     assert torch.all(placed["model.layers.1.self_attn.o_proj.weight"][:, 32:] == 0)
     assert placed["model.layers.1.self_attn.o_proj.weight"][:, :32].abs().sum() > 0
     data_keys = open_data_keys(manifest, {TASK: load_task_key(keydir / f"{TASK}.key")})
     with pytest.raises(ManifestError, match="per-request head masks"):
-        _open_in_place(locked, data_keys)
+        _open_in_place(locked, data_keys, config)
 
 
 def test_scattered_neurons_are_permuted_into_a_block_beside_the_heads(keydir, tmp_path):
@@ -263,3 +267,4 @@ def test_lock_refuses_heads_that_are_not_one_block(keydir, tmp_path):
                         tmp_path / "locked", load_signing_key(keydir / "publisher.pem"),
                         progress=False)
     assert not (tmp_path / "locked").exists()
+
