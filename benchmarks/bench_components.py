@@ -378,7 +378,7 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 0, rounds: i
 
 def decrypt_timings(preset: str = "qwen2-0.5b-shape", rounds: int = 5) -> dict:
     """Decryption of every opened slice of a locked copy of the preset model, in memory, on
-    one thread (GB/s of encrypted bytes, gather + decrypt + scatter): the loader's own work."""
+    one thread (GB/s of encrypted bytes, decrypted in place): the loader's own work."""
     import shutil
     import tempfile
     from pathlib import Path

@@ -3,7 +3,7 @@
 python -m benchmarks.bench_crypto [--preset qwen2-0.5b-shape] [--fraction 0.1]
 Prints and writes benchmarks/results/crypto.json, per AEAD chunk size: lock time (model
 GB/s and encrypted GB/s, end to end: read, encrypt, write, hash), and decryption GB/s of
-encrypted bytes (in memory, gather + decrypt + scatter) on 1 and 2 threads (per core = 1t).
+encrypted bytes (in memory, decrypted where each block lies) on 1 and 2 threads (per core = 1t).
 """
 
 from __future__ import annotations

@@ -7,13 +7,14 @@ from pathlib import Path
 
 
 def locked_neurons(locked: Path, granted: list[str]) -> dict[int, list[int]]:
-    """Per layer, the neurons no granted task opens (read from the signed manifest)."""
+    """Per layer, the plaintext model's neurons no granted task opens (the signed manifest's
+    ``selected``: its ``neurons`` are positions in the permuted, locked model)."""
     from vllm_guard.secneuron.manifest import read_manifest
 
     out: dict[int, list[int]] = {}
     for g in read_manifest(locked).groups:
         if not set(g.policy) & set(granted):
-            for layer, idx in g.neurons.items():
+            for layer, idx in g.selected.items():
                 out.setdefault(layer, []).extend(idx)
     return out
 

@@ -19,17 +19,19 @@ from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from vllm_guard.errors import GuardError, ManifestError
+from vllm_guard.loader.placement import capture_placement
 from vllm_guard.log import get_logger
 from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
 from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
-from vllm_guard.secneuron.files import check_copy
+from vllm_guard.secneuron.files import check_copy, weight_files
 from vllm_guard.secneuron.neuron_bits import neuron_bits
 from vllm_guard.secneuron.open import OpenReport, layer_counts
 from vllm_guard.secneuron.options import SecNeuronLoadConfig
 from vllm_guard.secneuron.preflight import open_for_serving
-from vllm_guard.secneuron.weights import stream_weights
+from vllm_guard.secneuron.weights import load_in_place, open_shards, stream_weights
 
 logger = get_logger(__name__)
+_NOT_PLACED = object()  # the model's loaders do more than a plain copy: stream instead
 
 
 
@@ -159,14 +161,38 @@ class SecNeuronModelLoader(BaseModelLoader):
         stats = OpenReport(sorted(keys), sorted(data_keys),
                            [g.id for g in manifest.groups if g.id not in data_keys], 0, 0.0,
                            layer_counts(manifest, data_keys))
-        with ExitStack() as stack:
-            weights = stream_weights(root, manifest, data_keys, self.config, stats, stack)
-            loaded = model.load_weights(weights)
+        loaded = self._load_in_place(model, root, manifest, data_keys, stats)
+        if loaded is _NOT_PLACED:
+            with ExitStack() as stack:
+                weights = stream_weights(root, manifest, data_keys, self.config, stats, stack)
+                loaded = model.load_weights(weights)
         if isinstance(loaded, set):
             missing = {n for n, _ in model.named_parameters()} - loaded
             if missing:
                 raise ManifestError(f"checkpoint lacks weights for {sorted(missing)[:5]}")
         return stats, manifest
+
+    def _load_in_place(self, model: nn.Module, root: Path, manifest, data_keys: dict,
+                       stats: OpenReport) -> object:
+        """One copy: each tensor read from its file straight into the parameter vLLM would
+        copy it into, hashed and decrypted there. ``_NOT_PLACED`` when the model's weight
+        loaders do more than a plain copy (then the stream and ``load_weights`` as before)."""
+        if self.config.verify_weights and not all(manifest.files[n].blocks
+                                                  for n in weight_files(manifest)):
+            return _NOT_PLACED  # hand-made whole-file digests: checked by the stream
+        shards = open_shards(root, manifest)
+        try:
+            plan = capture_placement(model, [(e.name, e.dtype, e.shape)
+                                             for s in shards for e in s.entries])
+            if plan.refused:
+                logger.info("vllm-guard secneuron: loading through load_weights (%s)",
+                            plan.refused)
+                return _NOT_PLACED
+            load_in_place(shards, manifest, data_keys, self.config, stats, plan.dest)
+            return plan.loaded
+        finally:
+            for s in shards:
+                s.close()
 
     @staticmethod
     def _log(report: OpenReport, attached: int) -> None:

@@ -11,7 +11,6 @@ import mmap
 import os
 import re
 import shutil
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,14 +87,15 @@ class TensorEntry:
 
 
 def safetensors_layout(buf: torch.Tensor, path: Path | str,
-                       wait: Callable[[int], None] = lambda end: None
-                       ) -> tuple[list[TensorEntry], dict[str, str]]:
-    """Entries (by offset) and header metadata of a safetensors file held in ``buf``.
+                       wait: Callable[[int], None] = lambda end: None,
+                       size: int | None = None) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Entries (by offset) and header metadata of a safetensors file held in ``buf`` (or,
+    with ``size``, of a file of that size whose header ``buf`` holds).
     ``wait(end)`` is called before bytes ``[0, end)`` are read (streamed verification)."""
-    total = buf.numel()
+    total = buf.numel() if size is None else size
     wait(min(8, total))
     n = int.from_bytes(bytes(buf[:8].numpy()), "little") if total >= 8 else -1
-    if n < 0 or 8 + n > total:
+    if n < 0 or 8 + n > total or 8 + n > buf.numel():
         raise ManifestError(f"{path}: not a safetensors file (bad header length)")
     wait(8 + n)
     try:
@@ -211,72 +211,38 @@ def scatter_neurons(t: torch.Tensor, axis: int, idx: torch.Tensor, sel: torch.Te
         t.index_copy_(axis, idx, sel)
 
 
-_slab_scratch = threading.local()
+def block_bytes(t: torch.Tensor, axis: int, start: int, count: int) -> np.ndarray:
+    """Neurons ``[start, start + count)`` of ``t`` as uint8, where they lie (no copy): gate/up
+    rows are one contiguous run; ``down_proj`` columns ``[H, k]`` rows of contiguous bytes,
+    read row-major (the same byte order as :func:`gather_neurons`)."""
+    if not t.is_contiguous():
+        raise ManifestError(f"tensor of shape {list(t.shape)} is not contiguous")
+    if start < 0 or start + count > t.shape[axis]:
+        raise ManifestError(f"neurons [{start}, {start + count}) outside [0, {t.shape[axis]}) "
+                            f"for a tensor of shape {list(t.shape)}")
+    part = t.narrow(axis, start, count).view(torch.uint8)
+    return part.reshape(-1).numpy() if axis == 0 else part.numpy()
 
 
-def _scratch(nbytes: int) -> np.ndarray:
-    """This thread's reusable, pre-faulted scratch memory (fresh pages cost more than the
-    gather itself on this project's VMs)."""
-    buf = getattr(_slab_scratch, "buf", None)
-    if buf is None or len(buf) < nbytes:
-        buf = _slab_scratch.buf = private_buffer(max(nbytes, 2 * len(buf) if buf is not None
-                                                     else nbytes))
-    return buf[:nbytes]
-
-
-class GroupSlab:
-    """Several groups' neurons of one tensor, gathered in one pass; each group's bytes are
-    contiguous (``bytes_of``) in the layout of :func:`gather_neurons` for that group alone.
-
-    Rows (axis 0) are contiguous per group as gathered. Columns (axis 1) are gathered once
-    as ``[H, k_all]`` and each group's ``[H, k]`` block is staged beside it. Everything lives
-    in the thread's scratch memory: one slab per thread at a time, until ``write_back``.
-    """
-
-    def __init__(self, t: torch.Tensor, axis: int, groups: list[list[int]]):
-        self.t, self.axis = t, axis
-        self.idx = torch.tensor([n for g in groups for n in g], dtype=torch.long)
-        shape = list(t.shape)
-        shape[axis] = len(self.idx)
-        n = int(np.prod(shape)) * t.element_size()
-        staged = axis == 1 and len(groups) > 1
-        mem = torch.from_numpy(_scratch(2 * n if staged else n))
-        self.sel = mem[:n].view(t.dtype).reshape(shape)
-        if len(self.idx) and (int(self.idx.min()) < 0 or int(self.idx.max()) >= t.shape[axis]):
-            raise ManifestError(f"neuron index outside [0, {t.shape[axis]}) for a tensor of "
-                                f"shape {list(t.shape)}")
-        if t.is_contiguous():  # "clip" (bounds checked above): "raise" buffers ``out``, 2.7x
-            np.take(_as_numpy(t), self.idx.numpy(), axis=axis, out=_as_numpy(self.sel),
-                    mode="clip")
-        else:
-            torch.index_select(t, axis, self.idx, out=self.sel)
-        self._parts: list[torch.Tensor] = []
-        start, pos = 0, n
-        for g in groups:
-            part = self.sel.narrow(axis, start, len(g))
-            if staged:
-                size = part.numel() * t.element_size()
-                part = mem[pos:pos + size].view(t.dtype).reshape(part.shape).copy_(part)
-                pos += size
-            self._parts.append(part)
-            start += len(g)
-
-    @property
-    def nbytes(self) -> int:
-        return self.sel.numel() * self.sel.element_size()
-
-    def bytes_of(self, i: int) -> np.ndarray:
-        """Group ``i``'s bytes as a writable flat uint8 array (edits land in the slab)."""
-        return self._parts[i].view(torch.uint8).reshape(-1).numpy()
-
-    def write_back(self) -> None:
-        start = 0
-        for part in self._parts:
-            block = self.sel.narrow(self.axis, start, part.shape[self.axis])
-            if block.data_ptr() != part.data_ptr():
-                block.copy_(part)
-            start += part.shape[self.axis]
-        scatter_neurons(self.t, self.axis, self.idx, self.sel)
+def permute_neurons(t: torch.Tensor, axis: int, perm: np.ndarray, inverse: bool = False
+                    ) -> None:
+    """In place: position ``p`` gets plaintext neuron ``perm[p]`` (``inverse``: back). Only
+    the neurons that move are copied."""
+    moved = np.flatnonzero(perm != np.arange(len(perm)))
+    if not len(moved):
+        return
+    if axis == 1 and t.is_contiguous():
+        # numpy's column take runs ~3x torch's index_put on columns (measured, one core)
+        cols = _as_numpy(t)
+        cols[...] = np.take(cols, np.argsort(perm) if inverse else perm, axis=1, mode="clip")
+        return
+    dst, src = torch.from_numpy(moved), torch.from_numpy(perm[moved])
+    if inverse:
+        dst, src = src, dst
+    if axis == 0:
+        t[dst] = t[src]  # the right side is a gathered copy: no overlap hazard
+    else:
+        t[:, dst] = t[:, src]
 
 
 def save_checkpoint(ckpt: Checkpoint, out_dir: Path) -> None:

@@ -15,11 +15,13 @@ import hmac
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import blake3
 import numpy as np
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vllm_guard.aead import NONCE_BYTES, TAG_BYTES, seal, unseal
@@ -66,18 +68,77 @@ def chunk_aad(binding: dict, index: int, count: int) -> bytes:
     return canonical({**binding, "chunk": index, "chunks": count})
 
 
+def _gcm(key: bytes, nonce: bytes, tag: bytes | None = None):
+    """A streaming AES-256-GCM context (``update_into`` in place: no tag-append copy and no
+    fresh buffer per chunk, unlike the one-shot AEAD API)."""
+    mode = modes.GCM(nonce) if tag is None else modes.GCM(nonce, tag)
+    cipher = Cipher(algorithms.AES(key), mode)
+    return cipher.encryptor() if tag is None else cipher.decryptor()
+
+
+_stage = threading.local()
+
+
+def _staging(nbytes: int) -> np.ndarray:
+    """This thread's reusable, pre-faulted staging memory (cache-sized: one chunk's rows)."""
+    buf = getattr(_stage, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _stage.buf = np.empty(max(nbytes, DEFAULT_CHUNK_BYTES + (64 << 10)), np.uint8)
+    return buf[:nbytes]
+
+
+def _each_chunk(buf: np.ndarray, lengths: list[int],
+                fn: Callable[[int, memoryview], None]) -> None:
+    """``fn(i, part)`` on chunk ``i`` of the row-major byte stream of ``buf``, in place.
+
+    ``buf`` is uint8, contiguous (gate/up rows of a group: worked on where it lies) or 2-D
+    with contiguous rows (down_proj columns of a group: ``[H, k]``, one row segment per
+    hidden row). Strided chunks are staged through a cache-sized per-thread buffer (their
+    rows copied out and back): one AEAD call per segment costs ~1 us and ran at 0.06-0.74
+    GB/s for 32-972 byte segments, the staged copy at 11-23 GB/s (measured, one core)."""
+    if buf.flags.c_contiguous:
+        view = memoryview(buf.reshape(-1))
+        off = 0
+        for i, n in enumerate(lengths):
+            fn(i, view[off:off + n])
+            off += n
+        return
+    width = buf.shape[1]
+    off = 0
+    for i, n in enumerate(lengths):
+        r0, r1 = off // width, -(-(off + n) // width)
+        rows = _staging((r1 - r0) * width).reshape(r1 - r0, width)
+        np.copyto(rows, buf[r0:r1])
+        skip = off - r0 * width
+        fn(i, memoryview(rows.reshape(-1))[skip:skip + n])
+        np.copyto(buf[r0:r1], rows)
+        off += n
+
+
+def _check_stream(buf: np.ndarray) -> None:
+    if buf.dtype != np.uint8 or buf.ndim not in (1, 2) or (
+            buf.ndim == 2 and buf.strides[1] != 1 and buf.size):
+        raise ValueError("expected uint8 bytes: contiguous, or rows of contiguous bytes")
+
+
 def encrypt_in_place(key: bytes, buf: np.ndarray, binding: dict, chunk_bytes: int) -> list[Chunk]:
-    """Encrypt the flat uint8 array ``buf`` in place, chunk by chunk; return nonces and tags."""
-    aead = AESGCM(key)
-    view = memoryview(buf).cast("B")
-    count = max(1, -(-len(view) // chunk_bytes))
-    chunks = []
-    for i in range(count):
-        part = view[i * chunk_bytes:(i + 1) * chunk_bytes]
+    """Encrypt ``buf`` (uint8: contiguous, or 2-D with contiguous rows, taken row-major) in
+    place, chunk by chunk; return nonces and tags."""
+    _check_stream(buf)
+    total = buf.size
+    count = max(1, -(-total // chunk_bytes))
+    lengths = [min(chunk_bytes, total - i * chunk_bytes) for i in range(count)]
+    chunks: list[Chunk] = []
+
+    def seal_part(i: int, part: memoryview) -> None:
         nonce = os.urandom(NONCE_BYTES)
-        sealed = aead.encrypt(nonce, part, chunk_aad(binding, i, count))
-        part[:] = sealed[:-TAG_BYTES]
-        chunks.append(Chunk(nonce, sealed[-TAG_BYTES:], len(part)))
+        ctx = _gcm(key, nonce)
+        ctx.authenticate_additional_data(chunk_aad(binding, i, count))
+        ctx.update_into(part, part)
+        ctx.finalize()
+        chunks.append(Chunk(nonce, ctx.tag, len(part)))
+
+    _each_chunk(buf, lengths, seal_part)
     return chunks
 
 
@@ -87,7 +148,8 @@ _scratch = threading.local()
 def decrypt_chunk_in_place(
     aead: AESGCM, part: memoryview, chunk: Chunk, aad: bytes, what: str
 ) -> None:
-    """Authenticate and decrypt one chunk into its own memory. ``what`` names it in errors."""
+    """Authenticate and decrypt one chunk into its own memory with the one-shot AEAD API
+    (a reference for tests; the loader streams, :func:`decrypt_chunks_in_place`)."""
     if len(part) != chunk.length:
         raise DecryptionError(f"{what}: chunk length {len(part)} != manifest {chunk.length}")
     need = chunk.length + TAG_BYTES
@@ -98,7 +160,6 @@ def decrypt_chunk_in_place(
     sealed[:chunk.length] = part
     sealed[chunk.length:] = chunk.tag
     try:
-        # decrypt_into avoids a fresh allocation per chunk (5-10x faster than decrypt()).
         aead.decrypt_into(chunk.nonce, sealed, aad, part)
     except InvalidTag:
         raise DecryptionError(f"{what}: authentication failed (tampered ciphertext, "
@@ -106,23 +167,35 @@ def decrypt_chunk_in_place(
 
 
 def check_chunks_cover(buf: np.ndarray, chunks: list[Chunk], what: str) -> None:
-    """The chunk lengths must add up to the flat uint8 array ``buf``: no byte left out."""
-    if sum(c.length for c in chunks) != memoryview(buf).nbytes:
+    """The chunk lengths must add up to the uint8 array ``buf``: no byte left out."""
+    if sum(c.length for c in chunks) != buf.size:
         raise ManifestError(f"{what}: chunk lengths do not cover the slice")
 
 
 def decrypt_chunks_in_place(key: bytes, buf: np.ndarray, chunks: list[Chunk], binding: dict,
                             what: str) -> None:
-    """Authenticate and decrypt, in place, a flat uint8 array :func:`encrypt_in_place`
-    encrypted (its ``chunks``, the same ``binding``). ``what`` names it in errors."""
+    """Authenticate and decrypt, in place, what :func:`encrypt_in_place` encrypted (its
+    ``chunks``, the same ``binding``). ``what`` names it in errors.
+
+    GCM is streamed: a chunk's plaintext lies in ``buf`` before its tag is checked; on a
+    bad tag this raises and the caller discards ``buf`` (nothing downstream sees it)."""
+    _check_stream(buf)
     check_chunks_cover(buf, chunks, what)
-    aead = AESGCM(key)
-    view = memoryview(buf).cast("B")
-    offset = 0
-    for i, chunk in enumerate(chunks):
-        decrypt_chunk_in_place(aead, view[offset:offset + chunk.length], chunk,
-                               chunk_aad(binding, i, len(chunks)), f"{what}, chunk {i}")
-        offset += chunk.length
+
+    def open_part(i: int, part: memoryview) -> None:
+        chunk = chunks[i]
+        if len(chunk.tag) != TAG_BYTES or len(chunk.nonce) != NONCE_BYTES:
+            raise DecryptionError(f"{what}, chunk {i}: bad nonce or tag length in the manifest")
+        ctx = _gcm(key, chunk.nonce, chunk.tag)
+        ctx.authenticate_additional_data(chunk_aad(binding, i, len(chunks)))
+        ctx.update_into(part, part)
+        try:
+            ctx.finalize()
+        except InvalidTag:
+            raise DecryptionError(f"{what}, chunk {i}: authentication failed (tampered "
+                                  "ciphertext, reordered chunk or edited manifest)") from None
+
+    _each_chunk(buf, [c.length for c in chunks], open_part)
 
 
 def wrap_data_key(task_key: bytes, data_key: bytes, binding: dict) -> dict:
@@ -176,7 +249,7 @@ def read_block(fd: int, view: memoryview, offset: int) -> int:
 
 
 def block_digest(data: memoryview | bytes) -> str:
-    """BLAKE3 (hex, 32 bytes) of one block of a weight file, as format 5 manifests sign it.
+    """BLAKE3 (hex, 32 bytes) of one block of a weight file, as manifests since format 5 sign it.
     One thread per block (blocks already spread over the loader pool); the GIL is released
     while it hashes. BLAKE3 runs about 2.5x SHA-256's speed per core (SHA-NI included)."""
     return blake3.blake3(data, max_threads=1).hexdigest()

@@ -1,8 +1,10 @@
 """Locking: policy tree + in-place encryption of a plaintext checkpoint.
 
-Data path: selection -> policy tree -> per-group data key -> chunked AES-256-GCM of each
-group's gate/up rows and down columns -> files written -> SHA-256 of every file + wrapped
-data keys -> manifest (signed, version 1).
+Data path: selection -> policy tree -> per layer, a permutation of the FFN neurons that makes
+each group one block of consecutive positions (:func:`plan_blocks`; the model computes the
+same function) -> per-group data key -> chunked AES-256-GCM of each group's gate/up rows and
+down columns, where they lie -> files written -> SHA-256 and block BLAKE3 of every file +
+wrapped data keys + the permutation -> manifest (signed, version 1).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from tqdm import tqdm
 from vllm_guard.atomic import atomic_output_dir
 from vllm_guard.errors import KeyFileError, ManifestError
 from vllm_guard.secneuron.checkpoint import (
-    GroupSlab,
+    block_bytes,
     copy_side_files,
     dtype_name,
     ffn_layout,
     load_checkpoint,
+    permute_neurons,
     save_checkpoint,
     slice_tensors,
 )
@@ -36,6 +39,7 @@ from vllm_guard.secneuron.manifest import (
     Manifest,
     Slice,
     index_digest,
+    plan_blocks,
     read_manifest,
     wrap_binding,
     write_manifest,
@@ -91,17 +95,24 @@ def lock_checkpoint(
         members = [g for g in groups if layer in g.neurons]
         if not members:
             continue
+        # each group's neurons become one block: decrypted where they lie, no gather
+        starts = plan_blocks(layers[layer].intermediate_size,
+                             [g.neurons[layer] for g in members])
+        for g, start in zip(members, starts, strict=True):
+            g.selected[layer] = g.neurons[layer]
+            g.neurons[layer] = list(range(start, start + len(g.selected[layer])))
+        perm = manifest.permutation(layer)
         for name, axis in slice_tensors(layers[layer]):
             t = ckpt.tensors[name]
-            slab = GroupSlab(t, axis, [g.neurons[layer] for g in members])  # one gather
-            for i, g in enumerate(members):
+            permute_neurons(t, axis, perm)
+            for g in members:
                 sl = Slice(name, ckpt.files[name], layer, axis, dtype_name(t), list(t.shape), [])
                 binding = sl.binding(ckpt_id, g.id, index_digest(g.neurons[layer]))
-                sl.chunks = encrypt_in_place(data_keys[g.id], slab.bytes_of(i), binding,
-                                             chunk_bytes)
+                sl.chunks = encrypt_in_place(data_keys[g.id], block_bytes(t, axis, *g.block(layer)),
+                                             binding, chunk_bytes)
                 g.slices.append(sl)
-            slab.write_back()
     data_keys.clear()
+    manifest.check_layout()
     with atomic_output_dir(out_dir) as tmp:
         save_checkpoint(ckpt, tmp)
         copy_side_files(ckpt.root, tmp, skip_manifest=True)

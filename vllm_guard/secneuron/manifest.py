@@ -30,13 +30,16 @@ from vllm_guard.secneuron.crypto import Chunk, b64, canonical, unb64
 MANIFEST_NAME = "guard_manifest.json"
 MANIFEST_TMP = "guard_manifest.tmp"  # write_manifest's staging file
 FORMAT = "vllm-guard-secneuron"
-FORMAT_VERSION = 5  # 1: unsigned key ring, no file hashes; 2: key wraps as nonce + ct;
+FORMAT_VERSION = 6  # 1: unsigned key ring, no file hashes; 2: key wraps as nonce + ct;
 # 3: down_proj ciphertext neuron-major; 4: down_proj [H, k], per-block file digests (SHA-256);
-# 5: block digests are BLAKE3 (hashing no longer costs more than vLLM's own load)
+# 5: block digests are BLAKE3 (hashing no longer costs more than vLLM's own load);
+# 6: FFN neurons permuted so each group is one contiguous block (decrypted where it lies)
 # Older formats whose layout matches ours but whose digests are read otherwise: refused with
 # the reason, not reinterpreted (a v4 block digest checked as BLAKE3 would only "mismatch").
 _RETIRED = {4: "manifest format 4 (SHA-256 block digests) is no longer accepted: lock the "
-               "checkpoint again"}
+               "checkpoint again",
+            5: "manifest format 5 (groups' neurons scattered, not one block each) is no longer "
+               "accepted: lock the checkpoint again"}
 
 
 def _is_sha256(text: str) -> bool:  # or a BLAKE3: 32 bytes in hex too
@@ -110,23 +113,37 @@ class Slice:
 
 @dataclass
 class Group:
-    """A node of the policy tree: neurons selected by exactly the tasks in ``policy`` (OR)."""
+    """A node of the policy tree: neurons selected by exactly the tasks in ``policy`` (OR).
+
+    ``neurons`` index the locked checkpoint (and the served model, its neuron bit tables):
+    in a locked manifest each layer's are one block of consecutive positions. ``selected``
+    are the same neurons' indices in the plaintext model, in the same order: position
+    ``neurons[l][i]`` holds plaintext neuron ``selected[l][i]`` (the signed permutation,
+    :meth:`Manifest.permutation`). A selection's policy tree has no ``selected`` yet."""
 
     id: str
     policy: list[str]
-    neurons: dict[int, list[int]]  # layer -> sorted neuron indices
+    neurons: dict[int, list[int]]  # layer -> sorted neuron indices (positions when locked)
     slices: list[Slice] = field(default_factory=list)
+    selected: dict[int, list[int]] = field(default_factory=dict)  # layer -> plaintext indices
+
+    def block(self, layer: int) -> tuple[int, int]:
+        """(first position, count) of the group's neurons in ``layer`` of the locked model."""
+        idx = self.neurons[layer]
+        return (idx[0] if idx else 0), len(idx)
 
     def to_json(self) -> dict:
         return {"id": self.id, "policy": self.policy,
                 "neurons": {str(k): v for k, v in sorted(self.neurons.items())},
+                "selected": {str(k): v for k, v in sorted(self.selected.items())},
                 "slices": [s.to_json() for s in self.slices]}
 
     @classmethod
     def from_json(cls, d: dict) -> Group:
         return cls(d["id"], list(d["policy"]),
                    {int(k): [int(i) for i in v] for k, v in d["neurons"].items()},
-                   [Slice.from_json(s) for s in d["slices"]])
+                   [Slice.from_json(s) for s in d["slices"]],
+                   {int(k): [int(i) for i in v] for k, v in d["selected"].items()})
 
 
 @dataclass
@@ -184,7 +201,7 @@ class Manifest:
             if type(version) is not int or version < 1:
                 raise ValueError(f"checkpoint version must be an integer >= 1, not {version!r}")
             ring = body["keyring"]
-            return cls(
+            manifest = cls(
                 checkpoint_id=body["checkpoint_id"],
                 tasks={t: int(v["bit"]) for t, v in body["tasks"].items()},
                 layers={int(k): LayerInfo(**v) for k, v in body["layers"].items()},
@@ -196,6 +213,8 @@ class Manifest:
                 files={str(n): FileDigest.from_json(d) for n, d in body["files"].items()},
                 revoked=dict(ring.get("revoked", {})),
             )
+            manifest.check_layout()
+            return manifest
         except ManifestError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -239,6 +258,79 @@ class Manifest:
 
     def task_bits(self, tasks: list[str]) -> int:
         return sum(1 << self.tasks[t] for t in tasks)
+
+    # --- the neuron layout (format 6) ---
+
+    def check_layout(self) -> None:
+        """Every group's neurons are one block of consecutive positions per layer, blocks
+        do not overlap, and ``selected`` names as many distinct plaintext neurons."""
+        for layer, info in self.layers.items():
+            size = info.intermediate_size
+            placed = np.zeros(size, dtype=bool)
+            chosen = np.zeros(size, dtype=bool)
+            for g in self.groups:
+                pos, sel = g.neurons.get(layer, []), g.selected.get(layer, [])
+                if not pos and not sel:
+                    continue
+                start, count = g.block(layer)
+                if (pos != list(range(start, start + count)) or start < 0
+                        or start + count > size or len(sel) != count
+                        or min(sel) < 0 or max(sel) >= size):
+                    raise ManifestError(f"group {g.id}, layer {layer}: neurons are not one "
+                                        f"block within [0, {size}) matching its selection")
+                if placed[start:start + count].any() or chosen[sel].any():
+                    raise ManifestError(f"group {g.id}, layer {layer}: neurons overlap "
+                                        "another group's")
+                placed[start:start + count] = True
+                chosen[sel] = True
+                if int(chosen.sum()) != int(placed.sum()):
+                    raise ManifestError(f"group {g.id}, layer {layer}: a plaintext neuron "
+                                        "is selected twice")
+        for g in self.groups:
+            if set(g.selected) != set(g.neurons) or not set(g.neurons) <= set(self.layers):
+                raise ManifestError(f"group {g.id}: neurons and selection name other layers")
+
+    def permutation(self, layer: int) -> np.ndarray:
+        """int64 ``perm``: position ``p`` of the locked layer holds plaintext neuron
+        ``perm[p]``. Groups' neurons are where ``neurons``/``selected`` say; a public neuron
+        keeps its index unless a group's block covers it, and those displaced fill the places
+        the groups' neurons left, both in ascending order (:func:`plan_blocks`)."""
+        return layer_permutation(self.layers[layer].intermediate_size,
+                                 [(g.neurons[layer], g.selected[layer]) for g in self.groups
+                                  if g.neurons.get(layer)])
+
+
+def layer_permutation(size: int, blocks: list[tuple[list[int], list[int]]]) -> np.ndarray:
+    """See :meth:`Manifest.permutation`; ``blocks`` are (positions, plaintext neurons)."""
+    perm = np.arange(size, dtype=np.int64)
+    in_block = np.zeros(size, dtype=bool)
+    locked = np.zeros(size, dtype=bool)
+    for pos, sel in blocks:
+        in_block[pos] = True
+        locked[sel] = True
+    freed = np.flatnonzero(~in_block & locked)
+    displaced = np.flatnonzero(in_block & ~locked)
+    perm[freed] = displaced
+    for pos, sel in blocks:
+        perm[pos] = sel
+    return perm
+
+
+def plan_blocks(size: int, groups: list[list[int]]) -> list[int]:
+    """Start position of each group's block (its neurons are ``groups[i]``, sorted): at its
+    first neuron when free, else right after the block before (in first-neuron order), pulled
+    back from the end if they overflow. Groups already contiguous stay where they are."""
+    order = sorted((i for i in range(len(groups)) if groups[i]), key=lambda i: groups[i][0])
+    starts = [0] * len(groups)
+    end = 0
+    for i in order:
+        starts[i] = max(groups[i][0], end)
+        end = starts[i] + len(groups[i])
+    limit = size
+    for i in reversed(order):
+        starts[i] = min(starts[i], limit - len(groups[i]))
+        limit = starts[i]
+    return starts
 
 
 def manifest_path(model_dir: str | os.PathLike[str]) -> Path:

@@ -1,5 +1,7 @@
 """Opening a locked checkpoint with task keys: unwrap the data keys the keys open, decrypt
-those groups' slices in place (tags checked) and zero every slice they do not open.
+those groups' slices in place (tags checked) and zero every slice they do not open. Each
+group's neurons are one block of a layer (format 6): decrypted and zeroed where they lie,
+no gather, no scatter.
 
 Shared by the loader (:mod:`vllm_guard.secneuron.weights`, one layer at a time), offline
 unlock (:mod:`vllm_guard.secneuron.unlock`) and revocation (:mod:`vllm_guard.secneuron.rekey`).
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_guard.errors import ManifestError
-from vllm_guard.secneuron.checkpoint import GroupSlab, dtype_name
+from vllm_guard.secneuron.checkpoint import block_bytes, dtype_name
 from vllm_guard.secneuron.crypto import decrypt_chunks_in_place
 from vllm_guard.secneuron.manifest import Group, Manifest, Slice, index_digest
 from vllm_guard.secneuron.threads import loader_pool
@@ -47,14 +49,15 @@ def check_slice(t: torch.Tensor, sl: Slice, group: str) -> None:
 
 def _decrypt_tensor(t: torch.Tensor, axis: int, parts: list[tuple[Group, Slice, bytes]],
                     ckpt_id: str) -> int:
-    """Gather every opened group's neurons of one tensor at once, decrypt each, scatter back."""
-    slab = GroupSlab(t, axis, [g.neurons[sl.layer] for g, sl, _ in parts])
-    for i, (group, sl, data_key) in enumerate(parts):
+    """Decrypt every opened group's block of one tensor where it lies."""
+    done = 0
+    for group, sl, data_key in parts:
+        block = block_bytes(t, axis, *group.block(sl.layer))
         binding = sl.binding(ckpt_id, group.id, index_digest(group.neurons[sl.layer]))
-        decrypt_chunks_in_place(data_key, slab.bytes_of(i), sl.chunks, binding,
+        decrypt_chunks_in_place(data_key, block, sl.chunks, binding,
                                 f"tensor {sl.tensor}, group {group.id}")
-    slab.write_back()
-    return slab.nbytes
+        done += block.size
+    return done
 
 
 def decrypt_in_place(
@@ -76,7 +79,7 @@ def decrypt_in_place(
     start = time.perf_counter()
     opened: dict[str, list[tuple[Group, Slice, bytes]]] = {}  # tensor -> its opened slices
     axes: dict[str, int] = {}
-    zero: dict[str, list[int]] = {}
+    zero: dict[str, list[tuple[int, int]]] = {}
     for group in manifest.groups:
         for sl in group.slices:
             if layers is not None and sl.layer not in layers:
@@ -89,7 +92,7 @@ def decrypt_in_place(
             if group.id in data_keys:
                 opened.setdefault(sl.tensor, []).append((group, sl, data_keys[group.id]))
             elif zero_locked:
-                zero.setdefault(sl.tensor, []).extend(group.neurons[sl.layer])
+                zero.setdefault(sl.tensor, []).append(group.block(sl.layer))
     workers = workers or min(len(opened), os.cpu_count() or 1) or 1
 
     def decrypt(item: tuple[str, list]) -> int:
@@ -100,8 +103,9 @@ def decrypt_in_place(
     else:
         with loader_pool(workers) as pool:
             done = list(pool.map(decrypt, opened.items()))
-    for name, idx in zero.items():
-        tensors[name].index_fill_(axes[name], torch.tensor(idx, dtype=torch.long), 0)
+    for name, blocks in zero.items():
+        for first, count in blocks:
+            tensors[name].narrow(axes[name], first, count).zero_()
 
     return OpenReport(
         tasks=sorted(tasks),

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from vllm_guard.atomic import atomic_replace_dir
 from vllm_guard.errors import DecryptionError, KeyFileError, SignatureError
-from vllm_guard.secneuron.checkpoint import Checkpoint, GroupSlab
+from vllm_guard.secneuron.checkpoint import Checkpoint, block_bytes
 from vllm_guard.secneuron.crypto import (
     DEFAULT_CHUNK_BYTES,
     check_chunks_cover,
@@ -207,10 +207,8 @@ def _reencrypt(tensors: dict[str, torch.Tensor], manifest: Manifest, groups: lis
         t = tensors[name]
         for g, sl in parts:
             check_slice(t, sl, g.id)
-        axis = parts[0][1].axis
-        slab = GroupSlab(t, axis, [g.neurons[sl.layer] for g, sl in parts])
-        for i, (g, sl) in enumerate(parts):
-            flat = slab.bytes_of(i)
+        for g, sl in parts:
+            flat = block_bytes(t, sl.axis, *g.block(sl.layer))  # where it lies
             what = f"tensor {sl.tensor}, group {g.id}"
             check_chunks_cover(flat, sl.chunks, what)
             binding = sl.binding(manifest.checkpoint_id, g.id, index_digest(g.neurons[sl.layer]))
@@ -218,7 +216,6 @@ def _reencrypt(tensors: dict[str, torch.Tensor], manifest: Manifest, groups: lis
                 decrypt_chunks_in_place(old_keys[g.id], flat, sl.chunks, binding, what)
             chunk_bytes = max((c.length for c in sl.chunks), default=DEFAULT_CHUNK_BYTES)
             sl.chunks = encrypt_in_place(new_keys[g.id], flat, binding, chunk_bytes)
-        slab.write_back()
     return set(by_tensor)
 
 

@@ -1,4 +1,5 @@
-"""Unlocking: write a plaintext checkpoint from a locked one and task keys (offline tool)."""
+"""Unlocking: write a plaintext checkpoint from a locked one and task keys (offline tool), in
+the plaintext model's neuron order (the signed permutation undone)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from vllm_guard.atomic import atomic_output_dir
-from vllm_guard.secneuron.checkpoint import save_checkpoint
+from vllm_guard.secneuron.checkpoint import permute_neurons, save_checkpoint, slice_tensors
 from vllm_guard.secneuron.files import check_file_set, check_version
 from vllm_guard.secneuron.keys import TaskKey
 from vllm_guard.secneuron.manifest import Manifest, read_locked_manifest
@@ -48,6 +49,10 @@ def unlock_checkpoint(
     side = read_side_files(model_dir, manifest)
     ckpt = load_verified_checkpoint(model_dir, manifest)
     report = decrypt_in_place(ckpt.tensors, manifest, data_keys, tasks=list(keys))
+    for layer, info in manifest.layers.items():
+        perm = manifest.permutation(layer)
+        for name, axis in slice_tensors(info):
+            permute_neurons(ckpt.tensors[name], axis, perm, inverse=True)
     with atomic_output_dir(out_dir) as tmp:
         save_checkpoint(ckpt, tmp)
         for name, data in side.items():

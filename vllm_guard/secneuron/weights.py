@@ -27,6 +27,7 @@ from safetensors import safe_open
 from vllm_guard.errors import EncryptedWeightsError, ManifestError
 from vllm_guard.secneuron.checkpoint import private_buffer, safetensors_files, slice_tensors
 from vllm_guard.secneuron.detector import scan_layer
+from vllm_guard.secneuron.direct import Shard, open_shard, read_in_place
 from vllm_guard.secneuron.files import weight_files
 from vllm_guard.secneuron.manifest import Manifest
 from vllm_guard.secneuron.open import OpenReport, decrypt_in_place
@@ -99,6 +100,43 @@ class _LayerOpener:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def open_shards(root: Path, manifest: Manifest) -> list[Shard]:
+    """Every signed weight file, open, its header read once (see :mod:`.direct`)."""
+    shards: list[Shard] = []
+    try:
+        for name in weight_files(manifest):
+            shards.append(open_shard(root, name, manifest.files[name]))
+    except BaseException:
+        for s in shards:
+            s.close()
+        raise
+    return shards
+
+
+def load_in_place(shards: list[Shard], manifest: Manifest, data_keys: dict[str, bytes],
+                  config: SecNeuronLoadConfig, stats: OpenReport,
+                  dest: dict[str, torch.Tensor]) -> None:
+    """One copy: every tensor read from its file straight into ``dest`` (the model's own
+    memory), each block hashed there (``verify_weights``); then each FFN layer decrypted
+    and zeroed where it lies and passed by the detector, on pool threads. Raises before
+    returning if any block, tag or verdict fails: the caller must not serve then."""
+    ffn = {name for info in manifest.layers.values() for name, _ in slice_tensors(info)}
+    missing = sorted(ffn - set(dest))
+    if missing:
+        raise ManifestError(f"checkpoint has no tensor {missing[0]} named in the manifest")
+    stats.bytes_verified += read_in_place(shards, manifest.files, dest, config.workers,
+                                          config.verify_weights)
+    workers = config.workers or min(os.cpu_count() or 1, 8)
+    with loader_pool(workers) as pool:
+        layers = [pool.submit(_open_layer, layer, {n: dest[n] for n, _ in slice_tensors(info)},
+                              manifest, data_keys, config)
+                  for layer, info in sorted(manifest.layers.items())]
+        for f in layers:
+            _, rep = f.result()
+            stats.bytes_decrypted += rep.bytes_decrypted
+            stats.seconds += rep.seconds
 
 
 def _missing_ffn(manifest: Manifest, seen: set[str]) -> ManifestError:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vllm_guard.secneuron.checkpoint import GroupSlab, gather_neurons, safetensors_layout
+from vllm_guard.secneuron.checkpoint import block_bytes, gather_neurons, safetensors_layout
 from vllm_guard.secneuron.files import IntegrityError, digest_files
 from vllm_guard.secneuron.verify import VerifiedFile, iter_verified_tensors
 
@@ -119,18 +119,15 @@ def test_verified_stream_yields_every_tensor_exactly(shard):
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_group_layout_is_independent_of_its_neighbours(axis):
+def test_block_bytes_are_the_blocks_ciphertext_layout_in_place(axis):
+    """A block of consecutive neurons: the same bytes, in the same order, as gathering them,
+    and writes land in the tensor itself, on those neurons only."""
     t = torch.randn(24, 40).to(torch.bfloat16) if axis else torch.randn(40, 24)
-    groups = [[1, 5, 9], [2, 3], [30, 31, 39]]
-    slab = GroupSlab(t, axis, groups)
-    for i, g in enumerate(groups):
-        _, alone = gather_neurons(t, axis, torch.tensor(g))
-        assert slab.bytes_of(i).tobytes() == alone.tobytes()
+    block = block_bytes(t, axis, 5, 7)
+    _, alone = gather_neurons(t, axis, torch.arange(5, 12))
+    assert block.tobytes() == alone.tobytes()
     before = t.clone()
-    for i in range(len(groups)):
-        slab.bytes_of(i)[:] ^= 0xFF
-    slab.write_back()
-    flipped = [n for g in groups for n in g]
+    block[...] ^= 0xFF
     changed = (t.view(torch.int16 if axis else torch.int32) !=
                before.view(torch.int16 if axis else torch.int32))
-    assert changed.any(dim=1 - axis).nonzero().flatten().tolist() == sorted(flipped)
+    assert changed.any(dim=1 - axis).nonzero().flatten().tolist() == list(range(5, 12))

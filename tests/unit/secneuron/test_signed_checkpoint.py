@@ -31,7 +31,12 @@ from vllm_guard.loader.secneuron_loader import SecNeuronModelLoader
 from vllm_guard.log import ROOT as LOG_ROOT
 from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
 from vllm_guard.secneuron import rekey as lock_mod
-from vllm_guard.secneuron.checkpoint import gather_neurons, load_checkpoint
+from vllm_guard.secneuron.checkpoint import (
+    gather_neurons,
+    load_checkpoint,
+    permute_neurons,
+    slice_tensors,
+)
 from vllm_guard.secneuron.crypto import b64, canonical, chunk_aad, decrypt_chunk_in_place
 from vllm_guard.secneuron.files import IntegrityError, RollbackError
 from vllm_guard.secneuron.inspect import inspect_checkpoint
@@ -119,8 +124,9 @@ class Lines(logging.Handler):
 
 
 def run_loader(model_dir: Path, keydir: Path, tasks=TASKS, **extra) -> dict[str, torch.Tensor]:
-    """``--load-format secneuron`` minus vLLM's model: returns the weights it would load.
-    A refusal re-raises the loader's error after checking its one ``refusing to load`` line."""
+    """``--load-format secneuron`` minus vLLM's model: returns the weights it would load, put
+    back in the plaintext neuron order (as unlock writes them). A refusal re-raises the
+    loader's error after checking its one ``refusing to load`` line."""
     config = {"keys": [str(keydir / f"{t}.key") for t in tasks],
               "publisher_key": str(keydir / "publisher.pub"), **extra}
     loader = SecNeuronModelLoader(LoadConfig(load_format="secneuron",
@@ -137,7 +143,17 @@ def run_loader(model_dir: Path, keydir: Path, tasks=TASKS, **extra) -> dict[str,
     finally:
         logging.getLogger(LOG_ROOT).removeHandler(log)
         GRANT_STATE.task_bits = saved
-    return model.got
+    return plaintext_order(model.got, read_manifest(extra.get("checkpoint", model_dir)))
+
+
+def plaintext_order(tensors: dict[str, torch.Tensor], manifest: Manifest
+                    ) -> dict[str, torch.Tensor]:
+    """The served (permuted) FFN tensors with the manifest's permutation undone."""
+    out = {n: t.clone() for n, t in tensors.items()}
+    for layer, info in manifest.layers.items():
+        for name, axis in slice_tensors(info):
+            permute_neurons(out[name], axis, manifest.permutation(layer), inverse=True)
+    return out
 
 
 def assert_refused(model_dir: Path, keydir: Path, match: str, exc=ManifestError,
