@@ -30,13 +30,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from harness.measure import RESULTS, write_result
+from harness.redis_server import RedisNotInstalled, RedisServer
 from harness.server import VllmServer, free_port, post
 from harness.soak_check import (
     Outcome,
@@ -57,36 +57,12 @@ TIMEOUT_S = 120.0  # a client request with no answer by then counts as lost
 BACKOFF_S = 0.5  # a client waits this long after a 503 before its next request
 
 
-class Redis:
-    """redis-server on loopback, no persistence: a restart loses every session (the harsh
-    case: sessions go on with fresh placeholders)."""
-
-    def __init__(self, port: int, log: Path) -> None:
-        self.port, self.log = port, log
-        self.proc: subprocess.Popen | None = None
-
+class Redis(RedisServer):
     def start(self) -> Redis:
-        import redis
-
-        exe = shutil.which("redis-server")
-        if exe is None:
-            sys.exit("redis-server is not installed (scripts/setup.sh installs it)")
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1",
-                                          "--save", "", "--appendonly", "no"],
-                                         stdout=log, stderr=subprocess.STDOUT)
-        for _ in range(200):
-            try:
-                redis.Redis(port=self.port).ping()
-                return self
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        try:
+            return super().start()
+        except RedisNotInstalled as e:
+            sys.exit(str(e))
 
 
 class SoakServer(VllmServer):

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import time
 import urllib.request
 from collections import Counter
@@ -23,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from harness.fixtures import fixture_model
-from harness.server import LEDGER_ENV, ServerPool, VllmServer, free_port, post, read_ledger
+from harness.redis_server import RedisNotInstalled, RedisServer
+from harness.server import LEDGER_ENV, ServerPool, VllmServer, post, read_ledger
 from tests.servers import POOLED
 
 pytest_plugins = ["tests.servers"]
@@ -187,41 +186,12 @@ def keydir(tmp_path_factory) -> Path:
     return KeyDir.create(tmp_path_factory.mktemp("keys"), ("add", "capital", "reverse")).root
 
 
-class Redis:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
+class Redis(RedisServer):
     def start(self) -> Redis:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        for _ in range(100):
-            try:
-                redis.Redis(port=self.port).ping()
-                return self
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def client(self):
-        import redis
-
-        return redis.Redis(port=self.port)
+        try:
+            return super().start()
+        except RedisNotInstalled as e:
+            pytest.fail(str(e))
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ import torch
 from vllm_guard.errors import GuardError
 from vllm_guard.secneuron.examples import AnswerBatcher, Example
 from vllm_guard.secneuron.selection import Selection
-from vllm_guard.secneuron.train import _divergence, _loss, fit, save_model
+from vllm_guard.secneuron.train import _divergence, _loss, fit, only_entries_trainable, save_model
 
 CAPABILITIES_NAME = "sealed_capabilities.json"
 
@@ -163,15 +163,10 @@ def sealed_off(model, caps: dict[str, dict[int, Owned]], tasks: list[str],
             h.remove()
 
 
-@contextmanager
-def only_owned_trainable(model, owned: dict[int, Owned], head_dim: int) -> Iterator[None]:
+def only_owned_trainable(model, owned: dict[int, Owned], head_dim: int):
     """Freeze everything but the owned heads' q/k/v rows and o_proj columns and the owned
     neurons' gate/up rows and down_proj columns; restore every other entry bit for bit."""
-    params = list(model.parameters())
-    was = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    kept, handles = [], []
+    entries = []
     for i, o in owned.items():
         layer = model.model.layers[i]
         attn, mlp = layer.self_attn, layer.mlp
@@ -179,24 +174,12 @@ def only_owned_trainable(model, owned: dict[int, Owned], head_dim: int) -> Itera
         cols[head_columns(o, head_dim)] = True
         neurons = torch.zeros(mlp.down_proj.in_features, dtype=torch.bool)
         neurons[list(o.neurons)] = True
-        for w, m in ((attn.q_proj.weight, cols[:, None]), (attn.k_proj.weight, cols[:, None]),
-                     (attn.v_proj.weight, cols[:, None]), (attn.o_proj.weight, cols[None, :]),
-                     (mlp.gate_proj.weight, neurons[:, None]),
-                     (mlp.up_proj.weight, neurons[:, None]),
-                     (mlp.down_proj.weight, neurons[None, :])):
-            w.requires_grad_(True)
-            kept.append((w, m, w.detach().clone()))
-            handles.append(w.register_hook(lambda g, m=m: g * m.to(g.dtype)))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for w, m, orig in kept:
-                w.copy_(torch.where(m, w, orig))
-        for p, r in zip(params, was, strict=True):
-            p.requires_grad_(r)
+        entries += [(attn.q_proj.weight, cols[:, None]), (attn.k_proj.weight, cols[:, None]),
+                    (attn.v_proj.weight, cols[:, None]), (attn.o_proj.weight, cols[None, :]),
+                    (mlp.gate_proj.weight, neurons[:, None]),
+                    (mlp.up_proj.weight, neurons[:, None]),
+                    (mlp.down_proj.weight, neurons[None, :])]
+    return only_entries_trainable(model, entries)
 
 
 def seal_capability(model_dir: str | os.PathLike[str], task: str, data: list[Example],

@@ -144,24 +144,19 @@ def sealed_neurons(bits: dict[int, torch.Tensor],
 
 
 @contextmanager
-def only_neurons_trainable(model, masks: dict[int, torch.Tensor]):
-    """Freeze everything but the masked neurons' gate/up rows and down_proj columns.
-
-    The other entries are restored bit for bit afterwards, so the public weights provably do
-    not depend on what was trained here.
-    """
+def only_entries_trainable(model, entries: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Freeze every parameter but the ``(weight, mask)`` entries' masked elements (the mask
+    broadcasts to the weight). Every other element is restored bit for bit afterwards, so
+    the public weights provably do not depend on what was trained here."""
     params = list(model.parameters())
     was = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
     kept, handles = [], []
-    for layer, mask in masks.items():
-        mlp = model.model.layers[layer].mlp
-        for w, m in ((mlp.gate_proj.weight, mask[:, None]), (mlp.up_proj.weight, mask[:, None]),
-                     (mlp.down_proj.weight, mask[None, :])):
-            w.requires_grad_(True)
-            kept.append((w, m, w.detach().clone()))
-            handles.append(w.register_hook(lambda g, m=m: g * m.to(g.dtype)))
+    for w, m in entries:
+        w.requires_grad_(True)
+        kept.append((w, m, w.detach().clone()))
+        handles.append(w.register_hook(lambda g, m=m: g * m.to(g.dtype)))
     try:
         yield
     finally:
@@ -172,6 +167,16 @@ def only_neurons_trainable(model, masks: dict[int, torch.Tensor]):
                 w.copy_(torch.where(m, w, orig))
         for p, r in zip(params, was, strict=True):
             p.requires_grad_(r)
+
+
+def only_neurons_trainable(model, masks: dict[int, torch.Tensor]):
+    """Freeze everything but the masked neurons' gate/up rows and down_proj columns."""
+    entries = []
+    for layer, mask in masks.items():
+        mlp = model.model.layers[layer].mlp
+        entries += [(mlp.gate_proj.weight, mask[:, None]), (mlp.up_proj.weight, mask[:, None]),
+                    (mlp.down_proj.weight, mask[None, :])]
+    return only_entries_trainable(model, entries)
 
 
 def train_locks(model_dir: str | os.PathLike[str], data: dict[str, list[Example]],
