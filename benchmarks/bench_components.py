@@ -272,7 +272,7 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 0, rounds: i
     model (:func:`_compile_like_vllm`): Inductor's fused ``silu * mul`` against what our
     class traces (``masked_compiled``: the keep-table multiply), and against the other two
     forms (``opaque_compiled``: the eager op behind a custom op, the only form before #33;
-    ``fused_compiled``: the bit test on the grant buffer, the fallback without tables).
+    ``fused_compiled``: the bit test on the grant buffer, measured and not shipped).
     Grants are planned once per step by the runner hook (``GrantState.fill``), as in the
     server. Thread CPU time, not wall time: this machine
     is shared. Each ratio is the median of ``rounds`` interleaved rounds of ``repeats``
@@ -321,7 +321,7 @@ def kernel_timings(preset: str = "qwen2-0.5b-shape", repeats: int = 0, rounds: i
             trivial(warm)
             floor[str(dtype).removeprefix("torch.")] = statistics.median(
                 _cpu_us(lambda w=warm[:1], t=trivial: t(w), 2000) for _ in range(5))
-        for tokens in (1, 8, 16, 256):  # 8: FUSED_MAX_TOKENS, the branch's edge
+        for tokens in (1, 8, 16, 256):  # 8: about where the bit test stops paying off
             x = torch.randn(tokens, 2 * size, generator=gen).to(dtype)
             for mix, per_request in grant_mixes.items():
                 if tokens < len(per_request):

@@ -18,7 +18,6 @@ import torch
 
 from vllm_guard.kernels.masked_silu import (
     masked_silu_and_mul,
-    masked_silu_and_mul_compiled,
     masked_silu_and_mul_rows,
     register_custom_op,
 )
@@ -75,7 +74,7 @@ class MaskedForward:
             table = getattr(self, KEEP_TABLE_ATTR, None)
             if table is not None and STATE.rows is not None:
                 return masked_silu_and_mul_rows(x, table, STATE.rows)
-            return masked_silu_and_mul_compiled(x, bits, grants)
+            return torch.ops.vllm.guard_masked_silu_and_mul(x, bits, grants)
         return masked_silu_and_mul(x, bits, grants)
 
 

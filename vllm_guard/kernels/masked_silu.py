@@ -10,9 +10,8 @@ Implementations of one op:
   ``TRITON_INTERPRET=1``);
 - :func:`masked_silu_and_mul_rows`: what a layer traces under torch.compile (vLLM's default
   mode): a multiply by the layer's keep table gathered per token, fused by Inductor;
-- :func:`masked_silu_and_mul_compiled` (the bit test, :func:`masked_silu_and_mul_traced`, up
-  to :data:`FUSED_MAX_TOKENS` tokens, the opaque op above): the fallback for a layer traced
-  without a keep table.
+- :func:`masked_silu_and_mul_traced`: the bit test as tensor operations, measured against
+  the keep table by ``benchmarks.bench_components`` (slower on CPU from 8 tokens on).
 """
 
 from __future__ import annotations
@@ -128,31 +127,6 @@ def masked_silu_and_mul_rows(x: torch.Tensor, keep_table: torch.Tensor,
     return y * keep
 
 
-# The fallback's branch point. On this project's 2-core AMD EPYC (AVX2, I=4864, one thread,
-# thread CPU time) the bit-test form's per-element mask test (int64 and, compare, blend)
-# costs more than the eager op's one multiply by a cached keep row from about 8 tokens on,
-# while the opaque op's fixed cost (a call from compiled code back into Python) dominates
-# below: fused 1.12-1.23x compiled
-# native at 1 token (opaque 1.86-2.04x); at 16 tokens fused 1.73-2.15x, opaque 1.45-1.60x.
-FUSED_MAX_TOKENS = 8
-
-
-def _opaque(x: torch.Tensor, neuron_bits: torch.Tensor, grants: torch.Tensor) -> torch.Tensor:
-    return torch.ops.vllm.guard_masked_silu_and_mul(x, neuron_bits, grants)
-
-
-def masked_silu_and_mul_compiled(x: torch.Tensor, neuron_bits: torch.Tensor,
-                                 grants: torch.Tensor) -> torch.Tensor:
-    """What the masked layer traces under torch.compile. Both branches read the grant
-    buffer at run time (a graph input); ``torch.cond`` on the symbolic token count becomes an
-    ``if`` in the compiled graph, so one graph serves decode and prefill. Needs
-    :func:`register_custom_op` on CPU."""
-    if x.is_cuda:  # the device is fixed per graph: no branch is traced
-        return masked_silu_and_mul_traced(x, neuron_bits, grants)
-    return torch.cond(x.shape[0] <= FUSED_MAX_TOKENS, masked_silu_and_mul_traced, _opaque,
-                      (x, neuron_bits, grants))
-
-
 try:  # Triton is optional: absent or without a backend on CPU-only installs.
     import triton
     import triton.language as tl
@@ -210,8 +184,8 @@ _registered = False
 
 def register_custom_op() -> None:
     """``torch.ops.vllm.guard_masked_silu_and_mul``: opaque to torch.compile, so the grant
-    buffer is read at run time, every step (a Python-level read would be traced once); the
-    branch of :func:`masked_silu_and_mul_compiled` above :data:`FUSED_MAX_TOKENS` tokens."""
+    buffer is read at run time, every step (a Python-level read would be traced once); what
+    a layer traced without a keep table calls."""
     global _registered
     if _registered:
         return
