@@ -10,6 +10,8 @@ Implementations of one op:
   ``TRITON_INTERPRET=1``);
 - :func:`masked_silu_and_mul_rows`: what a layer traces under torch.compile (vLLM's default
   mode): a multiply by the layer's keep table gathered per token, fused by Inductor;
+- :func:`mask_columns_` / :func:`mask_columns_rows`: the same mask on any ``[tokens, C]``
+  input (eager, compiled): a sealed capability's heads at the o_proj input;
 - :func:`masked_silu_and_mul_traced`: the bit test as tensor operations, measured against
   the keep table by ``benchmarks.bench_components`` (slower on CPU from 8 tokens on).
 """
@@ -36,17 +38,25 @@ def masked_silu_and_mul_torch(x: torch.Tensor, neuron_bits: torch.Tensor,
     """
     d = x.shape[-1] // 2
     out = F.silu(x[..., :d]).mul_(x[..., d:])  # the values of vLLM's SiluAndMul.forward_native
+    return mask_columns_(out, neuron_bits, grants)
+
+
+def mask_columns_(out: torch.Tensor, column_bits: torch.Tensor,
+                  grants: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, each token's columns its grant may not use: ``out[t, c]`` kept where
+    ``(column_bits[c] & grants[t]) != 0``. The masking pass of the eager CPU path, for FFN
+    neurons (above) and for sealed heads' columns at the o_proj input (kernels.layer)."""
     tokens = out.shape[0]
     if not tokens:
         return out
     plan, memo = STATE.step_plan(tokens, grants)
     if memo is None:  # not the hook's step: the plan was derived from the buffer itself
-        steps = _masking(plan, neuron_bits, out)
+        steps = _masking(plan, column_bits, out)
     else:
-        key = (id(neuron_bits), neuron_bits._version, out.dtype)
+        key = (id(column_bits), column_bits._version, out.dtype)
         steps = memo.get(key)
         if steps is None:
-            steps = memo[key] = _masking(plan, neuron_bits, out)
+            steps = memo[key] = _masking(plan, column_bits, out)
     for start, end, kind, t in steps:
         target = out if start is None else out[start:end]
         if kind is _FILL:
@@ -120,11 +130,17 @@ def masked_silu_and_mul_rows(x: torch.Tensor, keep_table: torch.Tensor,
     plain compiled op at 256 tokens, where the bit test of the traced form costs 2.2-2.6x.
     fp16 selects (``where``) instead of multiplying: inf * 0 would be NaN."""
     d = x.shape[-1] // 2
+    return mask_columns_rows(F.silu(x[..., :d]) * x[..., d:], keep_table, rows)
+
+
+def mask_columns_rows(x: torch.Tensor, keep_table: torch.Tensor,
+                      rows: torch.Tensor) -> torch.Tensor:
+    """The compiled form of :func:`mask_columns_`: ``x * keep_table[rows[t]]`` (a new
+    tensor), with the keep table and rows of :func:`masked_silu_and_mul_rows`; fp16 selects."""
     keep = keep_table[rows[: x.shape[0]]]
-    y = F.silu(x[..., :d]) * x[..., d:]
     if x.dtype == torch.float16 or keep.dtype != x.dtype:
-        return torch.where(keep != 0, y, 0)
-    return y * keep
+        return torch.where(keep != 0, x, 0)
+    return x * keep
 
 
 try:  # Triton is optional: absent or without a backend on CPU-only installs.

@@ -1,7 +1,8 @@
 """``--load-format secneuron``: a thin vLLM adapter over :mod:`vllm_guard.secneuron.weights`.
 
 checkpoint -> (secneuron.weights: checks, decrypted stream) -> ``model.load_weights`` ->
-``neuron_bits`` on each MLP act op (:mod:`vllm_guard.runtime`) -> masked op.
+``neuron_bits`` on each MLP act op, ``head_bits`` on each o_proj with open sealed heads
+(:mod:`vllm_guard.runtime`) -> masked ops.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm_guard.errors import GuardError, ManifestError
 from vllm_guard.loader.placement import capture_placement
 from vllm_guard.log import get_logger
-from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR
+from vllm_guard.runtime import GRANT_BUFFER_ATTR, HEAD_BITS_ATTR, NEURON_BITS_ATTR
 from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
 from vllm_guard.secneuron.files import check_copy, weight_files
-from vllm_guard.secneuron.neuron_bits import neuron_bits
+from vllm_guard.secneuron.neuron_bits import head_bits, neuron_bits
 from vllm_guard.secneuron.open import OpenReport, layer_counts
 from vllm_guard.secneuron.options import SecNeuronLoadConfig
 from vllm_guard.secneuron.preflight import open_for_serving
@@ -55,43 +56,83 @@ def param_device(model: nn.Module, name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _layer_of(name: str) -> int:
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
+def _attach(model: nn.Module, name: str, module: nn.Module, attr: str, bits: torch.Tensor,
+            rank: int, world: int) -> None:
+    """Give ``module`` its (TP-sharded) bit table on the device of its layer's parameters,
+    and point it at a grant buffer on that device."""
+    device = param_device(model, name)
+    table = tp_shard(bits, rank, world).to(device)
+    existing = getattr(module, attr, None)
+    if (isinstance(existing, torch.Tensor) and existing.shape == table.shape
+            and existing.device == device):
+        existing.copy_(table)  # keep the tensor identity a compiled graph may hold
+    else:
+        setattr(module, attr, table)
+    buffer = getattr(module, GRANT_BUFFER_ATTR, None)
+    if isinstance(buffer, torch.Tensor) and buffer.device != device:
+        setattr(module, GRANT_BUFFER_ATTR, GRANT_STATE.place_buffer(device))
+
+
 def attach_neuron_bits(model: nn.Module, bits: dict[int, torch.Tensor], rank: int = 0,
                        world: int = 1) -> int:
-    """Give each decoder layer's MLP activation op its (TP-sharded) neuron bit table, on the
-    device of the MLP's parameters, and point it at a grant buffer on that device."""
+    """Give each decoder layer's MLP activation op its neuron bit table."""
     attached = 0
     for name, module in model.named_modules():
-        if not name.endswith("mlp.act_fn"):
+        if name.endswith("mlp.act_fn"):
+            _attach(model, name, module, NEURON_BITS_ATTR, bits[_layer_of(name)], rank, world)
+            attached += 1
+    check_placement(model)
+    return attached
+
+
+def attach_head_bits(model: nn.Module, bits: dict[int, torch.Tensor], rank: int = 0,
+                     world: int = 1) -> int:
+    """Give the o_proj of each layer in ``bits`` (open sealed heads) its column bit table.
+
+    With per-request grants on, every o_proj is the masked one (kernels.layer); one that is
+    not (an architecture whose attention output projection is another class) would serve the
+    opened heads to every request, so the load is refused. Without grants nothing is masked
+    per request, for heads as for neurons: the server's keys decide for everyone."""
+    attached, todo = 0, set(bits)
+    grants_on = any(hasattr(m, GRANT_BUFFER_ATTR) for m in model.modules())
+    for name, module in model.named_modules():
+        if not name.endswith("self_attn.o_proj") or _layer_of(name) not in bits:
             continue
-        layer = int(name.split(".layers.")[1].split(".")[0])
-        device = param_device(model, name)
-        table = tp_shard(bits[layer], rank, world).to(device)
-        existing = getattr(module, NEURON_BITS_ATTR, None)
-        if (isinstance(existing, torch.Tensor) and existing.shape == table.shape
-                and existing.device == device):
-            existing.copy_(table)  # keep the tensor identity a compiled graph may hold
-        else:
-            setattr(module, NEURON_BITS_ATTR, table)
-        buffer = getattr(module, GRANT_BUFFER_ATTR, None)
-        if isinstance(buffer, torch.Tensor) and buffer.device != device:
-            setattr(module, GRANT_BUFFER_ATTR, GRANT_STATE.place_buffer(device))
+        if not hasattr(module, GRANT_BUFFER_ATTR):
+            continue
+        size = getattr(module, "input_size", None)
+        layer = _layer_of(name)
+        if size is not None and size != bits[layer].shape[0]:
+            raise GuardError(f"{name}: {size} input columns, the manifest's sealed heads "
+                             f"assume {bits[layer].shape[0]}")
+        _attach(model, name, module, HEAD_BITS_ATTR, bits[layer], rank, world)
+        todo.discard(layer)
         attached += 1
+    if grants_on and todo:
+        raise GuardError(f"layers {sorted(todo)} have sealed heads the task keys open, but no "
+                         "o_proj this plugin can mask per request (Llama/Qwen2/Mistral-style "
+                         "self_attn.o_proj); serve without that task's key")
     check_placement(model)
     return attached
 
 
 def check_placement(model: nn.Module) -> None:
-    """Refuse to serve if a neuron table or grant buffer is not where its MLP computes (the
+    """Refuse to serve if a bit table or grant buffer is not where its layer computes (the
     kernel would read a pointer of another device)."""
     for name, module in model.named_modules():
-        table = getattr(module, NEURON_BITS_ATTR, None)
-        if table is None:
-            continue
-        device = param_device(model, name)
-        buffer = getattr(module, GRANT_BUFFER_ATTR, None)
-        for what, t in (("neuron table", table), ("grant buffer", buffer)):
-            if isinstance(t, torch.Tensor) and t.device != device:
-                raise GuardError(f"{name}: {what} is on {t.device}, its MLP on {device}")
+        for attr in (NEURON_BITS_ATTR, HEAD_BITS_ATTR):
+            table = getattr(module, attr, None)
+            if table is None:
+                continue
+            device = param_device(model, name)
+            buffer = getattr(module, GRANT_BUFFER_ATTR, None)
+            for what, t in (("bit table", table), ("grant buffer", buffer)):
+                if isinstance(t, torch.Tensor) and t.device != device:
+                    raise GuardError(f"{name}: {what} is on {t.device}, its layer on {device}")
 
 
 def _tp() -> tuple[int, int]:
@@ -140,7 +181,13 @@ class SecNeuronModelLoader(BaseModelLoader):
         GRANT_STATE.task_bits = dict(manifest.tasks)
         rank, world = _tp()
         attached = attach_neuron_bits(model, neuron_bits(manifest), rank, world)
-        self._log(report, attached)
+        heads = head_bits(manifest, set(report.opened_groups))
+        try:
+            masked_heads = attach_head_bits(model, heads, rank, world)
+        except GuardError as e:
+            logger.error("vllm-guard: refusing to load %s: %s", self._where(model_config), e)
+            raise
+        self._log(report, attached, masked_heads)
         # Same wording as vLLM's DefaultModelLoader, so benchmarks compare like with like.
         logger.info("vllm-guard secneuron: Loading weights took %.2f seconds",
                     time.perf_counter() - start)
@@ -195,7 +242,7 @@ class SecNeuronModelLoader(BaseModelLoader):
                 s.close()
 
     @staticmethod
-    def _log(report: OpenReport, attached: int) -> None:
+    def _log(report: OpenReport, attached: int, masked_heads: int) -> None:
         per_layer = json.dumps({str(k): v for k, v in sorted(report.per_layer.items())})
         logger.info("vllm-guard secneuron: checked %.1f MB of weights against the signed "
                     "manifest (BLAKE3 per block)%s", report.bytes_verified / 1e6,
@@ -205,6 +252,9 @@ class SecNeuronModelLoader(BaseModelLoader):
                     report.tasks or "none (public only)", len(report.opened_groups),
                     len(report.locked_groups), report.bytes_decrypted / 1e6, report.seconds,
                     report.gb_per_s, attached)
+        if masked_heads:
+            logger.info("vllm-guard secneuron: sealed heads open and masked per request on %d "
+                        "attention output projections", masked_heads)
         logger.info("vllm-guard secneuron neurons per layer (public/open/locked): %s", per_layer)
 
 

@@ -1,6 +1,7 @@
 """The per-neuron task bit table: per layer, one int64 per FFN neuron, bit ``t`` set if task
 ``t`` may use it, every bit set for public neurons. The loader builds it from a manifest,
-lock-aware training from the selection it will lock (the same table)."""
+lock-aware training from the selection it will lock (the same table). Sealed heads get the
+same kind of table over the o_proj input columns (:func:`head_bits`)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,20 @@ def selection_bits(selection: Selection, intermediate_size: int) -> dict[int, to
     """The :func:`neuron_bits` table that locking ``selection`` will produce (same task bits)."""
     return _bits_table({layer: intermediate_size for layer in selection.neurons},
                        policy_tree(selection), {t: i for i, t in enumerate(selection.tasks)})
+
+
+def head_bits(manifest: Manifest, opened: set[str]) -> dict[int, torch.Tensor]:
+    """Per layer where an ``opened`` group seals heads, int64 per o_proj input column: the
+    group's task bits on its heads' columns, every bit elsewhere. Layers without open sealed
+    heads get no table (nothing to mask: unopened heads are zeroed weights)."""
+    groups = [g for g in manifest.groups if g.id in opened and any(g.attn.values())]
+    sizes = {sl.layer: sl.shape[1] for g in groups for sl in g.slices
+             if sl.tensor.endswith("self_attn.o_proj.weight")}  # [hidden, heads * head_dim]
+    bits = {layer: torch.full((size,), ALL_BITS, dtype=torch.int64)
+            for layer, size in sizes.items()}
+    for g in groups:
+        mask = sum(1 << manifest.tasks[t] for t in g.policy)
+        for layer, cols in g.attn.items():
+            if cols:
+                bits[layer][cols[0]:cols[-1] + 1] = mask  # one block (check_attention)
+    return bits

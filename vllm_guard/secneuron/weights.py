@@ -46,7 +46,6 @@ def stream_weights(root: Path, manifest: Manifest, data_keys: dict[str, bytes],
                    stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs for ``model.load_weights``: plaintext public weights, FFN layers
     decrypted/zeroed and passed by the detector. A bad hash, tag or verdict raises."""
-    refuse_open_heads(manifest, data_keys)
     if config.verify_weights:
         return _stream_verified(root, manifest, data_keys, config, stats)
     return _stream_mmap(root, manifest, data_keys, config, stats, stack)
@@ -118,17 +117,6 @@ def layer_tensors(manifest: Manifest) -> dict[int, list[str]]:
             for layer, info in manifest.layers.items()}
 
 
-def refuse_open_heads(manifest: Manifest, data_keys: dict[str, bytes]) -> None:
-    """Per-request grants mask FFN neurons only: opened heads would answer every request."""
-    served = sorted(g.id for g in manifest.groups if g.attn and g.id in data_keys)
-    if served:
-        raise ManifestError(
-            f"groups {served} seal attention heads (a sealed capability) and a key given to "
-            "the server opens them: serving a sealed capability needs per-request head masks, "
-            "which are not built yet (issue #35). Serve without that task's key, or unlock "
-            "offline")
-
-
 def open_shards(root: Path, manifest: Manifest) -> list[Shard]:
     """Every signed weight file, open, its header read once (see :mod:`.direct`)."""
     shards: list[Shard] = []
@@ -150,7 +138,6 @@ def load_in_place(shards: list[Shard], manifest: Manifest, data_keys: dict[str, 
     sealed capability's attention projections) decrypted and zeroed where it lies and
     passed by the detector, on pool threads. Raises before returning if any block, tag or
     verdict fails: the caller must not serve then."""
-    refuse_open_heads(manifest, data_keys)
     per_layer = layer_tensors(manifest)
     missing = sorted({n for names in per_layer.values() for n in names} - set(dest))
     if missing:

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import vllm_guard.kernels.layer as layer
-from vllm_guard.kernels.layer import KEEP_TABLE_ATTR, MaskedForward
+from vllm_guard.kernels.layer import KEEP_TABLE_ATTR, MaskedForward, MaskedInputForward
 from vllm_guard.kernels.masked_silu import register_custom_op
-from vllm_guard.runtime import GRANT_BUFFER_ATTR, NEURON_BITS_ATTR, PUBLIC_BIT
+from vllm_guard.runtime import GRANT_BUFFER_ATTR, HEAD_BITS_ATTR, NEURON_BITS_ATTR, PUBLIC_BIT
 from vllm_guard.runtime.grant_state import GrantState
 
 D = 24  # neurons; 8 belong to task 1 only, 8 to task 2 only, 8 are public
@@ -199,3 +199,85 @@ def test_eager_forward_masks_and_is_native_when_all_granted(dtype):
     torch.testing.assert_close(out[:, 8:], Act.forward_native(x)[:, 8:])
     setattr(act, GRANT_BUFFER_ATTR, torch.full((8,), -1, dtype=torch.int64))
     assert torch.equal(act(x), Act.forward_native(x))
+
+
+# --- sealed heads: the masked o_proj input (kernels.layer.MaskedInputForward) -------------
+
+class OProj(MaskedInputForward, nn.Linear):
+    """The real masked-input forward on a plain linear layer (vLLM's is RowParallelLinear)."""
+
+
+def _head_bits() -> torch.Tensor:
+    bits = torch.full((D,), -1, dtype=torch.int64)
+    bits[16:] = 2  # task 1's heads: the last 8 columns (one block, as the lock requires)
+    return bits
+
+
+def _o_proj_reference(o: OProj, x: torch.Tensor, grants: torch.Tensor) -> torch.Tensor:
+    keep = (_head_bits() & grants[: x.shape[0], None]) != 0
+    return nn.functional.linear(torch.where(keep, x, 0), o.weight, o.bias)
+
+
+def test_eager_o_proj_gives_each_token_its_own_heads():
+    """A mixed step: tokens whose grant holds the task see its heads, the others compute
+    exactly what the public model (those heads' outputs zero) computes."""
+    torch.manual_seed(0)
+    o = OProj(D, 6)
+    x = torch.randn(5, D)
+    assert torch.equal(o(x.clone()), nn.functional.linear(x, o.weight, o.bias))  # no table
+    setattr(o, HEAD_BITS_ATTR, _head_bits())
+    grants = torch.tensor([PUBLIC_BIT | 2, PUBLIC_BIT, PUBLIC_BIT | 2, PUBLIC_BIT | 1,
+                           PUBLIC_BIT])
+    setattr(o, GRANT_BUFFER_ATTR, grants)
+    out = o(x.clone())
+    torch.testing.assert_close(out, _o_proj_reference(o, x, grants))
+    public = nn.functional.linear(torch.cat([x[:, :16], torch.zeros(5, 8)], 1), o.weight,
+                                  o.bias)
+    assert torch.equal(out[[1, 3, 4]], public[[1, 3, 4]])  # bit for bit the public model
+    assert not torch.allclose(out[[0, 2]], public[[0, 2]])  # the heads do change the output
+
+
+@pytest.mark.parametrize("tables", [9, 0])  # keep tables (compile mode), the bit test
+def test_compiled_o_proj_follows_in_place_grant_updates(tables, monkeypatch):
+    import numpy as np
+
+    torch._dynamo.reset()
+    state = GrantState()
+    monkeypatch.setattr(layer, "STATE", state)
+    buf = state.ensure_buffer(64)
+    torch.manual_seed(0)
+    o = OProj(D, 6)
+    o.guard_table_rows = tables
+    setattr(o, HEAD_BITS_ATTR, _head_bits())
+    assert hasattr(o, KEEP_TABLE_ATTR) == bool(tables)
+    setattr(o, GRANT_BUFFER_ATTR, buf)
+    compiled = _compile_like_vllm(o, "inductor")
+    for grants, counts in [([PUBLIC_BIT | 2], [3]), ([PUBLIC_BIT], [3]),
+                           ([PUBLIC_BIT | 2, PUBLIC_BIT, PUBLIC_BIT | 3], [2, 4, 1]),
+                           ([PUBLIC_BIT | 1], [12]), ([PUBLIC_BIT | 2], [1])]:
+        state.fill(grants, np.array(counts))
+        x = torch.randn(sum(counts), D)
+        torch._dynamo.mark_dynamic(x, 0)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), _o_proj_reference(o, x, buf))
+
+
+def test_compiled_fp16_closed_head_reads_zero_even_when_it_is_inf(monkeypatch):
+    import numpy as np
+
+    torch._dynamo.reset()
+    state = GrantState()
+    monkeypatch.setattr(layer, "STATE", state)
+    buf = state.ensure_buffer(16)
+    o = OProj(D, 2, bias=False).to(torch.float16)
+    nn.init.zeros_(o.weight)
+    o.guard_table_rows, o.guard_table_dtype = 3, torch.float16
+    setattr(o, HEAD_BITS_ATTR, _head_bits())
+    setattr(o, GRANT_BUFFER_ATTR, buf)
+    compiled = _compile_like_vllm(o, "inductor")
+    state.fill([PUBLIC_BIT], np.array([2]))
+    x = torch.zeros(2, D, dtype=torch.float16)
+    x[:, 16:] = torch.inf  # a closed head's output: must not turn the product into NaN
+    torch._dynamo.mark_dynamic(x, 0)
+    with torch.no_grad():
+        assert torch.count_nonzero(compiled(x)) == 0

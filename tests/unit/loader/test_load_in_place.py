@@ -23,7 +23,7 @@ from tests.unit.secneuron.test_signed_checkpoint import (  # noqa: F401
     tensor_offset,
 )
 from tests.unit.secneuron.test_toolchain import TASKS
-from vllm_guard.errors import DecryptionError, ManifestError
+from vllm_guard.errors import DecryptionError
 from vllm_guard.loader.placement import capture_placement
 from vllm_guard.loader.secneuron_loader import SecNeuronModelLoader
 from vllm_guard.runtime.grant_state import STATE as GRANT_STATE
@@ -202,7 +202,7 @@ def test_tampered_block_refused_before_use_in_place(locked, keydir, tmp_path):  
 def test_sealed_capability_loads_in_place_without_its_key(locked_capability, keydir,  # noqa: F811
                                                           monkeypatch):
     """Sealed capability (#35), one-copy path: without the task's key the heads and neurons it
-    placed are zero; with it the load is refused (no per-request head masks yet)."""
+    placed are zero; with it they are the trained ones (masked per request: kernels.layer)."""
     _plain, sealed, _caps, _ = locked_capability
 
     def no_stream(*_a, **_k):
@@ -229,5 +229,7 @@ def test_sealed_capability_loads_in_place_without_its_key(locked_capability, key
     assert torch.all(model.tensor("model.layers.0.self_attn.v_proj.weight", 64)[32:] == 0)
     down = model.tensor("model.layers.1.mlp.down_proj.weight", 32)
     assert torch.all(down[:, 64:] == 0) and down[:, :64].abs().sum() > 0
-    with pytest.raises(ManifestError, match="per-request head masks"):
-        load_sealed([str(keydir / f"{SEALED_TASK}.key")])
+    opened = load_sealed([str(keydir / f"{SEALED_TASK}.key")])  # heads as trained
+    plain = load_file(_plain / "model.safetensors")
+    name = "model.layers.0.self_attn.o_proj.weight"
+    assert torch.equal(opened.tensor(name, 32), plain[name])

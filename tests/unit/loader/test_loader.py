@@ -100,7 +100,7 @@ def test_misplaced_table_refuses_to_serve():
 
     model, mlp = _mlp_model("meta")
     mlp.act_fn.guard_neuron_bits = torch.tensor([1, 2, 3, 4])  # CPU table, meta MLP
-    with pytest.raises(GuardError, match="neuron table is on cpu, its MLP on meta"):
+    with pytest.raises(GuardError, match="bit table is on cpu, its layer on meta"):
         check_placement(model)
 
 
@@ -161,3 +161,55 @@ def test_loader_reads_weights_from_checkpoint_and_checks_the_copy_vllm_read(
     shutil.copy(locked / "model.safetensors", copy)  # a weight beside the copy: refused
     with pytest.raises(ManifestError, match=r"not a copy .*model.safetensors added"):
         run_loader(copy, keydir, checkpoint=str(locked))
+
+
+def _attention_model(maskable: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """model.layers.{0,1}.self_attn.o_proj (input 8) beside masked MLP act ops (grants on);
+    ``maskable``: the o_proj is the masked one (has a grant buffer), as kernels.layer builds."""
+    from vllm_guard.runtime import GRANT_BUFFER_ATTR
+
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList()
+    for _ in range(2):
+        layer = torch.nn.Module()
+        layer.self_attn = torch.nn.Module()
+        layer.self_attn.o_proj = torch.nn.Linear(8, 4)
+        layer.self_attn.o_proj.input_size = 8
+        layer.mlp = torch.nn.Module()
+        layer.mlp.act_fn = torch.nn.Module()
+        setattr(layer.mlp.act_fn, GRANT_BUFFER_ATTR, torch.zeros(4, dtype=torch.int64))
+        if maskable:
+            setattr(layer.self_attn.o_proj, GRANT_BUFFER_ATTR, torch.zeros(4, dtype=torch.int64))
+        model.model.layers.append(layer)
+    return model, model.model.layers[1].self_attn.o_proj
+
+
+def test_open_sealed_heads_get_a_column_table_on_their_o_proj_only():
+    from vllm_guard.loader.secneuron_loader import attach_head_bits
+    from vllm_guard.secneuron.manifest import Group, Manifest, Slice
+    from vllm_guard.secneuron.neuron_bits import head_bits
+
+    model, o_proj = _attention_model(maskable=True)
+    o = Slice("model.layers.1.self_attn.o_proj.weight", "m.safetensors", 1, 1, "F32", [4, 8], [])
+    groups = [Group("g0", ["rev"], {}, [o], attn={1: [4, 5, 6, 7]}),
+              Group("g1", ["up"], {}, [o], attn={1: [2, 3]})]
+    manifest = Manifest("id", {"inc": 0, "rev": 1, "up": 2}, {}, groups)
+    bits = head_bits(manifest, {"g0"})  # g1 stays locked: zero weights
+    assert set(bits) == {1} and bits[1].tolist() == [-1] * 4 + [2] * 4
+    assert attach_head_bits(model, bits) == 1
+    assert o_proj.guard_head_bits.tolist() == [-1] * 4 + [2] * 4
+    assert not hasattr(model.model.layers[0].self_attn.o_proj, "guard_head_bits")
+    assert head_bits(manifest, set()) == {}  # nothing open: no masking
+
+
+def test_open_sealed_heads_without_a_maskable_o_proj_are_refused_under_grants():
+    """Grants on but this o_proj cannot mask per request: the opened heads would answer
+    every request, whatever its grant."""
+    from vllm_guard.loader.secneuron_loader import attach_head_bits
+
+    model, _ = _attention_model(maskable=False)
+    with pytest.raises(GuardError, match=r"layers \[1\] have sealed heads"):
+        attach_head_bits(model, {1: torch.full((8,), -1)})
+    with pytest.raises(GuardError, match="8 input columns"):
+        attach_head_bits(_attention_model(maskable=True)[0], {1: torch.full((6,), -1)})

@@ -176,15 +176,20 @@ def test_rotate_and_revoke_cover_the_heads(locked_capability, keydir, tmp_path):
     assert rotated[o][:, 32:].abs().sum() > 0 and torch.all(revoked[o][:, 32:] == 0)
 
 
-def test_loader_holds_attention_until_opened_and_refuses_to_serve_open_heads(
+def test_loader_holds_attention_until_opened_and_opens_it_with_the_key(
         locked_capability, keydir):
-    _plain, locked, _caps, _ = locked_capability
+    plain, locked, _caps, _ = locked_capability
     manifest = read_locked_manifest(locked)
     assert "model.layers.0.self_attn.o_proj.weight" in layer_tensors(manifest)[0]
     data_keys = open_data_keys(manifest, {TASK: load_task_key(keydir / f"{TASK}.key")})
     stats = OpenReport([], [], [], 0, 0.0, {})
-    with ExitStack() as stack, pytest.raises(ManifestError, match="per-request head masks"):
-        list(stream_weights(locked, manifest, data_keys, SecNeuronLoadConfig(), stats, stack))
+    with ExitStack() as stack:  # with the key: the heads as trained (served per request)
+        opened = dict(stream_weights(locked, manifest, data_keys, SecNeuronLoadConfig(), stats,
+                                     stack))
+    original = _weights(plain)
+    for p in ("q", "k", "v", "o"):
+        name = f"model.layers.0.self_attn.{p}_proj.weight"
+        assert torch.equal(opened[name], original[name])
     with ExitStack() as stack:  # without the key: zeroed heads, the public model
         weights = dict(stream_weights(locked, manifest, {}, SecNeuronLoadConfig(), stats,
                                       stack))
@@ -207,7 +212,7 @@ def _open_in_place(locked: Path, data_keys: dict[str, bytes],
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_one_copy_path_zeroes_the_heads_and_refuses_to_open_them(locked_capability, keydir,
+def test_one_copy_path_zeroes_the_heads_and_opens_them_with_the_key(locked_capability, keydir,
                                                                  verify):
     _plain, locked, _caps, _ = locked_capability
     manifest = read_locked_manifest(locked)
@@ -221,8 +226,10 @@ def test_one_copy_path_zeroes_the_heads_and_refuses_to_open_them(locked_capabili
     assert torch.all(placed["model.layers.1.self_attn.o_proj.weight"][:, 32:] == 0)
     assert placed["model.layers.1.self_attn.o_proj.weight"][:, :32].abs().sum() > 0
     data_keys = open_data_keys(manifest, {TASK: load_task_key(keydir / f"{TASK}.key")})
-    with pytest.raises(ManifestError, match="per-request head masks"):
-        _open_in_place(locked, data_keys, config)
+    opened = _open_in_place(locked, data_keys, config)
+    original = _weights(_plain)
+    o = "model.layers.1.self_attn.o_proj.weight"
+    assert torch.equal(opened[o], original[o]) and opened[o][:, 32:].abs().sum() > 0
 
 
 def test_scattered_neurons_are_permuted_into_a_block_beside_the_heads(keydir, tmp_path):
