@@ -96,3 +96,15 @@ def scan_tensors(
 ) -> list[LayerVerdict]:
     return [scan_layer(i, tensors[info.gate], tensors[info.up], tensors[info.down], config)
             for i, info in sorted(layers.items())]
+
+
+def scan_block(t: torch.Tensor, axis: int, idx: list[int],
+               config: DetectorConfig = DEFAULT_DETECTOR) -> int:
+    """How many of the rows (``axis`` 0) or columns (1) ``idx`` of ``t`` (one block) look
+    encrypted: both halves of the vector hold a non-finite value or one above the threshold.
+    For sealed heads' q/k/v rows and o_proj columns, which have no gate/up/down triple."""
+    if not idx:
+        return 0
+    suspicious, _ = _segment_flags(t.narrow(axis, idx[0], len(idx)), axis,
+                                   config.abs_threshold)
+    return int((suspicious.sum(0) >= 2).sum())

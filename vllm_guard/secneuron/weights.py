@@ -6,7 +6,8 @@ files present, config/tokenizer/template files hash-checked -> unwrap data keys 
 our task keys open -> per weight shard: read into private memory, 16 MiB blocks hashed in
 parallel, each tensor checked against its blocks' signed SHA-256 before use
 (``verify_weights``) -> decrypt (parallel, every tag checked) -> zero
-every slice we could not open -> ciphertext detector over all FFN neurons -> (name, tensor).
+every slice we could not open -> ciphertext detector over all FFN neurons and sealed heads ->
+(name, tensor).
 
 No vLLM here: the loader adapter (``vllm_guard.loader``) feeds the stream to vLLM's model,
 as vLLM keeps tensorizer's iterator out of its loader.
@@ -31,7 +32,7 @@ from vllm_guard.secneuron.checkpoint import (
     safetensors_files,
     slice_tensors,
 )
-from vllm_guard.secneuron.detector import scan_layer
+from vllm_guard.secneuron.detector import scan_block, scan_layer
 from vllm_guard.secneuron.direct import Shard, open_shard, read_in_place
 from vllm_guard.secneuron.files import weight_files
 from vllm_guard.secneuron.manifest import Manifest, is_attention
@@ -64,6 +65,14 @@ def _open_layer(layer: int, tensors: dict[str, torch.Tensor], manifest: Manifest
         raise EncryptedWeightsError(
             f"{int(verdict.encrypted.sum())} neurons of layer {layer} still look "
             "encrypted after decryption; refusing to compute with them")
+    for g in manifest.groups:  # sealed heads: their q/k/v rows and o_proj columns
+        for sl in g.slices:
+            if sl.layer == layer and is_attention(sl.tensor):
+                bad = scan_block(tensors[sl.tensor], sl.axis, g.indices(sl), config.detector)
+                if bad:
+                    raise EncryptedWeightsError(
+                        f"{bad} sealed head vectors of {sl.tensor} still look encrypted "
+                        "after decryption; refusing to compute with them")
     return tensors, rep
 
 
