@@ -1,7 +1,8 @@
 """End-to-end latency suite: plain vLLM vs vLLM with vllm-guard, same weights, same requests.
 
 python -m benchmarks [--preset tiny|qwen2-0.5b-shape] [--mode quick|full]
-                     [--configs plain,idle,secneuron,grants,masking,masking-fast,all] [--check]
+                     [--configs plain,idle,secneuron,grants,sealed,masking,masking-fast,all]
+                     [--check]
 
 For each repeat, every configuration gets its own server in turn (interleaved, one at a
 time), the same streamed request stream at concurrency 1 and N, ``ignore_eos``. Reports TTFT,
@@ -40,6 +41,9 @@ CONFIGS = {
     "idle": {"guard": True},
     "secneuron": {"guard": True, "locked": True},
     "grants": {"guard": True, "locked": True, "grants": True},
+    # grants on a checkpoint with a sealed capability (#35: heads and neurons of its own,
+    # harness.locked.SEALED_TASK), every request granted it: heads masked per request
+    "sealed": {"guard": True, "locked": True, "grants": True, "sealed": True},
     "masking": {"guard": True, "masking": "default"},
     "masking-fast": {"guard": True, "masking": "fast"},  # name lists instead of spaCy NER
     # detection in a thread of the API server instead of detector processes
@@ -53,6 +57,12 @@ MODES = {  # input tokens (approx.), output tokens, requests at c=1, concurrency
     "smoke": {"input_len": 64, "output_len": 8, "n1": 4, "conc": 2, "nN": 4, "repeats": 1},
 }
 PII = " Contact jane.roe@example.com or 13812345678, card 4111 1111 1111 1111."
+# API keys of the grants configurations: name -> granted tasks; requests cycle through
+# NEURON_KEYS (neuron locks only) or SEALED_KEYS (the sealed capability granted too)
+GRANT_SETS = {"add": ["add"], "both": ["add", "capital"], "reverse": ["reverse"],
+              "sealed": ["add", "sealed"], "sealed_both": ["add", "capital", "sealed"]}
+NEURON_KEYS = ("add", "both", "reverse")
+SEALED_KEYS = ("sealed", "sealed_both")
 
 
 @dataclass
@@ -111,35 +121,50 @@ class BenchWorkspace:
     def __init__(self, preset: str, root: Path):
         self.root, self.preset = root, preset
         self.plain = fixture_model(preset)
-        self._locked: tuple[Path, dict] | None = None
-        self.tokens = {name: f"vg-bench-{name}" for name in ("add", "both", "reverse")}
+        self._locked: dict[bool, tuple[Path, dict]] = {}
+        self.tokens = {name: f"vg-bench-{name}" for name in GRANT_SETS}
 
-    def locked(self) -> tuple[Path, dict]:
-        if self._locked is None:
+    def locked(self, sealed: bool = False) -> tuple[Path, dict]:
+        """The locked checkpoint and loader config; ``sealed``: with the sealed capability's
+        key too (tiny: the locked fixture has one; other presets: a checkpoint widened by
+        one, random, built on first use)."""
+        if sealed not in self._locked:
+            from harness.locked import SEALED_TASK
+
+            tasks = ("add", "capital", "reverse")
             if self.preset == "tiny":
                 from harness.locked import locked_fixture
 
                 art = locked_fixture()
-                self._locked = art.locked, art.loader_config()
+                self._locked[sealed] = art.locked, art.loader_config(
+                    [*tasks, SEALED_TASK] if sealed else list(tasks))
             else:
                 from vllm_guard.secneuron.keys import KeyDir
                 from vllm_guard.secneuron.lock import lock_checkpoint
 
-                tasks = ("add", "capital", "reverse")
-                kd = KeyDir.create(self.root / "keys", tasks)
+                name = "sealed" if sealed else "locked"
+                kd = KeyDir.create(self.root / f"keys-{name}", [*tasks, SEALED_TASK])
                 keys = kd.task_keys(tasks)
-                lock_checkpoint(self.plain, _selection(self.plain, keys), keys,
-                                self.root / "locked", kd.signer(), progress=False)
-                self._locked = self.root / "locked", kd.loader_config(tasks)
-        return self._locked
+                model, selection = self.plain, _selection(self.plain, keys)
+                if sealed:
+                    model, selection = _sealed(self.plain, selection, self.root / "unlocked")
+                    keys = kd.task_keys([*tasks, SEALED_TASK])
+                lock_checkpoint(model, selection, keys, self.root / name, kd.signer(),
+                                progress=False)
+                self._locked[sealed] = self.root / name, kd.loader_config(list(keys))
+        return self._locked[sealed]
 
     def grants_file(self) -> str:
         path = self.root / "grants.json"
-        sets = {"add": ["add"], "both": ["add", "capital"], "reverse": ["reverse"]}
         path.write_text(json.dumps({"mode": "required", "api_keys": [
-            {"name": n, "sha256": hash_api_key(tok), "tasks": sets[n]}
+            {"name": n, "sha256": hash_api_key(tok), "tasks": GRANT_SETS[n]}
             for n, tok in self.tokens.items()]}))
         return str(path)
+
+    def request_tokens(self, spec: dict) -> list[str]:
+        """The API keys a configuration's requests cycle through."""
+        names = SEALED_KEYS if spec.get("sealed") else NEURON_KEYS
+        return [self.tokens[n] for n in names]
 
     def masking_file(self, profile: str) -> str:
         path = self.root / f"masking-{profile}.json"
@@ -151,7 +176,7 @@ class BenchWorkspace:
     def server(self, name: str, spec: dict, args: list[str], env: dict) -> VllmServer:
         model, extra = self.plain, []
         if spec.get("locked"):
-            model, cfg = self.locked()
+            model, cfg = self.locked(bool(spec.get("sealed")))
             extra = ["--load-format", "secneuron", "--model-loader-extra-config", json.dumps(cfg)]
         return VllmServer(str(model), [*args, *extra], self.root / f"{name}.log",
                           env if spec.get("guard") else {**env, "VLLM_PLUGINS": "__none__"},
@@ -159,6 +184,21 @@ class BenchWorkspace:
                           grants=self.grants_file() if spec.get("grants") else None,
                           masking=self.masking_file(spec["masking"]) if spec.get("masking")
                           else None)
+
+
+def _sealed(plain: Path, selection, out: Path):
+    """``plain`` widened by a random sealed capability (harness.locked's shape: 4 query heads'
+    worth, rounded up to whole KV groups, and 32 neurons per layer) and the selection
+    locking it beside ``selection``."""
+    import torch
+
+    from harness.locked import SEALED_HEADS, SEALED_NEURONS, SEALED_TASK, with_capabilities
+    from vllm_guard.secneuron.capability import SealConfig, seal_random
+    from vllm_guard.secneuron.selection import Selection
+
+    seal_random(plain, SEALED_TASK, SealConfig(heads=SEALED_HEADS, neurons=SEALED_NEURONS),
+                out, torch.Generator().manual_seed(7))
+    return out, with_capabilities(selection, Selection.load(out / "lock_selection.json"))
 
 
 def _selection(model: Path, keys: dict):
@@ -195,7 +235,7 @@ class AttachedServer:
 def run_config(ws: BenchWorkspace, name: str, spec: dict, mode: dict, server_args: list[str],
                env: dict, seed: int, attach: str | None = None) -> dict:
     prompts = suite_prompts(mode, seed)
-    toks = list(ws.tokens.values())
+    toks = ws.request_tokens(spec)
     headers = [{"Authorization": f"Bearer {toks[i % len(toks)]}"} if spec.get("grants") else {}
                for i in range(len(prompts))]
     t0 = time.perf_counter()

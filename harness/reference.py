@@ -1,5 +1,5 @@
-"""In-process references for served outputs: HF transformers greedy decoding of a plain
-checkpoint with chosen FFN neurons zeroed (what a lock or a grant set should compute)."""
+"""In-process references for served outputs: HF transformers with chosen FFN neurons and
+sealed heads' columns zeroed (what a lock or a grant set should compute)."""
 
 from __future__ import annotations
 
@@ -19,23 +19,52 @@ def locked_neurons(locked: Path, granted: list[str]) -> dict[int, list[int]]:
     return out
 
 
+def locked_heads(locked: Path, granted: list[str]) -> dict[int, list[int]]:
+    """Per layer, the o_proj input columns of sealed heads no granted task opens (heads are
+    not permuted by the lock: the same columns in the plaintext model)."""
+    from vllm_guard.secneuron.manifest import read_manifest
+
+    out: dict[int, list[int]] = {}
+    for g in read_manifest(locked).groups:
+        if not set(g.policy) & set(granted):
+            for layer, cols in g.attn.items():
+                out.setdefault(layer, []).extend(cols)
+    return out
+
+
+def _load_zeroed(model_dir: Path, zeroed: dict[int, list[int]],
+                 heads: dict[int, list[int]] | None):
+    """HF model of ``model_dir`` (fp32) with ``zeroed`` FFN neurons (down_proj input) and
+    ``heads`` columns (o_proj input) zeroed by forward pre-hooks."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for table, proj in ((zeroed, "down_proj"), (heads or {}, "o_proj")):
+        for layer, idx in table.items():
+            index = torch.tensor(idx, dtype=torch.long)
+
+            def hook(_m, args, index=index):
+                x = args[0].clone()
+                x[..., index] = 0
+                return (x,)
+
+            layers = model.model.layers[layer]
+            module = layers.mlp.down_proj if proj == "down_proj" else layers.self_attn.o_proj
+            module.register_forward_pre_hook(hook)
+    return model
+
+
 def hf_reference(model_dir: Path, zeroed: dict[int, list[int]], prompts: list[str],
-                 max_new_tokens: int = 8) -> list[str]:
-    """Greedy outputs of HF transformers with the given FFN neurons zeroed at down_proj input."""
+                 max_new_tokens: int = 8, heads: dict[int, list[int]] | None = None
+                 ) -> list[str]:
+    """Greedy outputs of HF transformers with the given FFN neurons (and sealed heads'
+    columns) zeroed."""
     import torch
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    for layer, idx in zeroed.items():
-        index = torch.tensor(idx, dtype=torch.long)
-
-        def hook(_m, args, index=index):
-            x = args[0].clone()
-            x[..., index] = 0
-            return (x,)
-
-        model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(hook)
+    model = _load_zeroed(model_dir, zeroed, heads)
     outs = []
     with torch.no_grad():
         for p in prompts:
@@ -44,3 +73,19 @@ def hf_reference(model_dir: Path, zeroed: dict[int, list[int]], prompts: list[st
                                  pad_token_id=tok.pad_token_id)
             outs.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
     return outs
+
+
+def hf_logprobs(model_dir: Path, zeroed: dict[int, list[int]], heads: dict[int, list[int]],
+                sequences: list[list[int]]) -> list[list[float]]:
+    """Per sequence of token ids, the log-probability of each token after the first given
+    the ones before it (teacher forcing), with neurons and heads' columns zeroed."""
+    import torch
+
+    model = _load_zeroed(model_dir, zeroed, heads)
+    out = []
+    with torch.no_grad():
+        for ids in sequences:
+            logits = model(torch.tensor([ids])).logits[0, :-1].float()
+            lp = torch.log_softmax(logits, dim=-1)
+            out.append(lp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist())
+    return out

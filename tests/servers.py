@@ -20,16 +20,19 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from harness.locked import LockedFixture, locked_fixture
+from harness.locked import SEALED_TASK, LockedFixture, locked_fixture
 from harness.server import ServerSpec, VllmServer
 from harness.slow import DELAY_FILE_ENV, DelayMiddleware
 from vllm_guard.grants.credentials import hash_api_key
 
 TASKS = ["add", "capital", "reverse"]
-# API keys of the shared grants file: name -> granted tasks
+# API keys of the shared grants file: name -> granted tasks. SEALED_TASK is the locked
+# fixture's sealed capability (heads of its own, harness/locked.py): only the grants servers
+# hold its key, and only these two keys grant it.
 GRANT_SETS = {"add": ["add"], "capital": ["capital"], "both": ["add", "capital"],
               "reverse": ["reverse"], "all": TASKS, "none": [], "revoked": ["add"],
-              "alice": TASKS, "bob": TASKS}
+              "alice": TASKS, "bob": TASKS, "sealed": [SEALED_TASK],
+              "add_sealed": ["add", SEALED_TASK]}
 ISSUER = "https://idp.test"
 # The model runs in the engine-core process instead of a worker process of its own: one
 # vLLM import fewer per start (~13 s idle, ~20 s under CI load). grants_compiled (and the
@@ -73,7 +76,7 @@ def grants(tmp_path_factory) -> dict:
     priv = Ed25519PrivateKey.generate()
     (d / "ed.pub").write_bytes(priv.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    doc = {"mode": "required", "tasks": TASKS,
+    doc = {"mode": "required", "tasks": [*TASKS, SEALED_TASK],
            "api_keys": [{"name": n, "sha256": hash_api_key(token(n)), "tasks": tasks}
                         for n, tasks in GRANT_SETS.items()],
            "jwt": {"hs256_secret_file": "hs.secret", "eddsa_public_key": "ed.pub",
@@ -115,15 +118,20 @@ def plain_server(server_pool, art) -> VllmServer:
                                         PLAIN_ENV, guard=False))
 
 
+def grants_loader_config(art: LockedFixture) -> dict:
+    """Every task key, the sealed capability's too: its heads are masked per request."""
+    return art.loader_config([*TASKS, SEALED_TASK])
+
+
 def _grants_spec(art: LockedFixture, grants: dict, eager: bool) -> ServerSpec:
     return ServerSpec("grants_eager" if eager else "grants_compiled", str(art.locked),
-                      secneuron_args(art.loader_config(), eager),
+                      secneuron_args(grants_loader_config(art), eager),
                       ONE_PROCESS if eager else (), grants=grants["file"])
 
 
 @pytest.fixture
 def grants_eager(server_pool, art, grants) -> VllmServer:
-    """Every task key loaded, per-request grants, eager mode."""
+    """Every task key loaded (the sealed capability's too), per-request grants, eager mode."""
     return server_pool.get(_grants_spec(art, grants, eager=True))
 
 

@@ -14,7 +14,8 @@ import jwt
 import pytest
 
 from harness.fixtures import format_example, task_examples
-from harness.reference import hf_reference, locked_neurons
+from harness.locked import SEALED_TASK
+from harness.reference import hf_logprobs, hf_reference, locked_heads, locked_neurons
 from harness.server import post
 from tests.servers import ISSUER
 
@@ -63,7 +64,8 @@ def text(url: str, prompt: str, token: str, **kw) -> str:
 def expected(art) -> dict[str, list[str]]:
     """In process: HF greedy outputs of the plain fixture with the neurons no granted task
     opens zeroed (tests/server/test_loader.py checks plain vLLM agrees with these)."""
-    out = {name: hf_reference(art.plain, locked_neurons(art.locked, tasks), PROMPTS)
+    out = {name: hf_reference(art.unlocked, locked_neurons(art.locked, tasks), PROMPTS,
+                              heads=locked_heads(art.locked, tasks))
            for name, tasks in GRANT_SETS.items()}
     # the grant sets must really compute differently, or mixing them proves nothing
     assert len({tuple(v) for v in out.values()}) >= 3
@@ -218,3 +220,52 @@ def test_compile_cache_root_is_keyed_by_plugin_config():
     on = guard_env({"VLLM_CACHE_ROOT": "/tmp/c"}, grants=str(Path(__file__)))
     assert off["VLLM_CACHE_ROOT"] != on["VLLM_CACHE_ROOT"]
     assert on["VLLM_CACHE_ROOT"].startswith("/tmp/c/vllm-guard-")
+
+
+# API keys of tests/servers.py: the sealed capability alone, beside a neuron lock, none of it
+SEALED_SETS = {"sealed": [SEALED_TASK], "add_sealed": ["add", SEALED_TASK], "add": ["add"],
+               "all": ["add", "capital", "reverse"]}
+TOLERANCE = 0.02  # issue #35: log-probabilities within 0.02 of the offline reference
+
+
+def _scored(url: str, prompt: str, token: str) -> tuple[list[int], list[float]]:
+    """Token ids of prompt + greedy continuation and the server's log-probability of each
+    token after the first (prompt log-probabilities, then the sampled tokens')."""
+    status, body = gen(url, prompt, token, extra={
+        "max_tokens": 6, "logprobs": 0, "prompt_logprobs": 0, "return_token_ids": True})
+    assert status == 200, body
+    choice = body["choices"][0]
+    ids = choice["prompt_token_ids"] + choice["token_ids"]
+    prompt_lp = [entry[str(t)]["logprob"] for entry, t in
+                 zip(choice["prompt_logprobs"][1:], choice["prompt_token_ids"][1:], strict=True)]
+    return ids, prompt_lp + choice["logprobs"]["token_logprobs"]
+
+
+def test_sealed_heads_are_masked_per_request_in_mixed_batches(server, grants, art):
+    """#35: a sealed capability's heads (and neurons) opened by the server's key serve only
+    requests whose grant holds the task. Requests under four grant sets share batches
+    (prefill and decode steps mixed); each matches the offline reference of its own grant
+    set: HF transformers on the unlocked model with the heads and neurons the grant lacks
+    zeroed."""
+    tok = grants["tokens"]
+    jobs = [(name, i) for i in range(len(PROMPTS)) for name in SEALED_SETS]
+    with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: they share batches
+        served = list(pool.map(lambda j: _scored(server.url, PROMPTS[j[1]], tok[j[0]]), jobs))
+    assert "sealed heads open and masked per request" in server.log_text()
+    worst = 0.0
+    for name, tasks in SEALED_SETS.items():
+        mine = [served[k] for k, (n, _) in enumerate(jobs) if n == name]
+        reference = hf_logprobs(art.unlocked, locked_neurons(art.locked, tasks),
+                                locked_heads(art.locked, tasks), [ids for ids, _ in mine])
+        for (_, lp), ref in zip(mine, reference, strict=True):
+            assert len(lp) == len(ref)
+            worst = max(worst, max(abs(a - b) for a, b in zip(lp, ref, strict=True)))
+    assert worst <= TOLERANCE, f"largest log-probability difference {worst:.4f}"
+    # the check can fail: the heads change what the model computes by far more than that
+    ids = [served[k][0] for k, (n, _) in enumerate(jobs) if n == "sealed"]
+    without = hf_logprobs(art.unlocked, locked_neurons(art.locked, [SEALED_TASK]),
+                          locked_heads(art.locked, []), ids)
+    with_heads = hf_logprobs(art.unlocked, locked_neurons(art.locked, [SEALED_TASK]),
+                             locked_heads(art.locked, [SEALED_TASK]), ids)
+    assert max(abs(a - b) for x, y in zip(without, with_heads, strict=True)
+               for a, b in zip(x, y, strict=True)) > 10 * TOLERANCE

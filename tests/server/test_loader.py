@@ -44,7 +44,7 @@ def test_all_keys_equals_plain_vllm_on_original(grants_eager, plain_server):
     guarded = outputs(grants_eager, bearer("all"))
     assert guarded == outputs(plain_server)
     log = grants_eager.log_text()
-    assert "open tasks ['add', 'capital', 'reverse']" in log
+    assert "open tasks ['add', 'capital', 'reverse', 'sealed']" in log
     assert "decrypted" in log and "GB/s" in log
 
 
