@@ -430,6 +430,8 @@ def test_gqa_lock_round_trip_with_and_without_the_key(sealed_gqa, keydir, tmp_pa
         streamed = dict(stream_weights(locked, manifest, {}, SecNeuronLoadConfig(),
                                        OpenReport([], [], [], 0, 0.0, {}), stack))
     assert all(torch.equal(streamed[n], want[n]) for n in want)
+    placed = _open_in_place(locked, {})  # and so does the one-copy path
+    assert all(torch.equal(placed[n], want[n]) for n in want)
     work = tmp_path / "rotated"  # rotation and revocation carry the KV rows
     import shutil
 
