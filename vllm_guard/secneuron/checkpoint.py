@@ -180,8 +180,9 @@ def slice_tensors(info: LayerInfo) -> list[tuple[str, int]]:
 
 
 def attention_tensors(info: LayerInfo) -> list[tuple[str, int]]:
-    """(tensor name, column axis) of a layer's attention projections: a head's columns are
-    rows of q/k/v_proj and columns of o_proj (one KV head per head: see capability.py)."""
+    """(tensor name, column axis) of a layer's attention projections, q first, then k: a
+    head's columns are rows of q_proj and columns of o_proj, its KV head's rows of k/v_proj
+    (the same indices with one KV head per head; see capability.py)."""
     return [(info.gate.replace("mlp.gate_proj", f"self_attn.{p}_proj"), 1 if p == "o" else 0)
             for p in ("q", "k", "v", "o")]
 

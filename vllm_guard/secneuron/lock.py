@@ -3,10 +3,10 @@
 Data path: selection -> policy tree -> per layer, a permutation of the FFN neurons that makes
 each group one block of consecutive positions (:func:`plan_blocks`; the model computes the
 same function) -> per-group data key -> chunked AES-256-GCM of each group's gate/up rows and
-down columns, and of a sealed capability's q/k/v rows and o_proj columns (its heads, already
-one block per group: ``secneuron/capability.py``), where they lie -> files written -> SHA-256
-and block BLAKE3 of every file + wrapped data keys + the permutation -> manifest (signed,
-format 6).
+down columns, and of a sealed capability's q rows and o_proj columns (its heads, already
+one block per group: ``secneuron/capability.py``) and k/v rows (its KV heads), where they
+lie -> files written -> SHA-256 and block BLAKE3 of every file + wrapped data keys + the
+permutation -> manifest (signed, format 6).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from vllm_guard.secneuron.manifest import (
     Manifest,
     Slice,
     index_digest,
+    is_kv,
     plan_blocks,
     read_manifest,
     wrap_binding,
@@ -83,7 +84,8 @@ def lock_checkpoint(
                 raise ManifestError(f"selection for task {task!r}, layer {layer} has neuron "
                                     f"indices outside [0, {size})")
 
-    for layer, per_task in selection.attn.items():
+    rows: dict[int, tuple[int, int]] = {}  # layer -> (q_proj rows, k_proj rows)
+    for layer in sorted(set(selection.attn) | set(selection.kv)):
         if layer not in layers:
             raise ManifestError(f"selection names layer {layer}, the model has {len(layers)}")
         for name, axis in attention_tensors(layers[layer]):
@@ -91,16 +93,22 @@ def lock_checkpoint(
                 raise ManifestError(f"selection seals attention columns of layer {layer}, but "
                                     f"the checkpoint has no {name}")
             size = ckpt.tensors[name].shape[axis]
-            for task, idx in per_task.items():
+            kv = is_kv(name)
+            for task, cols in selection.attn.get(layer, {}).items():
+                idx = selection.kv.get(layer, {}).get(task, cols) if kv else cols
                 if idx and (idx[0] < 0 or idx[-1] >= size):
                     raise ManifestError(f"selection for task {task!r}, layer {layer} has "
-                                        f"attention columns outside [0, {size})")
+                                        f"attention {'k/v rows' if kv else 'columns'} "
+                                        f"outside [0, {size})")
+        q, k = (ckpt.tensors[n].shape[0] for n, _ in attention_tensors(layers[layer])[:2])
+        rows[layer] = (q, k)
 
     ckpt_id = secrets.token_hex(16)
     groups = policy_tree(selection)
     manifest = Manifest(ckpt_id, {t: i for i, t in enumerate(selection.tasks)}, layers, groups,
                         key_ids={t: keys[t].key_id for t in selection.tasks})
-    manifest.check_attention()  # sealed heads adjacent: refused before any encryption
+    manifest.check_attention(rows)  # heads adjacent, k/v rows theirs: before any encryption
+    _check_biases(ckpt, layers, groups)
     data_keys = {g.id: new_data_key() for g in groups}
     for group in groups:
         manifest.wraps[group.id] = {
@@ -136,6 +144,21 @@ def lock_checkpoint(
             manifest.sign(signing_key)
         write_manifest(manifest, tmp)
     return manifest
+
+
+def _check_biases(ckpt, layers: dict, groups: list) -> None:
+    """q/k/v biases (Qwen2) are not encrypted: a sealed head's must be zero (capability.widen
+    adds them zero and training keeps them so); a nonzero one would be learnt task state in
+    plaintext. Zero, a zeroed head stays exactly zero without the key."""
+    for g in groups:
+        for layer in g.attn:
+            for name, _ in attention_tensors(layers[layer])[:3]:
+                bias = ckpt.tensors.get(name.removesuffix("weight") + "bias")
+                idx = g.kv_rows(layer) if is_kv(name) else g.attn[layer]
+                if bias is not None and idx and bias[idx].any():
+                    raise ManifestError(f"selection seals heads of layer {layer} whose "
+                                        f"{name.removesuffix('weight')}bias entries are not "
+                                        "zero: biases are not encrypted")
 
 
 def _encrypt(ckpt, name: str, axis: int, layer: int, members: list, data_keys: dict[str, bytes],

@@ -112,12 +112,19 @@ class Slice:
                    [int(x) for x in d["shape"]], [Chunk.from_json(c) for c in d["chunks"]])
 
 
-_ATTN = re.compile(r"^.*\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
+_ATTN = re.compile(r"^.*\.layers\.\d+\.self_attn\.(?P<proj>[qkvo])_proj\.weight$")
 
 
 def is_attention(tensor: str) -> bool:
     """An attention projection (a sealed capability's heads), not an FFN weight."""
     return _ATTN.match(tensor) is not None
+
+
+def is_kv(tensor: str) -> bool:
+    """k_proj or v_proj: their rows are KV heads (fewer than the query heads under
+    grouped-query attention), indexed by a group's ``kv`` block."""
+    m = _ATTN.match(tensor)
+    return m is not None and m["proj"] in ("k", "v")
 
 
 @dataclass
@@ -132,7 +139,10 @@ class Group:
     ``neurons[l][i]`` holds plaintext neuron ``selected[l][i]`` (the signed permutation,
     :meth:`Manifest.permutation`). A selection's policy tree has no ``selected`` yet.
     ``attn`` columns are not permuted: a group's must already be one block per layer
-    (a sealed capability's heads are added side by side, see ``secneuron/capability.py``)."""
+    (a sealed capability's heads are added side by side, see ``secneuron/capability.py``).
+    ``kv``: the k/v_proj rows of the KV heads those heads read (grouped-query attention:
+    ``g`` query heads share one KV head); a layer it does not name uses the ``attn``
+    columns (one KV head per head), so manifests without ``kv`` mean what they always did."""
 
     id: str
     policy: list[str]
@@ -140,6 +150,12 @@ class Group:
     slices: list[Slice] = field(default_factory=list)
     selected: dict[int, list[int]] = field(default_factory=dict)  # layer -> plaintext indices
     attn: dict[int, list[int]] = field(default_factory=dict)  # layer -> sorted head columns
+    kv: dict[int, list[int]] = field(default_factory=dict)  # layer -> sorted k/v rows (GQA)
+
+    def kv_rows(self, layer: int) -> list[int]:
+        """The k/v_proj rows this group owns in ``layer`` (its attention columns without
+        a ``kv`` block)."""
+        return self.kv[layer] if layer in self.kv else self.attn.get(layer, [])
 
     def block(self, layer: int) -> tuple[int, int]:
         """(first position, count) of the group's neurons in ``layer`` of the locked model."""
@@ -149,6 +165,8 @@ class Group:
     def indices(self, sl: Slice) -> list[int]:
         """The rows/columns of ``sl``'s tensor that this group owns (bound into its AAD
         with the tensor's name, so FFN and attention indices cannot be swapped)."""
+        if is_kv(sl.tensor):
+            return self.kv_rows(sl.layer)
         return (self.attn if is_attention(sl.tensor) else self.neurons).get(sl.layer, [])
 
     def span(self, sl: Slice) -> tuple[int, int]:
@@ -164,6 +182,8 @@ class Group:
                "slices": [s.to_json() for s in self.slices]}
         if self.attn:  # only sealed capabilities: other manifests carry no "attn" key
             doc["attn"] = {str(k): v for k, v in sorted(self.attn.items())}
+        if self.kv:  # only grouped-query attention
+            doc["kv"] = {str(k): v for k, v in sorted(self.kv.items())}
         return doc
 
     @classmethod
@@ -172,7 +192,8 @@ class Group:
                    {int(k): [int(i) for i in v] for k, v in d["neurons"].items()},
                    [Slice.from_json(s) for s in d["slices"]],
                    {int(k): [int(i) for i in v] for k, v in d["selected"].items()},
-                   {int(k): [int(i) for i in v] for k, v in d.get("attn", {}).items()})
+                   {int(k): [int(i) for i in v] for k, v in d.get("attn", {}).items()},
+                   {int(k): [int(i) for i in v] for k, v in d.get("kv", {}).items()})
 
 
 @dataclass
@@ -320,24 +341,55 @@ class Manifest:
                 raise ManifestError(f"group {g.id}: neurons and selection name other layers")
         self.check_attention()
 
-    def check_attention(self) -> None:
-        """Sealed heads: each group's attention columns one block per layer (decrypted where
-        they lie, like the neurons), inside every tensor sealed with them, no two groups
-        sharing a column; each slice covers indices its group owns."""
-        taken: dict[int, list[tuple[int, int, str]]] = {}
+    def check_attention(self, rows: dict[int, tuple[int, int]] | None = None) -> None:
+        """Sealed heads: each group's attention columns and k/v rows one block per layer
+        (decrypted where they lie, like the neurons), inside every tensor sealed with them,
+        no two groups sharing a column or row; each slice covers indices its group owns.
+        Grouped-query attention: with ``g`` query heads per KV head (q_proj rows / k_proj
+        rows), a group's query heads read exactly its KV heads (columns ``[a, a + n)``,
+        rows ``[b, b + m)``: ``a == g * b`` and ``n == g * m``), so no public head reads a
+        sealed KV head and zeroing them leaves the public model. ``rows``: layer -> (q_proj
+        rows, k_proj rows) when no slices say it yet (before encryption)."""
+        rows = dict(rows or {})
+        for g in self.groups:
+            for sl in g.slices:
+                if is_attention(sl.tensor) and sl.tensor.endswith(("q_proj.weight",
+                                                                   "k_proj.weight")):
+                    q, k = rows.get(sl.layer, (0, 0))
+                    rows[sl.layer] = (sl.shape[0], k) if sl.tensor.endswith(
+                        "q_proj.weight") else (q, sl.shape[0])
+        taken: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
         for g in self.groups:
             if not set(g.attn) <= set(self.layers):
                 raise ManifestError(f"group {g.id}: attention columns name other layers")
+            if not set(g.kv) <= {layer for layer, cols in g.attn.items() if cols}:
+                raise ManifestError(f"group {g.id}: k/v rows name layers where it owns no "
+                                    "attention columns")
+            for what, blocks in (("attention columns", g.attn), ("k/v rows", g.kv)):
+                for layer, cols in blocks.items():
+                    start = cols[0] if cols else 0
+                    if cols != list(range(start, start + len(cols))) or start < 0:
+                        raise ManifestError(f"group {g.id}, layer {layer}: {what} are not one "
+                                            "block (sealed heads must be adjacent)")
+                    for a, b, other in taken.get((what, layer), []):
+                        if a < start + len(cols) and start < b:
+                            raise ManifestError(f"group {g.id}, layer {layer}: {what} "
+                                                f"overlap group {other}'s")
+                    taken.setdefault((what, layer), []).append(
+                        (start, start + len(cols), g.id))
             for layer, cols in g.attn.items():
-                start = cols[0] if cols else 0
-                if cols != list(range(start, start + len(cols))) or start < 0:
-                    raise ManifestError(f"group {g.id}, layer {layer}: attention columns are "
-                                        "not one block (sealed heads must be adjacent)")
-                for a, b, other in taken.get(layer, []):
-                    if a < start + len(cols) and start < b:
-                        raise ManifestError(f"group {g.id}, layer {layer}: attention columns "
-                                            f"overlap group {other}'s")
-                taken.setdefault(layer, []).append((start, start + len(cols), g.id))
+                q, k = rows.get(layer, (0, 0))
+                if not cols or not q or not k:
+                    continue
+                kv = g.kv_rows(layer)
+                per = q // k if q % k == 0 else 0
+                if not per or cols[0] != per * (kv[0] if kv else -1) \
+                        or len(cols) != per * len(kv):
+                    raise ManifestError(
+                        f"group {g.id}, layer {layer}: its k/v rows are not the KV heads its "
+                        f"query heads read ({q // max(k, 1)} query heads per KV head: columns "
+                        f"[{cols[0]}, {cols[-1] + 1}) need rows [{cols[0] // max(per, 1)}, "
+                        f"{(cols[-1] + 1) // max(per, 1)}))")
             for sl in g.slices:
                 start, count = g.span(sl)
                 if not count or sl.axis not in (0, 1) or len(sl.shape) != 2 \

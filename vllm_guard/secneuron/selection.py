@@ -21,12 +21,17 @@ class Selection:
     info: dict = field(default_factory=dict)
     # layer -> task -> attention columns (sealed capabilities' heads; see capability.py)
     attn: dict[int, dict[str, list[int]]] = field(default_factory=dict)
+    # layer -> task -> k/v_proj rows of the KV heads those heads read (grouped-query
+    # attention); absent: the attn columns (one KV head per head)
+    kv: dict[int, dict[str, list[int]]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         doc = {"tasks": self.tasks, "info": self.info,
                "layers": {str(k): v for k, v in sorted(self.neurons.items())}}
         if self.attn:
             doc["attn"] = {str(k): v for k, v in sorted(self.attn.items())}
+        if self.kv:
+            doc["kv"] = {str(k): v for k, v in sorted(self.kv.items())}
         return doc
 
     @classmethod
@@ -37,7 +42,7 @@ class Selection:
                 return {int(k): {t: sorted(int(i) for i in v) for t, v in per.items()}
                         for k, per in d.items()}
             return cls(list(doc["tasks"]), per_layer(doc["layers"]), doc.get("info", {}),
-                       per_layer(doc.get("attn", {})))
+                       per_layer(doc.get("attn", {})), per_layer(doc.get("kv", {})))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ManifestError(f"cannot read neuron selection {path}: {e}") from None
 
@@ -60,6 +65,8 @@ def policy_tree(selection: Selection) -> list[Group]:
         return by_policy
 
     neurons, attn = grouped(selection.neurons), grouped(selection.attn)
-    ordered = sorted(set(neurons) | set(attn), key=lambda p: (len(p), p))
-    return [Group(f"g{i}", list(policy), neurons.get(policy, {}), attn=attn.get(policy, {}))
+    kv = grouped(selection.kv)
+    ordered = sorted(set(neurons) | set(attn) | set(kv), key=lambda p: (len(p), p))
+    return [Group(f"g{i}", list(policy), neurons.get(policy, {}), attn=attn.get(policy, {}),
+                  kv=kv.get(policy, {}))
             for i, policy in enumerate(ordered)]

@@ -15,21 +15,27 @@ from vllm_guard.errors import ManifestError
 from vllm_guard.secneuron.capability import (
     CAPABILITIES_NAME,
     Owned,
+    SealConfig,
+    added,
     capabilities_json,
     capability_selection,
     head_columns,
+    kv_rows,
     only_owned_trainable,
+    read_capabilities,
+    seal_random,
     sealed_off,
     strip_capabilities,
     widen,
 )
 from vllm_guard.secneuron.keys import load_public_key, load_signing_key, load_task_key
 from vllm_guard.secneuron.lock import lock_checkpoint
-from vllm_guard.secneuron.manifest import read_locked_manifest
+from vllm_guard.secneuron.manifest import MANIFEST_NAME, Manifest, read_locked_manifest
 from vllm_guard.secneuron.open import OpenReport
 from vllm_guard.secneuron.options import SecNeuronLoadConfig
 from vllm_guard.secneuron.preflight import open_data_keys
 from vllm_guard.secneuron.rekey import revoke_task, rotate_task_key
+from vllm_guard.secneuron.selection import Selection
 from vllm_guard.secneuron.unlock import unlock_checkpoint
 from vllm_guard.secneuron.weights import (
     layer_tensors,
@@ -275,3 +281,249 @@ def test_lock_refuses_heads_that_are_not_one_block(keydir, tmp_path):
                         progress=False)
     assert not (tmp_path / "locked").exists()
 
+
+
+# --- grouped-query attention: g query heads share a KV head (query head h reads h // g) ---
+
+
+def _public_gqa(arch: str):
+    """4 heads on 2 KV heads (Llama, g = 2) or 6 on 2 (Qwen2, g = 3, nonzero q/k/v biases)."""
+    torch.manual_seed(0)
+    common = dict(intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2,
+                  vocab_size=40, max_position_embeddings=32, tie_word_embeddings=False)
+    if arch == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, num_attention_heads=4, head_dim=16, **common)).eval()
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        hidden_size=48, num_attention_heads=6, **common)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    return model
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gqa_widening_adds_whole_kv_groups_and_keeps_the_function(arch):
+    public = _public_gqa(arch)
+    heads, kv = public.config.num_attention_heads, public.config.num_key_value_heads
+    group = heads // kv
+    ref = _logits(public)
+    wide, head_dim = widen(public, HEADS, NEURONS, 0.02, torch.Generator().manual_seed(1))
+    wide.eval()
+    own = added(public.config, wide.config)
+    # HEADS = 2 <= g: one KV head and the g query heads that read it, appended last
+    assert own.kv_heads == (kv,) and own.heads == tuple(range(heads, heads + group))
+    assert (wide.config.num_attention_heads, wide.config.num_key_value_heads) == (
+        heads + group, kv + 1)
+    assert torch.allclose(_logits(wide), ref, atol=1e-5)
+    attn = [layer.self_attn for layer in wide.model.layers]
+    if arch == "qwen2":  # the biases came along; the new heads' are zero
+        assert all(torch.all(a.k_proj.bias[kv_rows(own, head_dim)] == 0) for a in attn)
+        assert all(torch.all(a.q_proj.bias[head_columns(own, head_dim)] == 0) for a in attn)
+        assert all(torch.equal(a.k_proj.bias[:kv * head_dim], b.self_attn.k_proj.bias)
+                   for a, b in zip(attn, public.model.layers, strict=True))
+    with torch.no_grad():  # no public head reads the new KV heads
+        for a in attn:
+            for proj in (a.k_proj, a.v_proj):
+                proj.weight[kv_rows(own, head_dim)] = torch.randn(head_dim, proj.in_features)
+    assert torch.allclose(_logits(wide), ref, atol=1e-5)
+    with torch.no_grad():  # the new query heads do read them, and sealed_off removes them
+        for a in attn:
+            cols = head_columns(own, head_dim)
+            a.o_proj.weight[:, cols] = torch.randn(a.o_proj.out_features, len(cols))
+    assert not torch.allclose(_logits(wide), ref, atol=1e-3)
+    caps = {TASK: dict.fromkeys(range(2), own)}
+    with sealed_off(wide, caps, [TASK], head_dim):
+        assert torch.allclose(_logits(wide), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gqa_training_changes_only_the_owned_entries(arch):
+    public = _public_gqa(arch)
+    model, head_dim = widen(public, HEADS, NEURONS, 0.02, torch.Generator().manual_seed(1))
+    own = added(public.config, model.config)
+    with torch.no_grad():  # as training left them: the output columns moved
+        for layer in model.model.layers:
+            cols = head_columns(own, head_dim)
+            layer.self_attn.o_proj.weight[:, cols] = torch.randn(
+                layer.self_attn.o_proj.out_features, len(cols))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(list(model.parameters()), lr=0.1)
+    with only_owned_trainable(model, dict.fromkeys(range(2), own), head_dim):
+        model.train()
+        for _ in range(3):
+            model(input_ids=IDS, labels=IDS).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    owned_idx = {"q_proj": head_columns(own, head_dim), "o_proj": head_columns(own, head_dim),
+                 "k_proj": kv_rows(own, head_dim), "v_proj": kv_rows(own, head_dim),
+                 "gate_proj": list(own.neurons), "up_proj": list(own.neurons),
+                 "down_proj": list(own.neurons)}
+    changed = set()
+    for name, p in model.named_parameters():
+        diff = p != before[name]
+        if not diff.any():
+            continue
+        proj = name.rsplit(".", 2)[-2]
+        assert name.endswith(".weight") and proj in owned_idx, name  # biases stay as they are
+        owned = torch.zeros_like(diff)
+        if proj in ("o_proj", "down_proj"):
+            owned[:, owned_idx[proj]] = True
+        else:
+            owned[owned_idx[proj]] = True
+        assert not (diff & ~owned).any(), f"{name} changed outside the owned entries"
+        changed.add(proj)
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= changed
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def sealed_gqa(request, tmp_path_factory, random_tiny, keydir):
+    """A GQA checkpoint sealed without training (seal_random), and it locked: Llama (the
+    tiny fixture: 4 heads, 2 KV heads) or a Qwen2 with q/k/v biases."""
+    root = tmp_path_factory.mktemp(f"gqa-{request.param}")
+    base = random_tiny
+    if request.param == "qwen2":
+        base = root / "public"
+        _public_gqa("qwen2").save_pretrained(base, safe_serialization=True)
+        transformers.AutoTokenizer.from_pretrained(random_tiny).save_pretrained(base)
+    plain = seal_random(base, TASK, SealConfig(heads=HEADS, neurons=NEURONS), root / "plain",
+                        torch.Generator().manual_seed(3), out_std=0.5)
+    locked = root / "locked"
+    lock_checkpoint(plain, Selection.load(plain / "lock_selection.json"),
+                    {TASK: load_task_key(keydir / f"{TASK}.key")}, locked,
+                    load_signing_key(keydir / "publisher.pem"), chunk_bytes=512, progress=False)
+    return base, plain, locked
+
+
+def _load(d: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
+def test_gqa_lock_round_trip_with_and_without_the_key(sealed_gqa, keydir, tmp_path):
+    base, plain, locked = sealed_gqa
+    caps = read_capabilities(plain)
+    own = caps[TASK][0]
+    head_dim = _load(plain).config.head_dim
+    assert own.kv_heads != own.heads and '"kv_heads"' in (plain / CAPABILITIES_NAME).read_text()
+    manifest = read_locked_manifest(locked)
+    (g,) = manifest.groups
+    assert g.kv[0] == kv_rows(own, head_dim) and g.attn[0] == head_columns(own, head_dim)
+    k = next(sl for sl in g.slices if sl.tensor.endswith("layers.0.self_attn.k_proj.weight"))
+    assert g.span(k) == (own.kv_heads[0] * head_dim, len(own.kv_heads) * head_dim)
+    ref, ciphertext = _weights(plain), _weights(locked)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    rows = kv_rows(own, head_dim)
+    assert not torch.equal(ciphertext[name][rows], ref[name][rows])  # the KV heads: encrypted
+    assert torch.equal(ciphertext[name][:rows[0]], ref[name][:rows[0]])  # public: plaintext
+    key, pub = load_task_key(keydir / f"{TASK}.key"), load_public_key(keydir / "publisher.pub")
+    unlock_checkpoint(locked, {TASK: key}, tmp_path / "open", pub)
+    opened = _weights(tmp_path / "open")
+    assert all(torch.equal(opened[n], ref[n]) for n in ref)
+    unlock_checkpoint(locked, {}, tmp_path / "none", pub)
+    strip_capabilities(plain, [TASK], tmp_path / "stripped")
+    got, want = _weights(tmp_path / "none"), _weights(tmp_path / "stripped")
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert torch.all(got[name][rows] == 0)
+    public, sealed = _logits(_load(base)), _logits(_load(plain))
+    assert not torch.allclose(sealed, public, atol=1e-3)  # the capability does something
+    assert torch.allclose(_logits(_load(tmp_path / "none")), public, atol=1e-5)
+    with ExitStack() as stack:  # the loader zeroes the same rows without the key
+        streamed = dict(stream_weights(locked, manifest, {}, SecNeuronLoadConfig(),
+                                       OpenReport([], [], [], 0, 0.0, {}), stack))
+    assert all(torch.equal(streamed[n], want[n]) for n in want)
+    placed = _open_in_place(locked, {})  # and so does the one-copy path
+    assert all(torch.equal(placed[n], want[n]) for n in want)
+    work = tmp_path / "rotated"  # rotation and revocation carry the KV rows
+    import shutil
+
+    from vllm_guard.secneuron.keys import TaskKey
+
+    shutil.copytree(locked, work)
+    new = TaskKey.generate(TASK)
+    signer = load_signing_key(keydir / "publisher.pem")
+    rotate_task_key(work, key, new, signer)
+    newer = TaskKey.generate(TASK)
+    revoke_task(work, TASK, {TASK: new}, signer, new_key=newer)  # re-encrypted: fresh data key
+    unlock_checkpoint(work, {TASK: newer}, tmp_path / "reopened", pub)
+    reopened = _weights(tmp_path / "reopened")
+    assert all(torch.equal(reopened[n], ref[n]) for n in ref)
+
+
+def test_gqa_lock_refuses_kv_rows_its_heads_do_not_read(sealed_gqa, keydir, tmp_path):
+    _base, plain, _locked = sealed_gqa
+    key = {TASK: load_task_key(keydir / f"{TASK}.key")}
+    signer = load_signing_key(keydir / "publisher.pem")
+    good = Selection.load(plain / "lock_selection.json")
+    rows = good.kv[0][TASK]
+    head_dim = len(rows) // len(read_capabilities(plain)[TASK][0].kv_heads)
+    for kv, match in (([r - head_dim for r in rows], "not the KV heads"),  # a public KV head
+                      (rows[:head_dim // 2] + rows[head_dim // 2 + 1:], "not one block"),
+                      (None, "outside|not the KV heads")):  # no kv: one KV head per head
+        selection = Selection.load(plain / "lock_selection.json")
+        if kv is None:
+            selection.kv = {}
+        else:
+            selection.kv[0][TASK] = kv
+        with pytest.raises(ManifestError, match=match):
+            lock_checkpoint(plain, selection, key, tmp_path / "locked", signer, progress=False)
+        assert not (tmp_path / "locked").exists()
+
+
+def test_gqa_manifest_with_a_moved_or_missing_kv_block_is_refused(sealed_gqa):
+    import json
+
+    _base, _plain, locked = sealed_gqa
+    doc = json.loads((locked / MANIFEST_NAME).read_text())
+    Manifest.from_json(doc)  # as signed: fine
+    group = doc["body"]["groups"][0]
+    rows = group["kv"]["1"]
+    for edit in ({**group["kv"], "1": [r - len(rows) for r in rows]},  # another KV head
+                 {"0": group["kv"]["0"]}):  # layer 1's kv block gone: read as its heads
+        with pytest.raises(ManifestError, match="not the KV heads"):
+            Manifest.from_json({**doc, "body": {**doc["body"], "groups": [
+                {**group, "kv": edit}]}})
+
+
+@pytest.mark.parametrize("sealed_gqa", ["qwen2"], indirect=True)
+def test_lock_refuses_sealed_heads_with_a_nonzero_bias(sealed_gqa, keydir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    _base, plain, _locked = sealed_gqa
+    weights = _weights(plain)
+    edited = tmp_path / "plain"
+    shutil.copytree(plain, edited)
+    for p in edited.glob("*.safetensors"):
+        p.unlink()
+    rows = Selection.load(plain / "lock_selection.json").kv[1][TASK]
+    weights["model.layers.1.self_attn.k_proj.bias"][rows[0]] = 0.5  # trained: plaintext
+    save_file(weights, str(edited / "model.safetensors"))
+    with pytest.raises(ManifestError, match="bias"):
+        lock_checkpoint(edited, Selection.load(edited / "lock_selection.json"),
+                        {TASK: load_task_key(keydir / f"{TASK}.key")}, tmp_path / "locked",
+                        load_signing_key(keydir / "publisher.pem"), progress=False)
+
+
+def test_mha_capabilities_selection_and_manifest_carry_no_kv(locked_capability, tmp_path):
+    """One KV head per head: the files are what they were before GQA, and files without
+    KV heads (written before) read as one KV head per head."""
+    plain, locked, caps, head_dim = locked_capability
+    assert "kv_heads" not in capabilities_json(caps)
+    assert "kv" not in capability_selection(caps, head_dim).to_json()
+    assert all("kv" not in g.to_json() for g in read_locked_manifest(locked).groups)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / CAPABILITIES_NAME).write_text(
+        '{"tasks": {"reverse": {"0": {"heads": [2, 3], "neurons": [64, 65]}}}}')
+    assert read_capabilities(old)[TASK][0].kv_heads == (2, 3)
+    (old / "sel.json").write_text(
+        '{"tasks": ["reverse"], "layers": {"0": {"reverse": [64]}}, '
+        '"attn": {"0": {"reverse": [32, 33]}}}')
+    assert Selection.load(old / "sel.json").kv == {}
