@@ -18,7 +18,7 @@ import httpx
 from transformers import AutoTokenizer
 
 from harness.fixtures import TASKS, format_example, task_examples
-from harness.reference import hf_reference, locked_neurons
+from harness.reference import hf_reference, locked_heads, locked_neurons
 from harness.server import VllmServer
 from tests.conftest import complete
 from tests.servers import ENGINE_MARK, INJECTED_TEMPLATE, bearer, secneuron_args
@@ -51,7 +51,8 @@ def test_all_keys_equals_plain_vllm_on_original(grants_eager, plain_server):
 def test_subset_equals_unlocked_checkpoint_and_hf_reference(loader_subset, art, tmp_path):
     guarded = outputs(loader_subset)
     assert "open tasks ['add']" in loader_subset.log_text()
-    reference = hf_reference(art.plain, locked_neurons(art.locked, ["add"]), PROMPTS)
+    reference = hf_reference(art.unlocked, locked_neurons(art.locked, ["add"]), PROMPTS,
+                             heads=locked_heads(art.locked, ["add"]))
     assert guarded == reference
     # what `unlock` writes for the same key computes the same (in process)
     unlocked = tmp_path / "add-only"
@@ -81,8 +82,8 @@ def test_a_side_file_changed_while_vllm_starts_never_reaches_it(loader_subset):
 
 def test_no_keys_serves_public_only_with_warning(loader_no_keys, art):
     assert "no task keys given: serving the PUBLIC-ONLY model" in loader_no_keys.log_text()
-    assert outputs(loader_no_keys) == hf_reference(art.plain, locked_neurons(art.locked, []),
-                                                   PROMPTS)
+    assert outputs(loader_no_keys) == hf_reference(art.unlocked, locked_neurons(art.locked, []),
+                                                   PROMPTS, heads=locked_heads(art.locked, []))
 
 
 def test_wrong_key_refuses_to_start(art, tmp_path):
