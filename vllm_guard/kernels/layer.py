@@ -110,13 +110,16 @@ class MaskedInputForward(KeepTableOwner):
         bits = getattr(self, HEAD_BITS_ATTR, None)
         if bits is not None:
             grants = getattr(self, GRANT_BUFFER_ATTR)
+            shape = x.shape
+            flat = x.reshape(-1, shape[-1])  # one row per token (vLLM's layout: a view)
             if not torch.compiler.is_compiling():
-                x = mask_columns_(x, bits, grants)  # in place: o_proj's input is its own
+                flat = mask_columns_(flat, bits, grants)  # in place: o_proj's input is its own
             elif (table := getattr(self, KEEP_TABLE_ATTR, None)) is not None \
                     and STATE.rows is not None:
-                x = mask_columns_rows(x, table, STATE.rows)
+                flat = mask_columns_rows(flat, table, STATE.rows)
             else:  # traced without a keep table: the bit test on the buffer, read at run time
-                x = torch.where((bits & grants[: x.shape[0], None]) != 0, x, 0)
+                flat = torch.where((bits & grants[: flat.shape[0], None]) != 0, flat, 0)
+            x = flat.view(shape)
         return super().forward(x, *args, **kwargs)  # type: ignore[misc]
 
 

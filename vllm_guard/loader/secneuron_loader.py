@@ -19,6 +19,7 @@ from vllm.config import ModelConfig
 from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
+from vllm_guard import envs
 from vllm_guard.errors import GuardError, ManifestError
 from vllm_guard.loader.placement import capture_placement
 from vllm_guard.log import get_logger
@@ -90,15 +91,22 @@ def attach_neuron_bits(model: nn.Module, bits: dict[int, torch.Tensor], rank: in
 
 
 def attach_head_bits(model: nn.Module, bits: dict[int, torch.Tensor], rank: int = 0,
-                     world: int = 1) -> int:
-    """Give the o_proj of each layer in ``bits`` (open sealed heads) its column bit table.
+                     world: int = 1, grants_on: bool = True) -> int:
+    """Give the o_proj of each layer in ``bits`` (sealed heads) its column bit table.
 
-    With per-request grants on, every o_proj is the masked one (kernels.layer); one that is
-    not (an architecture whose attention output projection is another class) would serve the
-    opened heads to every request, so the load is refused. Without grants nothing is masked
-    per request, for heads as for neurons: the server's keys decide for everyone."""
-    attached, todo = 0, set(bits)
-    grants_on = any(hasattr(m, GRANT_BUFFER_ATTR) for m in model.modules())
+    With per-request grants on, every o_proj of a layer this rank holds must be the masked
+    one (kernels.layer); one that is not (another attention class, vLLM's Transformers
+    backend) would serve opened heads to every request, so the load is refused. Without
+    grants nothing is masked per request, for heads as for neurons: the keys decide for all."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    held: set[int] = set()
+    for name, m in model.named_modules():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] == "layers" and parts[-1].isdigit() \
+                and not isinstance(m, PPMissingLayer):
+            held.add(int(parts[-1]))  # a decoder layer this pipeline rank holds
+    attached, todo = 0, set(bits) & held
     for name, module in model.named_modules():
         if not name.endswith("self_attn.o_proj") or _layer_of(name) not in bits:
             continue
@@ -113,11 +121,34 @@ def attach_head_bits(model: nn.Module, bits: dict[int, torch.Tensor], rank: int 
         todo.discard(layer)
         attached += 1
     if grants_on and todo:
-        raise GuardError(f"layers {sorted(todo)} have sealed heads the task keys open, but no "
-                         "o_proj this plugin can mask per request (Llama/Qwen2/Mistral-style "
-                         "self_attn.o_proj); serve without that task's key")
+        raise GuardError(f"layers {sorted(todo)} have sealed heads, but no o_proj this plugin "
+                         "can mask per request (vLLM's Llama/Qwen2/Mistral "
+                         "self_attn.o_proj; not --model-impl transformers)")
     check_placement(model)
     return attached
+
+
+def refuse_unmasked_grants(model: nn.Module) -> None:
+    """Grants on: every MLP activation must be the masked op, or that layer's locked neurons
+    would answer every request (vLLM's Transformers backend builds ``nn.SiLU`` instead)."""
+    plain = [name for name, m in model.named_modules()
+             if name.endswith("mlp.act_fn") and not hasattr(m, GRANT_BUFFER_ATTR)]
+    if plain:
+        raise GuardError(f"{plain[0]} is not the masked activation this plugin serves grants "
+                         "with (use vLLM's own Llama/Qwen2/Mistral implementation, not "
+                         "--model-impl transformers)")
+
+
+def refuse_lora_with_sealed_heads(bits: dict[int, torch.Tensor]) -> None:
+    """vLLM's LoRA layers wrap o_proj after loading and call its weights directly: the head
+    mask would never run, and every request would get the sealed heads."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    cfg = get_current_vllm_config_or_none()
+    if bits and cfg is not None and cfg.lora_config is not None:
+        raise GuardError("a sealed capability's heads cannot be masked per request with "
+                         "--enable-lora (LoRA wraps the attention output projection); serve "
+                         "without LoRA")
 
 
 def check_placement(model: nn.Module) -> None:
@@ -181,9 +212,13 @@ class SecNeuronModelLoader(BaseModelLoader):
         GRANT_STATE.task_bits = dict(manifest.tasks)
         rank, world = _tp()
         attached = attach_neuron_bits(model, neuron_bits(manifest), rank, world)
-        heads = head_bits(manifest, set(report.opened_groups))
+        heads = head_bits(manifest)
+        grants_on = bool(envs.get(envs.GRANTS))
         try:
-            masked_heads = attach_head_bits(model, heads, rank, world)
+            if grants_on:
+                refuse_unmasked_grants(model)
+                refuse_lora_with_sealed_heads(heads)
+            masked_heads = attach_head_bits(model, heads, rank, world, grants_on)
         except GuardError as e:
             logger.error("vllm-guard: refusing to load %s: %s", self._where(model_config), e)
             raise
@@ -253,8 +288,9 @@ class SecNeuronModelLoader(BaseModelLoader):
                     len(report.locked_groups), report.bytes_decrypted / 1e6, report.seconds,
                     report.gb_per_s, attached)
         if masked_heads:
-            logger.info("vllm-guard secneuron: sealed heads open and masked per request on %d "
-                        "attention output projections", masked_heads)
+            logger.info("vllm-guard secneuron: sealed heads masked per request on %d attention "
+                        "output projections (open tasks: %s)", masked_heads,
+                        report.tasks or "none")
         logger.info("vllm-guard secneuron neurons per layer (public/open/locked): %s", per_layer)
 
 

@@ -11,8 +11,10 @@ permutation -> manifest (signed, format 6).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tqdm import tqdm
@@ -49,6 +51,16 @@ from vllm_guard.secneuron.manifest import (
     write_manifest,
 )
 from vllm_guard.secneuron.selection import Selection, policy_tree
+
+
+def _head_dim(model_dir: Path) -> int:
+    """The attention head size from the checkpoint's config (explicit or hidden / heads)."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        raise ManifestError(f"cannot read the head size from {model_dir}/config.json: {e}") \
+            from None
 
 
 def lock_checkpoint(
@@ -102,6 +114,13 @@ def lock_checkpoint(
                                         f"outside [0, {size})")
         q, k = (ckpt.tensors[n].shape[0] for n, _ in attention_tensors(layers[layer])[:2])
         rows[layer] = (q, k)
+        head_dim = _head_dim(ckpt.root)
+        for task, cols in selection.attn.get(layer, {}).items():
+            for idx in (cols, selection.kv.get(layer, {}).get(task, cols)):
+                if idx and (idx[0] % head_dim or len(idx) % head_dim):
+                    raise ManifestError(f"selection for task {task!r}, layer {layer}: sealed "
+                                        f"attention rows/columns are not whole heads (head_dim "
+                                        f"{head_dim}): a public head would read sealed rows")
 
     ckpt_id = secrets.token_hex(16)
     groups = policy_tree(selection)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_guard.errors import ManifestError
 from vllm_guard.secneuron.manifest import Group, Manifest
 from vllm_guard.secneuron.selection import Selection, policy_tree
 
@@ -36,13 +37,23 @@ def selection_bits(selection: Selection, intermediate_size: int) -> dict[int, to
                        policy_tree(selection), {t: i for i, t in enumerate(selection.tasks)})
 
 
-def head_bits(manifest: Manifest, opened: set[str]) -> dict[int, torch.Tensor]:
-    """Per layer where an ``opened`` group seals heads, int64 per o_proj input column: the
-    group's task bits on its heads' columns, every bit elsewhere. Layers without open sealed
-    heads get no table (nothing to mask: unopened heads are zeroed weights)."""
-    groups = [g for g in manifest.groups if g.id in opened and any(g.attn.values())]
-    sizes = {sl.layer: sl.shape[1] for g in groups for sl in g.slices
-             if sl.tensor.endswith("self_attn.o_proj.weight")}  # [hidden, heads * head_dim]
+def head_bits(manifest: Manifest) -> dict[int, torch.Tensor]:
+    """Per layer with sealed heads, int64 per o_proj input column: the owning group's task
+    bits on its heads' columns, every bit elsewhere. Every sealed group, open or not: heads
+    left locked are zero weights, but masking them anyway keeps the traced graph the same
+    whichever keys a server holds (a compiled graph cached by a start without a key must
+    not serve opened heads unmasked after a restart with it)."""
+    groups = [g for g in manifest.groups if any(g.attn.values())]
+    sizes: dict[int, int] = {}
+    for g in groups:
+        for layer, cols in g.attn.items():
+            o_proj = [sl for sl in g.slices if sl.layer == layer
+                      and sl.tensor.endswith("self_attn.o_proj.weight")]
+            if cols and not o_proj:
+                raise ManifestError(f"group {g.id} seals heads of layer {layer} but not their "
+                                    "o_proj columns")
+            for sl in o_proj:
+                sizes[layer] = sl.shape[1]  # [hidden, heads * head_dim]
     bits = {layer: torch.full((size,), ALL_BITS, dtype=torch.int64)
             for layer, size in sizes.items()}
     for g in groups:

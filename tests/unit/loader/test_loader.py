@@ -185,7 +185,7 @@ def _attention_model(maskable: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
     return model, model.model.layers[1].self_attn.o_proj
 
 
-def test_open_sealed_heads_get_a_column_table_on_their_o_proj_only():
+def test_sealed_heads_get_a_column_table_on_their_o_proj_only():
     from vllm_guard.loader.secneuron_loader import attach_head_bits
     from vllm_guard.secneuron.manifest import Group, Manifest, Slice
     from vllm_guard.secneuron.neuron_bits import head_bits
@@ -195,12 +195,13 @@ def test_open_sealed_heads_get_a_column_table_on_their_o_proj_only():
     groups = [Group("g0", ["rev"], {}, [o], attn={1: [4, 5, 6, 7]}),
               Group("g1", ["up"], {}, [o], attn={1: [2, 3]})]
     manifest = Manifest("id", {"inc": 0, "rev": 1, "up": 2}, {}, groups)
-    bits = head_bits(manifest, {"g0"})  # g1 stays locked: zero weights
-    assert set(bits) == {1} and bits[1].tolist() == [-1] * 4 + [2] * 4
+    # every sealed group, open or not (g1's heads may be locked: zero weights, masked all the
+    # same, so the traced graph does not depend on the keys a server holds)
+    bits = head_bits(manifest)
+    assert set(bits) == {1} and bits[1].tolist() == [-1] * 2 + [4] * 2 + [2] * 4
     assert attach_head_bits(model, bits) == 1
-    assert o_proj.guard_head_bits.tolist() == [-1] * 4 + [2] * 4
+    assert o_proj.guard_head_bits.tolist() == [-1] * 2 + [4] * 2 + [2] * 4
     assert not hasattr(model.model.layers[0].self_attn.o_proj, "guard_head_bits")
-    assert head_bits(manifest, set()) == {}  # nothing open: no masking
 
 
 def test_open_sealed_heads_without_a_maskable_o_proj_are_refused_under_grants():
@@ -213,3 +214,39 @@ def test_open_sealed_heads_without_a_maskable_o_proj_are_refused_under_grants():
         attach_head_bits(model, {1: torch.full((8,), -1)})
     with pytest.raises(GuardError, match="8 input columns"):
         attach_head_bits(_attention_model(maskable=True)[0], {1: torch.full((6,), -1)})
+
+
+def test_a_layer_on_another_pipeline_rank_needs_no_o_proj_here():
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    from vllm_guard.loader.secneuron_loader import attach_head_bits
+
+    model, o_proj = _attention_model(maskable=True)
+    model.model.layers[0] = PPMissingLayer()  # layer 0 lives on another pipeline rank
+    assert attach_head_bits(model, {0: torch.full((8,), -1), 1: torch.full((8,), -1)}) == 1
+    assert hasattr(o_proj, "guard_head_bits")
+
+
+def test_grants_refuse_an_activation_or_lora_that_would_not_mask(monkeypatch):
+    """vLLM's Transformers backend builds nn.SiLU, not the masked activation; LoRA wraps
+    o_proj and calls its weights directly: either would serve locked parts to everyone."""
+    from types import SimpleNamespace
+
+    import vllm.config
+
+    from vllm_guard.loader.secneuron_loader import (
+        refuse_lora_with_sealed_heads,
+        refuse_unmasked_grants,
+    )
+    from vllm_guard.runtime import GRANT_BUFFER_ATTR
+
+    model, _ = _attention_model(maskable=True)
+    refuse_unmasked_grants(model)
+    delattr(model.model.layers[1].mlp.act_fn, GRANT_BUFFER_ATTR)
+    with pytest.raises(GuardError, match="layers.1.mlp.act_fn is not the masked activation"):
+        refuse_unmasked_grants(model)
+    monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none",
+                        lambda: SimpleNamespace(lora_config=object()))
+    refuse_lora_with_sealed_heads({})  # no sealed heads: LoRA is fine
+    with pytest.raises(GuardError, match="--enable-lora"):
+        refuse_lora_with_sealed_heads({1: torch.full((8,), -1)})

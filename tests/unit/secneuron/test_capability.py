@@ -283,6 +283,21 @@ def test_lock_refuses_heads_that_are_not_one_block(keydir, tmp_path):
 
 
 
+def test_lock_refuses_sealed_columns_that_are_not_whole_heads(keydir, tmp_path):
+    """One block, but half a head off: a public head would read sealed q/k/v rows."""
+    model, caps, head_dim = _sealed(_public())
+    plain = tmp_path / "plain"
+    model.save_pretrained(plain, safe_serialization=True)
+    selection = capability_selection(caps, head_dim)
+    cols = selection.attn[0][TASK]
+    selection.attn[0][TASK] = [c - head_dim // 2 for c in cols]
+    with pytest.raises(ManifestError, match=f"not whole heads \\(head_dim {head_dim}\\)"):
+        lock_checkpoint(plain, selection, {TASK: load_task_key(keydir / f"{TASK}.key")},
+                        tmp_path / "locked", load_signing_key(keydir / "publisher.pem"),
+                        progress=False)
+    assert not (tmp_path / "locked").exists()
+
+
 # --- grouped-query attention: g query heads share a KV head (query head h reads h // g) ---
 
 
@@ -463,8 +478,9 @@ def test_gqa_lock_refuses_kv_rows_its_heads_do_not_read(sealed_gqa, keydir, tmp_
     rows = good.kv[0][TASK]
     head_dim = len(rows) // len(read_capabilities(plain)[TASK][0].kv_heads)
     for kv, match in (([r - head_dim for r in rows], "not the KV heads"),  # a public KV head
-                      (rows[:head_dim // 2] + rows[head_dim // 2 + 1:], "not one block"),
-                      (None, "outside|not the KV heads")):  # no kv: one KV head per head
+                      (rows[:head_dim // 2] + rows[head_dim // 2 + 1:],
+                       "not one block|not whole heads"),
+                      (None, "outside|not the KV heads|not whole heads")):  # no kv: MHA
         selection = Selection.load(plain / "lock_selection.json")
         if kv is None:
             selection.kv = {}
