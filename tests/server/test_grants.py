@@ -260,6 +260,8 @@ def test_sealed_heads_are_masked_per_request_in_mixed_batches(server, grants, ar
         for (_, lp), ref in zip(mine, reference, strict=True):
             assert len(lp) == len(ref)
             worst = max(worst, max(abs(a - b) for a, b in zip(lp, ref, strict=True)))
+    print(f"sealed heads, {server.log_path.stem}: largest log-probability difference "
+          f"{worst:.2e} over {sum(len(lp) for _, lp in served)} tokens")  # for the results
     assert worst <= TOLERANCE, f"largest log-probability difference {worst:.4f}"
     # the check can fail: the heads change what the model computes by far more than that
     ids = [served[k][0] for k, (n, _) in enumerate(jobs) if n == "sealed"]
