@@ -3,32 +3,35 @@ sealed heads' columns zeroed (what a lock or a grant set should compute)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm_guard.secneuron.manifest import Group
 
 
 def locked_neurons(locked: Path, granted: list[str]) -> dict[int, list[int]]:
     """Per layer, the plaintext model's neurons no granted task opens (the signed manifest's
     ``selected``: its ``neurons`` are positions in the permuted, locked model)."""
-    from vllm_guard.secneuron.manifest import read_manifest
-
-    out: dict[int, list[int]] = {}
-    for g in read_manifest(locked).groups:
-        if not set(g.policy) & set(granted):
-            for layer, idx in g.selected.items():
-                out.setdefault(layer, []).extend(idx)
-    return out
+    return _not_granted(locked, granted, lambda g: g.selected)
 
 
 def locked_heads(locked: Path, granted: list[str]) -> dict[int, list[int]]:
     """Per layer, the o_proj input columns of sealed heads no granted task opens (heads are
     not permuted by the lock: the same columns in the plaintext model)."""
+    return _not_granted(locked, granted, lambda g: g.attn)
+
+
+def _not_granted(locked: Path, granted: list[str],
+                 blocks: Callable[[Group], dict[int, list[int]]]) -> dict[int, list[int]]:
     from vllm_guard.secneuron.manifest import read_manifest
 
     out: dict[int, list[int]] = {}
     for g in read_manifest(locked).groups:
         if not set(g.policy) & set(granted):
-            for layer, cols in g.attn.items():
-                out.setdefault(layer, []).extend(cols)
+            for layer, idx in blocks(g).items():
+                out.setdefault(layer, []).extend(idx)
     return out
 
 
