@@ -4,7 +4,7 @@ python -m benchmarks.efficacy [--suite full|ci] [--no-e2e] [--no-dp]
     [--assignments sealed,blocks,extract]
     [--capabilities rev,up] [--seal-steps N] [--no-paper]
 python -m benchmarks.efficacy --relearn [--suite full|ci] [--quick] [--variants ...]
-    [--targets rev,pii] [--seal-steps N]
+    [--targets rev,pii] [--steps N] [--seal-steps N]
 
 Trains (or reuses) the multitask model, locks it as the toolchain does, scores every grant
 set of size 1 and 2, and serves the lock-aware checkpoint through vLLM with one API key per
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", default=None,
                     help="with --relearn: a cut of the attack grid, e.g. "
                     "'full:1e-3,lora:3e-3;100,1000;0'")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="with --relearn: fine-tuning steps per attack (default 1000; scored "
+                    "at 50, 200, 1000 where below it, and at the end)")
     ap.add_argument("--targets", default=None,
                     help="with --relearn: attacked tasks (default rev,pii)")
     args = ap.parse_args(argv)
@@ -90,6 +93,11 @@ def relearn_main(args: argparse.Namespace) -> int:
             x.split(":") for x in methods.split(","))),
             examples=tuple(int(n) for n in sizes.split(",")),
             seeds=tuple(int(s) for s in seeds.split(",")))
+    if args.steps is not None:
+        if args.steps < 1:
+            raise SystemExit("--steps must be at least 1")
+        config = replace(config, steps=args.steps, checkpoints=tuple(sorted(
+            {c for c in config.checkpoints if c < args.steps} | {args.steps})))
     if args.seal_steps is not None:  # the sealed capabilities under attack
         config = replace(config, efficacy=replace(
             config.efficacy, seal=_seal(config.efficacy.seal, args)))

@@ -199,3 +199,19 @@ def test_seal_steps_reaches_both_the_efficacy_and_the_relearn_config(monkeypatch
     assert seen[0] == replace(EfficacyConfig().seal, steps=3000)  # nothing else changed
     with pytest.raises(SystemExit):
         cli.main(["--suite", "ci", "--seal-steps", "0"])
+
+
+def test_relearn_steps_sets_the_attack_length_and_scores_at_its_end(monkeypatch):
+    import benchmarks.efficacy.__main__ as cli
+
+    seen: list = []
+    monkeypatch.setattr(cli, "run_relearn", lambda c: seen.append(c) or {})
+    for name in ("_report", "render_relearn"):
+        monkeypatch.setattr(cli, name, lambda *a: 0)
+    cli.main(["--relearn", "--variants", "capability", "--steps", "2000"])
+    cli.main(["--relearn", "--variants", "capability", "--steps", "150"])
+    cli.main(["--relearn", "--variants", "capability"])
+    assert [(c.steps, c.checkpoints) for c in seen] == [
+        (2000, (50, 200, 1000, 2000)), (150, (50, 150)), (1000, (50, 200, 1000))]
+    with pytest.raises(SystemExit):
+        cli.main(["--relearn", "--steps", "0"])
