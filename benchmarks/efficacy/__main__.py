@@ -2,9 +2,9 @@
 
 python -m benchmarks.efficacy [--suite full|ci] [--no-e2e] [--no-dp]
     [--assignments sealed,blocks,extract]
-    [--capabilities rev,up] [--no-paper]
+    [--capabilities rev,up] [--seal-steps N] [--no-paper]
 python -m benchmarks.efficacy --relearn [--suite full|ci] [--quick] [--variants ...]
-    [--targets rev,pii]
+    [--targets rev,pii] [--steps N] [--seal-steps N]
 
 Trains (or reuses) the multitask model, locks it as the toolchain does, scores every grant
 set of size 1 and 2, and serves the lock-aware checkpoint through vLLM with one API key per
@@ -27,6 +27,7 @@ from benchmarks.efficacy.pipeline import EfficacyConfig, render_markdown, run_ef
 from benchmarks.efficacy.relearn import VARIANTS as RELEARN_VARIANTS
 from benchmarks.efficacy.relearn import RelearnConfig, render_relearn, run_relearn
 from harness.measure import RESULTS, write_result
+from vllm_guard.secneuron.capability import SealConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capabilities", default="",
                     help="capability tasks to seal in heads and neurons of their own, on the "
                     "model trained without them (e.g. rev,up)")
+    ap.add_argument("--seal-steps", type=int, default=None,
+                    help="training steps of each sealed capability (default: SealConfig's)")
     ap.add_argument("--no-paper", action="store_true",
                     help="skip the paper-faithful extract + lock sweep")
     ap.add_argument("--no-e2e", action="store_true", help="skip the real-server pass")
@@ -56,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", default=None,
                     help="with --relearn: a cut of the attack grid, e.g. "
                     "'full:1e-3,lora:3e-3;100,1000;0'")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="with --relearn: fine-tuning steps per attack (default 1000; scored "
+                    "at 50, 200, 1000 where below it, and at the end)")
     ap.add_argument("--targets", default=None,
                     help="with --relearn: attacked tasks (default rev,pii)")
     args = ap.parse_args(argv)
@@ -67,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                      assignments=tuple(a for a in args.assignments.split(",") if a),
                      capabilities=tuple(t for t in args.capabilities.split(",") if t),
                      paper=not args.no_paper)
+    config = replace(config, seal=_seal(config.seal, args))
     start = time.perf_counter()
     result = run_efficacy(config)
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -86,6 +93,14 @@ def relearn_main(args: argparse.Namespace) -> int:
             x.split(":") for x in methods.split(","))),
             examples=tuple(int(n) for n in sizes.split(",")),
             seeds=tuple(int(s) for s in seeds.split(",")))
+    if args.steps is not None:
+        if args.steps < 1:
+            raise SystemExit("--steps must be at least 1")
+        config = replace(config, steps=args.steps, checkpoints=tuple(sorted(
+            {c for c in config.checkpoints if c < args.steps} | {args.steps})))
+    if args.seal_steps is not None:  # the sealed capabilities under attack
+        config = replace(config, efficacy=replace(
+            config.efficacy, seal=_seal(config.efficacy.seal, args)))
     if args.targets is not None:
         config = replace(config, tasks=tuple(t for t in args.targets.split(",") if t))
     if args.quick:
@@ -93,6 +108,14 @@ def relearn_main(args: argparse.Namespace) -> int:
     result = run_relearn(config)
     return _report(args.out or f"relearn-{config.suite}", result, render_relearn(result),
                    "re-learning")
+
+
+def _seal(seal: SealConfig, args: argparse.Namespace) -> SealConfig:
+    if args.seal_steps is None:
+        return seal
+    if args.seal_steps < 1:
+        raise SystemExit("--seal-steps must be at least 1")
+    return replace(seal, steps=args.seal_steps)
 
 
 def _report(name: str, result: dict, md: str, what: str) -> int:

@@ -87,8 +87,7 @@ class EfficacyConfig:
     # Sealed capabilities: each task learnt only in heads and neurons of its own, on top of
     # the suite trained without it (vllm_guard/secneuron/capability.py)
     capabilities: tuple[str, ...] = ()
-    # 2000 steps: what a 2-core VM shared with other jobs could afford on 2026-12-07
-    seal: SealConfig = field(default_factory=lambda: SealConfig(steps=2000))
+    seal: SealConfig = field(default_factory=SealConfig)  # steps: its default (--seal-steps)
 
 
 def grant_sets(tasks: tuple[str, ...], sizes: tuple[int, ...]) -> list[tuple[str, ...]]:

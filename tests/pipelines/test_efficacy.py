@@ -182,3 +182,36 @@ def test_score_answers_loss_is_the_models_own_and_beneath_eos_drops_the_stop_par
     assert all(g > 0 for g in gaps), gaps
     for row in result["lock_aware"][0]["rows"]:
         assert 0.0 <= row["mia_auroc_beneath_eos"] <= 1.0
+
+
+def test_seal_steps_reaches_both_the_efficacy_and_the_relearn_config(monkeypatch):
+    import benchmarks.efficacy.__main__ as cli
+
+    seen: list = []
+    monkeypatch.setattr(cli, "run_efficacy", lambda c: seen.append(c.seal) or {})
+    monkeypatch.setattr(cli, "run_relearn", lambda c: seen.append(c.efficacy.seal) or {})
+    for name in ("_report", "render_markdown", "render_relearn"):
+        monkeypatch.setattr(cli, name, lambda *a: 0)
+    cli.main(["--suite", "ci", "--capabilities", "up", "--seal-steps", "3000"])
+    cli.main(["--relearn", "--variants", "capability", "--seal-steps", "2500"])
+    cli.main(["--suite", "ci", "--capabilities", "up"])
+    assert [s.steps for s in seen] == [3000, 2500, EfficacyConfig().seal.steps]
+    assert seen[0] == replace(EfficacyConfig().seal, steps=3000)  # nothing else changed
+    with pytest.raises(SystemExit):
+        cli.main(["--suite", "ci", "--seal-steps", "0"])
+
+
+def test_relearn_steps_sets_the_attack_length_and_scores_at_its_end(monkeypatch):
+    import benchmarks.efficacy.__main__ as cli
+
+    seen: list = []
+    monkeypatch.setattr(cli, "run_relearn", lambda c: seen.append(c) or {})
+    for name in ("_report", "render_relearn"):
+        monkeypatch.setattr(cli, name, lambda *a: 0)
+    cli.main(["--relearn", "--variants", "capability", "--steps", "2000"])
+    cli.main(["--relearn", "--variants", "capability", "--steps", "150"])
+    cli.main(["--relearn", "--variants", "capability"])
+    assert [(c.steps, c.checkpoints) for c in seen] == [
+        (2000, (50, 200, 1000, 2000)), (150, (50, 150)), (1000, (50, 200, 1000))]
+    with pytest.raises(SystemExit):
+        cli.main(["--relearn", "--steps", "0"])

@@ -55,9 +55,9 @@ CAPABILITIES_NAME = "sealed_capabilities.json"
 class SealConfig:
     heads: int = 2  # attention heads added per layer, owned by the task
     neurons: int = 64  # FFN neurons added per layer, owned by the task
-    # CI model (64 wide), 2026-12-07: rev 1.00 and up 0.90 with the key after 2000 steps
-    # (rev 0.61 after 1500); train longer for a task that misses
-    steps: int = 2000
+    # CI model (64 wide), 2026-12-07: after 2000 steps rev 1.00 but up 0.90 with the key
+    # (rev 0.61 after 1500); 4000 for both (docs/efficacy.md, #35)
+    steps: int = 4000
     batch_size: int = 64
     lr: float = 3e-3
     keep: float = 1.0  # weight of the KL term on the other tasks (task granted vs not)
