@@ -154,11 +154,14 @@ class BenchWorkspace:
                 self._locked[sealed] = self.root / name, kd.loader_config(list(keys))
         return self._locked[sealed]
 
-    def grants_file(self) -> str:
-        path = self.root / "grants.json"
+    def grants_file(self, spec: dict) -> str:
+        """The API keys of ``spec``'s requests only: serve refuses a key naming a task its
+        checkpoint lacks (the sealed task on the neuron-locked checkpoint)."""
+        names = SEALED_KEYS if spec.get("sealed") else NEURON_KEYS
+        path = self.root / f"grants-{'sealed' if spec.get('sealed') else 'neurons'}.json"
         path.write_text(json.dumps({"mode": "required", "api_keys": [
-            {"name": n, "sha256": hash_api_key(tok), "tasks": GRANT_SETS[n]}
-            for n, tok in self.tokens.items()]}))
+            {"name": n, "sha256": hash_api_key(self.tokens[n]), "tasks": GRANT_SETS[n]}
+            for n in names]}))
         return str(path)
 
     def request_tokens(self, spec: dict) -> list[str]:
@@ -181,7 +184,7 @@ class BenchWorkspace:
         return VllmServer(str(model), [*args, *extra], self.root / f"{name}.log",
                           env if spec.get("guard") else {**env, "VLLM_PLUGINS": "__none__"},
                           guard=bool(spec.get("guard")),
-                          grants=self.grants_file() if spec.get("grants") else None,
+                          grants=self.grants_file(spec) if spec.get("grants") else None,
                           masking=self.masking_file(spec["masking"]) if spec.get("masking")
                           else None)
 
