@@ -206,14 +206,14 @@ def _vllm_modules() -> tuple[torch.nn.Module, torch.nn.Module]:
     from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.activation import SiluAndMul
 
-    from vllm_guard.kernels.layer import register_masked_activation
+    from vllm_guard.kernels.layer import register_masked_layers
 
     # --enforce-eager's config: in compile mode vLLM would wrap forward_native in its own
     # torch.compile (CustomOp.maybe_compile); this benchmark compiles the modules itself
     eager = VllmConfig(compilation_config=CompilationConfig(mode=CompilationMode.NONE))
     with set_current_vllm_config(eager):
         native = SiluAndMul()  # before the registration: vLLM's class
-    register_masked_activation()
+    register_masked_layers()
     with set_current_vllm_config(VllmConfig()):  # compile mode: ours gets keep tables
         guard = SiluAndMul()
     if type(guard) is SiluAndMul or type(native) is not SiluAndMul:

@@ -44,12 +44,12 @@ def register() -> None:
     register_loader()
     if envs.get(envs.GRANTS):
         from vllm_guard.compat import check_vllm_version, installed_vllm_version
-        from vllm_guard.kernels.layer import register_masked_activation
+        from vllm_guard.kernels.layer import register_masked_layers
 
         check_vllm_version(installed_vllm_version())
         from vllm_guard.runtime.runner_hook import install_runner_hook
 
-        register_masked_activation()
+        register_masked_layers()
         install_runner_hook()
     ensure_handler()
     logger.info("vllm-guard %s registered in %s (pid %d)", __version__, process_role(),

@@ -123,7 +123,7 @@ class MaskedInputForward(KeepTableOwner):
         return super().forward(x, *args, **kwargs)  # type: ignore[misc]
 
 
-def register_masked_activation() -> None:
+def register_masked_layers() -> None:
     """The masked activation and the masked o_proj input, for every model vLLM builds."""
     global _registered
     if _registered:
