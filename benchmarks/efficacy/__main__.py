@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="with --relearn: parallel attacks")
     ap.add_argument("--variants", default=None,
                     help="with --relearn: locked variants to attack (default: "
-                    + ",".join(RELEARN_VARIANTS) + "; also: capability)")
+                    + ",".join(RELEARN_VARIANTS) + "; also: capability, which also attacks "
+                    "never-wide, the never-trained model widened to its shape with zero slots)")
     ap.add_argument("--grid", default=None,
                     help="with --relearn: a cut of the attack grid, e.g. "
                     "'full:1e-3,lora:3e-3;100,1000;0'")

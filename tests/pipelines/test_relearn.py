@@ -169,3 +169,62 @@ def test_benign_tuning_is_also_judged_against_the_same_tuning_without_the_trap()
     rows = summarise([run("sealed", 0, 0.9), run("sealed-trap", 0, 0.5)], cfg)
     assert not next(r for r in rows if r["variant"] == "sealed-trap")["kept_vs_no_trap"]
     assert "kept_vs_no_trap" not in next(r for r in rows if r["variant"] == "sealed")
+
+
+def _attack_run(variant: str, seed: int, steps_to_half: int | None) -> dict:
+    at = {"0": {"up": 0.0, "rev": 1.0}, "200": {"up": 0.6, "rev": 1.0}}
+    return {"variant": variant, "target": "up", "kind": "attack", "steps_to_half": steps_to_half,
+            "attack": {"method": "lora", "lr": 3e-3, "examples": 1000, "seed": seed}, "at": at}
+
+
+def test_capability_is_also_judged_against_the_never_trained_model_of_its_shape():
+    from benchmarks.efficacy.relearn import render_relearn, summarise
+
+    cfg = replace(CI, steps=200, checkpoints=(200,))
+    runs = [_attack_run("never", 0, None), _attack_run("never-wide", 0, 100),
+            _attack_run("capability", 0, 100),  # the narrow baseline never gets there
+            _attack_run("never", 1, 150), _attack_run("never-wide", 1, 50),
+            _attack_run("capability", 1, 100)]
+    rows = summarise(runs, cfg)
+    cap = next(r for r in rows if r["variant"] == "capability")
+    assert cap["advantage"] == [{"value": 2.0, "bound": ">"}, {"value": 1.5, "bound": "="}]
+    assert cap["advantage_same_shape"] == [{"value": 1.0, "bound": "="},
+                                           {"value": 0.5, "bound": "="}]
+    wide = next(r for r in rows if r["variant"] == "never-wide")
+    assert "advantage" not in wide and "trap_bar" not in wide  # a baseline, not a lock
+    md = render_relearn({"config": {"checkpoints": [200]}, "table": rows,
+                         "never_wide": {"up": {"identical": True, "tensors": 3,
+                                               "differing_tensors": [],
+                                               "differing_config": []}}})
+    assert "advantage vs never-wide (same shape)" in md and "| >2.00, 1.50 | 1.00, 0.50 |" in md
+    assert "never-wide (up) vs the sealed checkpoint without its key: weights bit-identical" in md
+    # a seed without a never-wide run is said so, not read as "never reached 50%"
+    rows = summarise([r for r in runs if r != _attack_run("never-wide", 1, 50)], cfg)
+    cap = next(r for r in rows if r["variant"] == "capability")
+    assert cap["advantage_same_shape"][1] == {"value": None, "bound": "no never-wide run"}
+    # without never-wide runs (no capability attacked), tables stay as they were
+    rows = summarise([_attack_run("never", 0, None), _attack_run("sealed", 0, 100)], cfg)
+    assert "advantage_same_shape" not in rows[1]
+    assert "never-wide" not in render_relearn({"config": {"checkpoints": [200]}, "table": rows})
+
+
+def test_never_wide_is_the_sealed_checkpoint_without_its_key_bit_for_bit(random_tiny, tmp_path):
+    """Built from the public model alone, the same-shape baseline holds exactly what a holder
+    without the key gets (tiny GQA Llama: 4 heads on 2 KV heads)."""
+    from benchmarks.efficacy.relearn import compare_checkpoints, widen_zeroed
+    from vllm_guard.secneuron.capability import SealConfig, seal_random, strip_capabilities
+
+    seal = SealConfig(heads=2, neurons=8)
+    sealed = seal_random(random_tiny, "t", seal, tmp_path / "sealed",
+                         torch.Generator().manual_seed(3), out_std=0.5)
+    stripped = strip_capabilities(sealed, ["t"], tmp_path / "stripped")
+    wide = widen_zeroed(random_tiny, seal, tmp_path / "wide")
+    same = compare_checkpoints(wide, stripped)
+    assert same["identical"] and not same["differing_tensors"], same
+    assert same["tensors"] > 0 and same["differing_config"] == [], same
+    keyed = compare_checkpoints(wide, sealed)  # with the key the sealed slots are not zero
+    assert not keyed["identical"]
+    assert {n.rsplit(".", 2)[-2] for n in keyed["differing_tensors"]} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    narrow = compare_checkpoints(wide, random_tiny)  # and it is wider than the public model
+    assert not narrow["identical"] and "num_attention_heads" in narrow["differing_config"]
