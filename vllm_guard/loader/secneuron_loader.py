@@ -139,16 +139,29 @@ def refuse_unmasked_grants(model: nn.Module) -> None:
                          "--model-impl transformers)")
 
 
-def refuse_lora_with_sealed_heads(bits: dict[int, torch.Tensor]) -> None:
-    """vLLM's LoRA layers wrap o_proj after loading and call its weights directly: the head
-    mask would never run, and every request would get the sealed heads."""
+def refuse_configs_that_bypass_grants(heads: dict[int, torch.Tensor]) -> None:
+    """vLLM features that would compute a request with other requests' grants, or not mask
+    at all, refused in one line while grants are on."""
     from vllm.config import get_current_vllm_config_or_none
 
     cfg = get_current_vllm_config_or_none()
-    if bits and cfg is not None and cfg.lora_config is not None:
+    if cfg is None:
+        return
+    if heads and cfg.lora_config is not None:
+        # LoRA layers wrap o_proj after loading and call its weights directly
         raise GuardError("a sealed capability's heads cannot be masked per request with "
                          "--enable-lora (LoRA wraps the attention output projection); serve "
                          "without LoRA")
+    if getattr(cfg.parallel_config, "use_ubatching", False):
+        raise GuardError("per-request grants cannot run micro-batches (--enable-dbo, "
+                         "--ubatch-size): each reads the step's grant buffer from its start, "
+                         "so one would be masked by other requests' grants")
+    spec = cfg.speculative_config
+    if spec is not None and getattr(spec, "method", None) == "draft_model":
+        raise GuardError("per-request grants cannot run a draft model: it would read the "
+                         "target's per-token grants in another token layout, so how many of "
+                         "a request's draft tokens are accepted would depend on other "
+                         "requests' grants (a timing channel)")
 
 
 def check_placement(model: nn.Module) -> None:
@@ -217,7 +230,7 @@ class SecNeuronModelLoader(BaseModelLoader):
         try:
             if grants_on:
                 refuse_unmasked_grants(model)
-                refuse_lora_with_sealed_heads(heads)
+                refuse_configs_that_bypass_grants(heads)
             masked_heads = attach_head_bits(model, heads, rank, world, grants_on)
         except GuardError as e:
             logger.error("vllm-guard: refusing to load %s: %s", self._where(model_config), e)

@@ -227,15 +227,17 @@ def test_a_layer_on_another_pipeline_rank_needs_no_o_proj_here():
     assert hasattr(o_proj, "guard_head_bits")
 
 
-def test_grants_refuse_an_activation_or_lora_that_would_not_mask(monkeypatch):
+def test_grants_refuse_an_activation_or_config_that_would_not_mask(monkeypatch):
     """vLLM's Transformers backend builds nn.SiLU, not the masked activation; LoRA wraps
-    o_proj and calls its weights directly: either would serve locked parts to everyone."""
+    o_proj and calls its weights directly; micro-batches read the grant buffer from its
+    start; a draft model reads it in another token layout: each would compute a request
+    with no mask or with other requests' grants."""
     from types import SimpleNamespace
 
     import vllm.config
 
     from vllm_guard.loader.secneuron_loader import (
-        refuse_lora_with_sealed_heads,
+        refuse_configs_that_bypass_grants,
         refuse_unmasked_grants,
     )
     from vllm_guard.runtime import GRANT_BUFFER_ATTR
@@ -245,8 +247,23 @@ def test_grants_refuse_an_activation_or_lora_that_would_not_mask(monkeypatch):
     delattr(model.model.layers[1].mlp.act_fn, GRANT_BUFFER_ATTR)
     with pytest.raises(GuardError, match="layers.1.mlp.act_fn is not the masked activation"):
         refuse_unmasked_grants(model)
+
+    def config(lora=None, ubatching=False, method=None) -> SimpleNamespace:
+        return SimpleNamespace(lora_config=lora,
+                               parallel_config=SimpleNamespace(use_ubatching=ubatching),
+                               speculative_config=method and SimpleNamespace(method=method))
+
+    heads = {1: torch.full((8,), -1)}
+    for cfg, refused in ((config(), None), (config(lora=object()), "--enable-lora"),
+                         (config(ubatching=True), "micro-batches"),
+                         (config(method="draft_model"), "draft model"),
+                         (config(method="ngram"), None)):
+        monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none", lambda c=cfg: c)
+        if refused is None:
+            refuse_configs_that_bypass_grants(heads)
+        else:
+            with pytest.raises(GuardError, match=refused):
+                refuse_configs_that_bypass_grants(heads)
     monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none",
-                        lambda: SimpleNamespace(lora_config=object()))
-    refuse_lora_with_sealed_heads({})  # no sealed heads: LoRA is fine
-    with pytest.raises(GuardError, match="--enable-lora"):
-        refuse_lora_with_sealed_heads({1: torch.full((8,), -1)})
+                        lambda: config(lora=object()))
+    refuse_configs_that_bypass_grants({})  # no sealed heads: LoRA is fine
