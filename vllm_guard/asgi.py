@@ -28,6 +28,9 @@ PRINCIPAL_KEY = "vllm_guard.principal"
 # derived, the verified grant). Not client data, so masking does not scan them: a hash that
 # NER happens to read as a name must not refuse a request.
 SERVER_SET_KEY = "vllm_guard.server_set"
+# vLLM copies these (top level, or from vllm_xargs) into the request, where a KV or
+# encoder-cache connector reads remote block ids and hosts from them: never a client's.
+TRANSFER_FIELDS = ("kv_transfer_params", "ec_transfer_params")
 
 
 class RequestError(Exception):

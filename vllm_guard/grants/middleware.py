@@ -23,6 +23,7 @@ from vllm_guard import envs
 from vllm_guard.asgi import (
     PRINCIPAL_KEY,
     SERVER_SET_KEY,
+    TRANSFER_FIELDS,
     ASGIApp,
     JsonRequestMiddleware,
     Receive,
@@ -82,6 +83,9 @@ def apply_grant(body: dict, grant: Grant, isolation: str = "principal") -> dict:
         xargs = {}
     if not isinstance(xargs, dict):
         raise RequestError(400, "vllm_xargs must be an object", "invalid_vllm_xargs")
+    for field in TRANSFER_FIELDS:
+        if body.get(field) or xargs.get(field):
+            raise RequestError(400, f"{field} is not allowed", "transfer_not_allowed")
     clean = {k: v for k, v in xargs.items() if not GRANT_LIKE.search(k)}
     clean[GRANT_XARG] = grant.key
     out = {k: v for k, v in body.items() if not k.startswith("vllm_guard")}

@@ -139,6 +139,12 @@ def refuse_unmasked_grants(model: nn.Module) -> None:
                          "--model-impl transformers)")
 
 
+# Speculative methods whose drafts come from the request's own tokens only.
+SPECULATION_UNDER_GRANTS = ("ngram", "ngram_gpu", "suffix")
+# KV connectors that key blocks by the salted prefix hashes (the salt is per grant set).
+KV_CONNECTORS_UNDER_GRANTS = ("OffloadingConnector", "SimpleCPUOffloadConnector")
+
+
 def refuse_configs_that_bypass_grants(heads: dict[int, torch.Tensor]) -> None:
     """vLLM features that would compute a request with other requests' grants, or not mask
     at all, refused in one line while grants are on."""
@@ -157,11 +163,39 @@ def refuse_configs_that_bypass_grants(heads: dict[int, torch.Tensor]) -> None:
                          "--ubatch-size): each reads the step's grant buffer from its start, "
                          "so one would be masked by other requests' grants")
     spec = cfg.speculative_config
-    if spec is not None and getattr(spec, "method", None) == "draft_model":
+    method = getattr(spec, "method", None)
+    if method == "draft_model":
         raise GuardError("per-request grants cannot run a draft model: it would read the "
                          "target's per-token grants in another token layout, so how many of "
                          "a request's draft tokens are accepted would depend on other "
                          "requests' grants (a timing channel)")
+    if method == "suffix" and getattr(spec, "suffix_decoding_max_cached_requests", 0) != 0:
+        raise GuardError("per-request grants cannot run suffix speculation with a cache of "
+                         "past responses (it drafts from other requests' outputs); set "
+                         "suffix_decoding_max_cached_requests to 0")
+    if spec is not None and method not in SPECULATION_UNDER_GRANTS:
+        raise GuardError(f"per-request grants cannot run speculative method {method!r}: its "
+                         "drafter's layers would not be masked by the request's own grants; "
+                         f"use one of {', '.join(SPECULATION_UNDER_GRANTS)}")
+    kv = getattr(cfg, "kv_transfer_config", None)
+    connector = getattr(kv, "kv_connector", None)
+    if connector is not None and connector not in KV_CONNECTORS_UNDER_GRANTS:
+        raise GuardError(f"per-request grants cannot run KV connector {connector!r}: it can "
+                         "hand a request KV computed under other grants; use "
+                         f"{' or '.join(KV_CONNECTORS_UNDER_GRANTS)} or none")
+    if getattr(cfg, "ec_transfer_config", None) is not None:
+        raise GuardError("per-request grants cannot run an encoder-cache connector "
+                         "(--ec-transfer-config)")
+    if getattr(getattr(cfg, "kv_events_config", None), "enable_kv_cache_events", False):
+        raise GuardError("per-request grants cannot publish KV cache events: each event "
+                         "carries the tokens of every request, to any subscriber")
+    if getattr(cfg.model_config, "enable_sleep_mode", False):
+        raise GuardError("per-request grants cannot run with --enable-sleep-mode: the grant "
+                         "and head tables are not restored on wake-up")
+    if getattr(cfg, "use_v2_model_runner", False):
+        raise GuardError("per-request grants need vLLM's V1 model runner (set "
+                         "VLLM_USE_V2_MODEL_RUNNER=0, as vllm-guard serve does; "
+                         "watermarking and HiSparse force V2)")
 
 
 def check_placement(model: nn.Module) -> None:

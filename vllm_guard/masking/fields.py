@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_guard.asgi import RequestError
+from vllm_guard.asgi import TRANSFER_FIELDS, RequestError
 from vllm_guard.masking.types import render_number
 
 COMPLETIONS, CHAT, RESPONSES = "/v1/completions", "/v1/chat/completions", "/v1/responses"
@@ -381,6 +381,14 @@ REFUSED: dict[str, str] = {
     "background": "background responses cannot be restored",
 }
 
+def xargs(value: Any, path: str, out: list[Slot]) -> None:
+    """Control values, but vLLM also reads KV and encoder-cache transfer from them."""
+    if isinstance(value, dict):
+        for field in TRANSFER_FIELDS:
+            refused(REFUSED[field])(value.get(field), f"{path}.{field}", out)
+    control(value, path, out)
+
+
 TEXT: dict[str, dict[str, Walker]] = {
     COMPLETIONS: {"prompt": prompt, "suffix": text, "structured_outputs": structured_outputs},
     CHAT: {"messages": messages, "tools": chat_tools, "documents": documents,
@@ -406,6 +414,8 @@ def collect(route: str, body: dict) -> list[Slot]:
                     s.holder, s.key = body, key
         elif key in REFUSED:
             refused(REFUSED[key])(value, key, out)
+        elif key == "vllm_xargs":
+            xargs(value, key, out)
         elif key in SCALARS:  # their numbers never reach the prompt (strings still checked)
             control(value, key, out, numbers=False)
         elif key in CONTROLS:

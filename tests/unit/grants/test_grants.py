@@ -209,6 +209,20 @@ def test_generation_routes_rewritten_including_responses(mw):
         assert "vllm_guard_grant" not in fwd and fwd["cache_salt"].startswith("vg")
 
 
+@pytest.mark.parametrize("where", ["top", "vllm_xargs"])
+@pytest.mark.parametrize("field", ["kv_transfer_params", "ec_transfer_params"])
+def test_client_kv_transfer_params_refused(mw, field, where):
+    """A KV connector would pull the blocks a client names: another request's KV."""
+    params = {"remote_block_ids": [1], "remote_host": "127.0.0.1"}
+    body = ({"prompt": "x", field: params} if where == "top"
+            else {"prompt": "x", "vllm_xargs": {field: params}})
+    r = call(mw, "POST", "/v1/completions", bearer("alice"), body=body)
+    assert (r.status, r.body["error"]["code"]) == (400, "transfer_not_allowed")
+    assert not r.downstream
+    assert call(mw, "POST", "/v1/completions", bearer("alice"),
+                body={"prompt": "x", field: None}).status == 200
+
+
 @pytest.mark.parametrize("root", ["/api", "/api/"])
 def test_root_path_variants(mw, root):
     r = call(mw, "POST", "/api/v1/completions", root_path="/api")

@@ -230,8 +230,11 @@ def test_a_layer_on_another_pipeline_rank_needs_no_o_proj_here():
 def test_grants_refuse_an_activation_or_config_that_would_not_mask(monkeypatch):
     """vLLM's Transformers backend builds nn.SiLU, not the masked activation; LoRA wraps
     o_proj and calls its weights directly; micro-batches read the grant buffer from its
-    start; a draft model reads it in another token layout: each would compute a request
-    with no mask or with other requests' grants."""
+    start; a draft model reads it in another token layout; suffix speculation drafts from
+    other requests' outputs; KV connectors and KV events hand out or publish other requests'
+    KV and tokens; sleep mode drops the tables; the V2 runner never runs the grant hook:
+    each would compute a request with no mask or with other requests' grants (or leak
+    them)."""
     from types import SimpleNamespace
 
     import vllm.config
@@ -248,16 +251,34 @@ def test_grants_refuse_an_activation_or_config_that_would_not_mask(monkeypatch):
     with pytest.raises(GuardError, match="layers.1.mlp.act_fn is not the masked activation"):
         refuse_unmasked_grants(model)
 
-    def config(lora=None, ubatching=False, method=None) -> SimpleNamespace:
-        return SimpleNamespace(lora_config=lora,
-                               parallel_config=SimpleNamespace(use_ubatching=ubatching),
-                               speculative_config=method and SimpleNamespace(method=method))
+    def config(lora=None, ubatching=False, method=None, suffix_cache=0, connector=None,
+               ec=None, events=False, sleep=False, v2=False) -> SimpleNamespace:
+        spec = method and SimpleNamespace(method=method,
+                                          suffix_decoding_max_cached_requests=suffix_cache)
+        return SimpleNamespace(
+            lora_config=lora, parallel_config=SimpleNamespace(use_ubatching=ubatching),
+            speculative_config=spec,
+            kv_transfer_config=connector and SimpleNamespace(kv_connector=connector),
+            ec_transfer_config=ec,
+            kv_events_config=SimpleNamespace(enable_kv_cache_events=events),
+            model_config=SimpleNamespace(enable_sleep_mode=sleep), use_v2_model_runner=v2)
 
     heads = {1: torch.full((8,), -1)}
     for cfg, refused in ((config(), None), (config(lora=object()), "--enable-lora"),
                          (config(ubatching=True), "micro-batches"),
                          (config(method="draft_model"), "draft model"),
-                         (config(method="ngram"), None)):
+                         (config(method="ngram"), None), (config(method="ngram_gpu"), None),
+                         (config(method="eagle3"), "'eagle3'"),
+                         (config(method="mtp"), "'mtp'"),
+                         (config(method="suffix", suffix_cache=10000), "past responses"),
+                         (config(method="suffix"), None),
+                         (config(connector="NixlConnector"), "'NixlConnector'"),
+                         (config(connector="LMCacheConnectorV1"), "KV connector"),
+                         (config(connector="OffloadingConnector"), None),
+                         (config(ec=object()), "encoder-cache"),
+                         (config(events=True), "KV cache events"),
+                         (config(sleep=True), "sleep-mode"),
+                         (config(v2=True), "V1 model runner")):
         monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none", lambda c=cfg: c)
         if refused is None:
             refuse_configs_that_bypass_grants(heads)

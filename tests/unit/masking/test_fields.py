@@ -161,6 +161,12 @@ REFUSED_BODIES = [
         "type": "prompt_embeds", "data": "AAAA"}}]}, "must be a string"),
     (RESPONSES, {"input": [{"type": "file_search_call", "id": "x"}]}, "file_search_call"),
     (RESPONSES, {"input": "a", "previous_response_id": "resp_1"}, "stored"),
+    # vLLM reads a KV connector's remote blocks from vllm_xargs as from the top level
+    (COMPLETIONS, {"prompt": "a", "kv_transfer_params": {"remote_block_ids": [1]}},
+     "KV transfer"),
+    (COMPLETIONS, {"prompt": "a", "vllm_xargs": {"kv_transfer_params": {"x": 1}}},
+     "KV transfer"),
+    (CHAT, {"messages": [], "vllm_xargs": {"ec_transfer_params": {"x": 1}}}, "encoder-cache"),
     (RESPONSES, {"input": "a", "tools": [{"type": "web_search"}]}, "web_search"),
 ]
 
