@@ -139,6 +139,23 @@ def test_v1_runner_can_still_be_chosen():
     assert "use_v2_model_runner = envs.VLLM_USE_V2_MODEL_RUNNER" in use_v2
 
 
+def test_config_fields_the_grant_refusals_read():
+    """``refuse_configs_that_bypass_grants`` reads these vLLM config fields by name."""
+    cfg = top("config/vllm.py", "VllmConfig")
+    assert {"speculative_config", "kv_transfer_config", "ec_transfer_config",
+            "kv_events_config", "model_config", "parallel_config", "lora_config"} <= set(
+        annotated(cfg))
+    assert method(cfg, "use_v2_model_runner")
+    for rel, name, field in (("config/speculative.py", "SpeculativeConfig", "method"),
+                             ("config/speculative.py", "SpeculativeConfig",
+                              "suffix_decoding_max_cached_requests"),
+                             ("config/kv_transfer.py", "KVTransferConfig", "kv_connector"),
+                             ("config/kv_events.py", "KVEventsConfig", "enable_kv_cache_events"),
+                             ("config/model.py", "ModelConfig", "enable_sleep_mode")):
+        assert field in annotated(top(rel, name)), f"vLLM's {name} has no {field}"
+    assert method(top("config/parallel.py", "ParallelConfig"), "use_ubatching")
+
+
 @pytest.mark.parametrize("route", fields.ROUTES)
 def test_grant_reaches_the_runner_through_vllm_xargs(route):
     """The grant middleware sets ``vllm_xargs[GRANT_XARG]``; the hook reads ``extra_args``."""

@@ -158,18 +158,19 @@ def refuse_configs_that_bypass_grants(heads: dict[int, torch.Tensor]) -> None:
         raise GuardError("a sealed capability's heads cannot be masked per request with "
                          "--enable-lora (LoRA wraps the attention output projection); serve "
                          "without LoRA")
-    if getattr(cfg.parallel_config, "use_ubatching", False):
+    if cfg.parallel_config.use_ubatching:
         raise GuardError("per-request grants cannot run micro-batches (--enable-dbo, "
                          "--ubatch-size): each reads the step's grant buffer from its start, "
                          "so one would be masked by other requests' grants")
+    # Plain attribute reads: a vLLM that renames one fails the load, not the check.
     spec = cfg.speculative_config
-    method = getattr(spec, "method", None)
+    method = spec.method if spec is not None else None
     if method == "draft_model":
         raise GuardError("per-request grants cannot run a draft model: it would read the "
                          "target's per-token grants in another token layout, so how many of "
                          "a request's draft tokens are accepted would depend on other "
                          "requests' grants (a timing channel)")
-    if method == "suffix" and getattr(spec, "suffix_decoding_max_cached_requests", 0) != 0:
+    if method == "suffix" and spec.suffix_decoding_max_cached_requests != 0:
         raise GuardError("per-request grants cannot run suffix speculation with a cache of "
                          "past responses (it drafts from other requests' outputs); set "
                          "suffix_decoding_max_cached_requests to 0")
@@ -177,22 +178,23 @@ def refuse_configs_that_bypass_grants(heads: dict[int, torch.Tensor]) -> None:
         raise GuardError(f"per-request grants cannot run speculative method {method!r}: its "
                          "drafter's layers would not be masked by the request's own grants; "
                          f"use one of {', '.join(SPECULATION_UNDER_GRANTS)}")
-    kv = getattr(cfg, "kv_transfer_config", None)
-    connector = getattr(kv, "kv_connector", None)
+    kv = cfg.kv_transfer_config
+    connector = kv.kv_connector if kv is not None else None
     if connector is not None and connector not in KV_CONNECTORS_UNDER_GRANTS:
         raise GuardError(f"per-request grants cannot run KV connector {connector!r}: it can "
                          "hand a request KV computed under other grants; use "
                          f"{' or '.join(KV_CONNECTORS_UNDER_GRANTS)} or none")
-    if getattr(cfg, "ec_transfer_config", None) is not None:
+    if cfg.ec_transfer_config is not None:
         raise GuardError("per-request grants cannot run an encoder-cache connector "
                          "(--ec-transfer-config)")
-    if getattr(getattr(cfg, "kv_events_config", None), "enable_kv_cache_events", False):
+    events = cfg.kv_events_config
+    if events is not None and events.enable_kv_cache_events:
         raise GuardError("per-request grants cannot publish KV cache events: each event "
                          "carries the tokens of every request, to any subscriber")
-    if getattr(cfg.model_config, "enable_sleep_mode", False):
+    if cfg.model_config.enable_sleep_mode:
         raise GuardError("per-request grants cannot run with --enable-sleep-mode: the grant "
                          "and head tables are not restored on wake-up")
-    if getattr(cfg, "use_v2_model_runner", False):
+    if cfg.use_v2_model_runner:
         raise GuardError("per-request grants need vLLM's V1 model runner (set "
                          "VLLM_USE_V2_MODEL_RUNNER=0, as vllm-guard serve does; "
                          "watermarking and HiSparse force V2)")
