@@ -381,6 +381,7 @@ REFUSED: dict[str, str] = {
     "background": "background responses cannot be restored",
 }
 
+
 def xargs(value: Any, path: str, out: list[Slot]) -> None:
     """Control values, but vLLM also reads KV and encoder-cache transfer from them."""
     if isinstance(value, dict):
@@ -414,7 +415,7 @@ def collect(route: str, body: dict) -> list[Slot]:
                     s.holder, s.key = body, key
         elif key in REFUSED:
             refused(REFUSED[key])(value, key, out)
-        elif key == "vllm_xargs":
+        elif key == "vllm_xargs":  # a control (CONTROLS) that may also carry transfer fields
             xargs(value, key, out)
         elif key in SCALARS:  # their numbers never reach the prompt (strings still checked)
             control(value, key, out, numbers=False)
